@@ -1,0 +1,238 @@
+"""The data bundle: train/validation loaders, example inputs and the task's metric.
+
+A batch is `(inputs, targets)`; `inputs` is a tensor, a tuple of tensors (positional arguments) or a dict
+(keyword arguments, e.g. a tokenizer's output). Metrics are "higher is better".
+
+    >>> data = Data(train=train_loader, val=val_loader, metric="accuracy")
+    >>> data = Data(eval_fn=lambda model: my_score(model), example_inputs=torch.randn(1, 3, 32, 32))
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+from .errors import DataError, ModelError
+
+METRICS = ("accuracy", "fidelity")
+
+
+def call_model(model: Any, inputs: Any):
+    """Run `model` on a batch's inputs (tensor, tuple of positional args, or dict of keyword args)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def first_tensor(output: Any):
+    """The tensor a metric reads from a model's output: the output itself, its first element, or logits."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        for key in ("logits", "sentence_embedding", "last_hidden_state"):
+            if key in output:
+                return output[key]
+        return next(iter(output.values()))
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor(output[0])
+    raise ModelError(f"the model returned {type(output).__name__}; expected a tensor (or a tuple/dict of tensors)")
+
+
+def map_tensors(inputs: Any, fn: Callable):
+    """Apply `fn` to every tensor inside a batch's inputs, keeping the structure."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, dict):
+        return {k: map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(v, fn) for v in inputs)
+    return inputs
+
+
+def batch_size_of(inputs: Any) -> int:
+    import torch
+
+    found: list[int] = []
+    map_tensors(inputs, lambda t: found.append(t.shape[0]) if t.dim() else None)
+    if not found:
+        raise DataError("cannot tell the batch size: the inputs hold no tensor with a batch dimension")
+    return found[0]
+
+
+def _split(batch: Any):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return batch, None
+
+
+def accuracy(outputs, targets) -> float:
+    """Top-1 accuracy of logits against integer class labels."""
+    return (outputs.argmax(dim=-1) == targets).float().mean().item()
+
+
+def fidelity(outputs, targets) -> float:
+    """Mean cosine similarity of outputs (e.g. sentence embeddings) to reference outputs."""
+    import torch.nn.functional as F
+
+    return F.cosine_similarity(outputs.float().flatten(1), targets.float().flatten(1), dim=1).mean().item()
+
+
+_METRIC_FNS = {"accuracy": accuracy, "fidelity": fidelity}
+
+
+class Data:
+    """Everything the engine needs to judge and time a model.
+
+    train: iterable of batches for calibration and fine-tuning (optional).
+    val: iterable of `(inputs, targets)` batches for the metric.
+    metric: "accuracy" (logits vs labels), "fidelity" (cosine to reference outputs; targets in `val` are the
+        reference, or None to use the original model's outputs), or `fn(outputs, targets) -> float`.
+    eval_fn: `fn(model) -> float` replaces loaders and metric entirely.
+    example_inputs: one batch of inputs for export and timing (default: the first validation batch).
+    """
+
+    def __init__(self, train: Iterable | None = None, val: Iterable | None = None, metric: str | Callable = "accuracy",
+                 example_inputs: Any = None, eval_fn: Callable | None = None, name: str | None = None,
+                 loss: Callable | None = None, task: str | None = None):
+        if isinstance(metric, str) and metric not in METRICS:
+            raise DataError(f"metric {metric!r} is not known; use one of {', '.join(METRICS)} or a function "
+                            "fn(outputs, targets) -> float")
+        if not isinstance(metric, str) and not callable(metric):
+            raise DataError(f"metric must be a name or a callable, got {type(metric).__name__}")
+        if eval_fn is not None and not callable(eval_fn):
+            raise DataError("eval_fn must be a callable fn(model) -> float")
+        if eval_fn is None and val is None:
+            raise DataError("give a validation loader (val=...) or an eval_fn(model) -> float")
+        self.train, self.val, self.metric, self.eval_fn = train, val, metric, eval_fn
+        self._example_inputs, self.name, self.loss, self.task = example_inputs, name, loss, task
+        self._references: dict[int, list] = {}
+
+    def __repr__(self) -> str:
+        return f"Data(name={self.name!r}, metric={self.metric_name!r})"
+
+    @property
+    def metric_name(self) -> str:
+        if self.eval_fn is not None:
+            return getattr(self.eval_fn, "__name__", "score")
+        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric")
+
+    @classmethod
+    def coerce(cls, data: Any, example_inputs: Any = None) -> "Data":
+        """Turn what a user passed as `data` into a Data bundle (a Data, or an eval_fn callable)."""
+        if isinstance(data, Data):
+            if example_inputs is not None:
+                data._example_inputs = example_inputs
+            return data
+        if data is None:
+            raise DataError("this needs data: pass data=wb.Data(val=..., metric=...), an eval_fn(model) -> float, "
+                            "or use a built-in: model, data = wb.zoo.load('digits-cnn')")
+        if callable(data):
+            return cls(eval_fn=data, example_inputs=example_inputs)
+        raise DataError(f"data must be a wb.Data bundle or an eval_fn(model) -> float, got {type(data).__name__}")
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def _batches(self, loader: Iterable | None, split: str) -> Iterable:
+        if loader is None:
+            raise DataError(f"the data bundle has no {split} split; build it with wb.Data({split}=...)")
+        return loader
+
+    def val_batches(self):
+        empty = True
+        for batch in self._batches(self.val, "val"):
+            empty = False
+            yield _split(batch)
+        if empty:
+            raise DataError("the validation loader is empty: it yielded no batch")
+
+    def train_batches(self, limit: int | None = None):
+        count = 0
+        for batch in self._batches(self.train, "train"):
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield _split(batch)
+        if count == 0:
+            raise DataError("the train loader is empty: it yielded no batch")
+
+    @property
+    def example_inputs(self):
+        if self._example_inputs is None:
+            if self.val is None:
+                raise DataError("timing and export need example inputs: pass wb.Data(..., example_inputs=x)")
+            self._example_inputs = next(iter(self.val_batches()))[0]
+        return self._example_inputs
+
+    def inputs(self, batch_size: int):
+        """Inputs with exactly `batch_size` rows, drawn from validation batches (repeated if too few)."""
+        import torch
+
+        pieces, have = [], 0
+        source = [self.example_inputs] if self.val is None else None
+        while have < batch_size:
+            for inputs in (source or (b[0] for b in self.val_batches())):
+                pieces.append(inputs)
+                have += batch_size_of(inputs)
+                if have >= batch_size:
+                    break
+
+        def cat(*parts):
+            return torch.cat(parts)[:batch_size]
+
+        first = pieces[0]
+        if isinstance(first, torch.Tensor):
+            return cat(*pieces)
+        if isinstance(first, dict):
+            return {k: cat(*(p[k] for p in pieces)) for k in first}
+        return type(first)(cat(*(p[i] for p in pieces)) for i in range(len(first)))
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def outputs(self, model: Any, device: str = "cpu") -> list:
+        """Model outputs on every validation batch (first tensor of each, on CPU)."""
+        import torch
+
+        outs = []
+        with torch.inference_mode():
+            for inputs, _ in self.val_batches():
+                inputs = map_tensors(inputs, lambda t: t.to(device))
+                outs.append(first_tensor(call_model(model, inputs)).float().cpu())
+        return outs
+
+    def evaluate(self, model: Any, device: str = "cpu", reference: Any = None) -> float:
+        """The metric of `model` on the validation split (higher is better).
+
+        For `metric="fidelity"` with no targets in the loader, `reference` (the original model) gives them.
+        """
+        import torch
+
+        if self.eval_fn is not None:
+            value = self.eval_fn(model)
+        else:
+            metric = _METRIC_FNS.get(self.metric, self.metric) if isinstance(self.metric, str) else self.metric
+            outs = self.outputs(model, device)
+            targets = [t for _, t in self.val_batches()]
+            if any(t is None for t in targets):
+                if self.metric != "fidelity" or reference is None:
+                    raise DataError(f"the validation batches carry no targets, which metric {self.metric_name!r} needs")
+                key = id(reference)
+                if key not in self._references:
+                    self._references = {key: self.outputs(reference, device)}
+                targets = self._references[key]
+            try:
+                value = metric(torch.cat(outs), torch.cat([torch.as_tensor(t) for t in targets]))
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"the metric {self.metric_name!r} failed on the model's outputs: {e}") from e
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"the metric returned {value!r}; it must return a number") from None
+        if math.isnan(value):
+            raise DataError(f"the metric {self.metric_name!r} returned NaN; check the model's outputs and the "
+                            "metric function (an empty split or a division by zero?)")
+        return value

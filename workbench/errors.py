@@ -1,0 +1,25 @@
+"""Errors a user can act on: each message says what went wrong and what to do."""
+
+
+class WorkbenchError(Exception):
+    """Base class of every error the workbench raises on purpose."""
+
+
+class RecipeError(WorkbenchError, ValueError):
+    """A recipe or step has an unknown name or a value out of range."""
+
+
+class DataError(WorkbenchError, ValueError):
+    """The data bundle cannot be used: empty loader, bad metric, NaN results."""
+
+
+class ModelError(WorkbenchError, TypeError):
+    """The model is not a torch module, or its forward fails on the data."""
+
+
+class ExportError(WorkbenchError, RuntimeError):
+    """Export to ONNX failed or the exported graph disagrees with the torch model."""
+
+
+class DeviceError(WorkbenchError, RuntimeError):
+    """The requested device or backend is not available on this machine."""
