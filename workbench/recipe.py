@@ -86,7 +86,8 @@ class Step:
 
     def describe(self) -> str:
         """Short form of this step, e.g. 'quant=int8' or 'prune=0.5:structured=true'."""
-        parts = [f"{self.short}={_fmt(getattr(self, self.main_field))}"]
+        main = getattr(self, self.main_field)
+        parts = [self.short if main is None else f"{self.short}={_fmt(main)}"]
         for f in fields(self):
             if f.name == self.main_field:
                 continue

