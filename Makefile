@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv, install, run the quickstart on the built-in model (prints the comparison table)
+#   make test   - create .venv, install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# constraints pin torch==2.13.0: the CPU build on this kind of machine's disk, not a multi-GB CUDA build
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[text,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m workbench.quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/quantization.py
+
+clean:
+	rm -rf $(VENV) .workbench .pytest_cache
