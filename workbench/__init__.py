@@ -45,5 +45,12 @@ def __getattr__(name: str):
     return value
 
 
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext workbench`: registers %optimize, %%recipe, %compare and %profile (idempotent, fast)."""
+    from .magics import WorkbenchMagics
+
+    ipython.register_magics(WorkbenchMagics)
+
+
 def __dir__():
     return sorted(list(globals()) + __all__)

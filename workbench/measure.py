@@ -215,6 +215,52 @@ def peak_memory(model: Any, inputs: Any, device: str = "cpu") -> int | None:
     return int(peak[0] - base)
 
 
+def profile_layers(model: Any, inputs: Any, repeats: int = 10):
+    """Per-layer breakdown of one forward pass: params, MACs, measured time and their shares, as a DataFrame.
+
+    Time is measured with hooks around each leaf module over `repeats` passes (after one warm-up), so the
+    shares show where the cost really is on this machine, not only where the arithmetic is.
+    """
+    import pandas as pd
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch = _torch()
+    leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        call_model(model, inputs)
+    flops = counter.get_flop_counts()
+    spent = {name: 0.0 for name in leaves}
+    started: dict[str, float] = {}
+    hooks = []
+    for name, m in leaves.items():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: started.__setitem__(n, time.perf_counter())))
+        hooks.append(m.register_forward_hook(
+            lambda mod, args, out, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - started[n])))
+    try:
+        with torch.inference_mode():
+            call_model(model, inputs)
+            for n in spent:
+                spent[n] = 0.0
+            total_start = time.perf_counter()
+            for _ in range(repeats):
+                call_model(model, inputs)
+            total = (time.perf_counter() - total_start) / repeats
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, m in leaves.items():
+        macs = int(sum(flops.get(f"{type(model).__name__}.{name}", {}).values()) // 2)
+        rows.append({"layer": name, "type": type(m).__name__,
+                     "params": sum(p.numel() for p in m.parameters(recurse=False)),
+                     "macs": macs, "time_ms": spent[name] / repeats * 1e3})
+    df = pd.DataFrame(rows).set_index("layer")
+    df["macs_share"] = df["macs"] / max(df["macs"].sum(), 1)
+    df["time_share"] = df["time_ms"] / (total * 1e3)
+    return df
+
+
 # -- everything at once -----------------------------------------------------------------------------------------
 def measure(model: Any, data: Data, batch_sizes=(1,), device: str = "cpu", threads: int | None = None,
             reference: Any = None, macs_model: Any = None, progress=None) -> dict:

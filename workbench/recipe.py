@@ -229,6 +229,57 @@ class FineTune(Step):
         _number("FineTune", "lr", self.lr, 0, 10, lo_open=True)
 
 
+def _step_line(text: str, message: str) -> int | None:
+    """1-based YAML line where the step named in `message` ('recipe step N: ...') starts."""
+    import re
+
+    import yaml
+
+    found = re.match(r"recipe step (\d+):", message)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(root, yaml.MappingNode):
+        root = next((v for k, v in root.value if k.value == "steps"), None)
+    if not found or not isinstance(root, yaml.SequenceNode):
+        return None
+    return root.value[int(found.group(1)) - 1].start_mark.line + 1
+
+
+def from_flags(quant: str | None = None, prune: float | None = None, structured: bool = False,
+               distill: bool = False, teacher: str | None = None, epochs: int | None = None,
+               factorize: float | None = None, finetune: int | None = None, order: list[str] | None = None) -> dict:
+    """The recipe dict for command-line style flags (used by `%optimize`, the CLI and the panel).
+
+    Steps follow `order` (the order the flags were given), except that quantization always comes last,
+    since nothing can change the model after it is lowered to int8/fp16.
+    """
+    if structured and prune is None:
+        raise RecipeError("--structured needs --prune S (the share of channels to remove)")
+    if not distill and (teacher is not None or epochs is not None):
+        raise RecipeError("--teacher and --epochs go with --distill")
+    steps: dict[str, dict] = {}
+    if prune is not None:
+        steps["prune"] = Prune(prune, structured=structured).to_dict()
+    if factorize is not None:
+        steps["factorize"] = Factorize(rank_ratio=factorize).to_dict()
+    if distill:
+        kwargs = {"teacher": teacher} if teacher else {}
+        steps["distill"] = Distill(**({"epochs": epochs} if epochs else {}), **kwargs).to_dict()
+    if finetune is not None:
+        steps["finetune"] = FineTune(finetune).to_dict()
+    if quant is not None:
+        steps["quant"] = Quantize(quant).to_dict()
+    default = ["prune", "factorize", "distill", "finetune", "quant"]
+    order = [k for k in (order or []) if k in steps] + [k for k in default if k not in (order or [])]
+    order = [k for k in order if k != "quant" and k in steps] + (["quant"] if "quant" in steps else [])
+    if not order:
+        raise RecipeError("nothing to do: give at least one of --quant, --prune, --distill, --factorize, "
+                          "--finetune, or --recipe")
+    return {"steps": [steps[k] for k in order]}
+
+
 def _parse_scalar(text: str) -> Any:
     low = text.lower()
     if low in ("true", "yes"):
@@ -308,11 +359,11 @@ class Recipe:
         steps = []
         for i, s in enumerate(d["steps"] or []):
             if not isinstance(s, dict):
-                raise RecipeError(f"Recipe step {i}: expected a mapping with a 'type', got {s!r}")
+                raise RecipeError(f"recipe step {i + 1}: expected a mapping with a 'type', got {s!r}")
             try:
                 steps.append(Step.from_dict(s))
-            except TypeError as e:  # missing/odd constructor arguments
-                raise RecipeError(f"Recipe step {i}: {e}") from None
+            except (RecipeError, TypeError) as e:  # TypeError: missing/odd constructor arguments
+                raise RecipeError(f"recipe step {i + 1}: {e}") from None
         return cls(steps, name=d.get("name"))
 
     def to_yaml(self) -> str:
@@ -322,13 +373,18 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
+        """Parse YAML; an error in a step names the YAML line where that step starts."""
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"recipe YAML does not parse: {e}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except RecipeError as e:
+            line = _step_line(text, str(e))
+            raise RecipeError(f"{e} (YAML line {line})" if line else str(e)) from None
 
     def to_string(self) -> str:
         """The short form used by magics: 'prune=0.5:structured=true,quant=int8'."""

@@ -80,9 +80,7 @@ class Result:
                 f"size {b['size_bytes'] / 1e6:.2f} -> {m['size_bytes'] / 1e6:.2f} MB, backend={self.backend!r})")
 
     def _repr_html_(self) -> str:
-        notes = "".join(f"<li>{n}</li>" for n in self.notes)
-        return (f"<b>{self.name}</b> on {self.device} ({self.backend})"
-                + self.table().to_html(float_format=lambda v: f"{v:.4g}") + (f"<ul>{notes}</ul>" if notes else ""))
+        return Card(self)._repr_html_()
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -102,6 +100,30 @@ class Result:
             {"metrics": self.metrics, "baseline": self.baseline, "notes": self.notes, "backend": self.backend,
              "device": self.device, "env": self.env}, indent=2, default=str))
         return path
+
+
+class Card:
+    """The result card a notebook shows: the comparison table and the engine's notes (text or HTML)."""
+
+    def __init__(self, result: Result, name: str | None = None):
+        self.result, self.name = result, name
+
+    def _title(self) -> str:
+        r = self.result
+        where = f" -> {self.name}" if self.name else ""
+        return f"{r.name} on {r.device} ({r.backend}){where}"
+
+    def __repr__(self) -> str:
+        table = self.result.table().to_string(float_format=lambda v: f"{v:.4g}")
+        notes = "".join(f"\n- {n}" for n in self.result.notes)
+        return f"{self._title()}\n{table}{notes}"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.notes)
+        table = self.result.table().to_html(float_format=lambda v: f"{v:.4g}")
+        return f"<div><b>{html.escape(self._title())}</b>{table}{f'<ul>{notes}</ul>' if notes else ''}</div>"
 
 
 def load(path, device: str = "cpu"):
