@@ -67,13 +67,12 @@ class WorkbenchMagics(Magics):
         if name in ns:
             return ns[name]
         candidates = [k for k in ns if not k.startswith("_")]
-        if what == "model":
-            from . import zoo
-
-            candidates += zoo.list()
+        builtin = what in ("model", "data")
+        if builtin:
+            candidates += _builtin_names()
         close = difflib.get_close_matches(name, candidates, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        builtins = "" if what != "model" else " (or a built-in: digits-mlp, digits-cnn, minilm)"
+        builtins = f" (or a built-in: {', '.join(_builtin_names())})" if builtin else ""
         raise UsageError(f"no {what} {name!r} in the notebook{hint}{builtins}")
 
     def _model_and_data(self, model_name: str, data_name: str | None):

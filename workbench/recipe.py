@@ -230,7 +230,7 @@ class FineTune(Step):
 
 
 def _step_line(text: str, message: str) -> int | None:
-    """1-based YAML line where the step named in `message` ('recipe step N: ...') starts."""
+    """1-based YAML line of the field (or else the step) named in `message` ('recipe step N: Step.field: ...')."""
     import re
 
     import yaml
@@ -244,7 +244,13 @@ def _step_line(text: str, message: str) -> int | None:
         root = next((v for k, v in root.value if k.value == "steps"), None)
     if not found or not isinstance(root, yaml.SequenceNode):
         return None
-    return root.value[int(found.group(1)) - 1].start_mark.line + 1
+    step = root.value[int(found.group(1)) - 1]
+    field_name = re.match(r"recipe step \d+: \w+\.(\w+):", message)
+    if field_name and isinstance(step, yaml.MappingNode):
+        for key, _ in step.value:
+            if key.value == field_name.group(1):
+                return key.start_mark.line + 1
+    return step.start_mark.line + 1
 
 
 def from_flags(quant: str | None = None, prune: float | None = None, structured: bool = False,
