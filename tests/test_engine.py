@@ -149,14 +149,18 @@ def test_progress_reports_and_interrupting_loses_nothing(digits_mlp, tmp_path):
     assert state_bytes(model) == before and len(study) == 0
 
 
-@pytest.mark.parametrize("recipe, backend", [("quant=int8", "auto"), ("quant=int8", "torch"),
-                                             ("quant=fp16", "auto")])
-def test_saved_results_reload_and_give_the_same_outputs(digits_mlp, tmp_path, recipe, backend):
+@pytest.mark.parametrize("recipe, backend, file", [("quant=int8", "auto", "model.onnx"),
+                                                   ("quant=fp16", "auto", "model.pt2"),
+                                                   ("quant=int8", "torch", "model.pt")])
+def test_saved_results_reload_and_give_the_same_outputs(digits_mlp, tmp_path, recipe, backend, file):
     model, data = digits_mlp
     r = wb.optimize(model, recipe, data=data, backend=backend, **FAST)
     path = r.save(tmp_path / "saved")
-    assert (path / "recipe.yaml").exists() and (path / "result.json").exists()
-    again = wb.load(path)
+    assert (path / file).exists() and (path / "recipe.yaml").exists() and (path / "result.json").exists()
+    if file == "model.pt":  # a pickle (torch.ao int8 cannot be exported): refused unless trusted
+        with pytest.raises(wb.WorkbenchError, match="loading a pickle can run code"):
+            wb.load(path)
+    again = wb.load(path, trust_pickle=file == "model.pt")
     x = data.inputs(8)
     with torch.inference_mode():
         assert torch.equal(r.model(x), again(x))

@@ -19,7 +19,7 @@ _LAZY = {
     "Data": ("data", "Data"),
     "Study": ("study", "Study"),
     "Result": ("result", "Result"),
-    "load": ("result", "load"),
+    "load": ("storage", "load"),
     "OrtModel": ("backends.ort", "OrtModel"),
     "Recipe": ("recipe", "Recipe"),
     "Quantize": ("recipe", "Quantize"),
@@ -28,6 +28,7 @@ _LAZY = {
     "Factorize": ("recipe", "Factorize"),
     "FineTune": ("recipe", "FineTune"),
     "WorkbenchError": ("errors", "WorkbenchError"),
+    "sensitivity": ("sensitivity", "sensitivity"),
     "zoo": ("zoo", None),
     "measure": ("measure", None),
 }

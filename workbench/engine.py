@@ -143,6 +143,10 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     device = resolve_device(device)
     backend = resolve_backend(backend, device)
     handlers = [technique_for(step) for step in recipe.steps]  # fail on an unknown step before any work
+    for step in recipe.steps:
+        if step.needs_train and data.train is None:
+            raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the data "
+                              "has no train split; build it with wb.Data(train=..., val=...)")
     batch_sizes = tuple(batch_sizes or _default_batches(data))
     ctx = Context(data=data, original=model, backend=backend, device=device, threads=threads, on_progress=progress)
 
@@ -174,7 +178,7 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     metrics["backend"] = backend_label
     env = environment(metrics["threads"], device)
     result = Result(model=work, recipe=recipe, metrics=metrics, baseline=baseline, notes=ctx.notes,
-                    backend=backend_label, device=device, env=env)
+                    backend=backend_label, device=device, env=env, example_inputs=data.example_inputs)
     store = _study(study)
     if store is not None:
         model_name = name or data.name or type(model).__name__

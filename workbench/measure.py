@@ -55,6 +55,22 @@ def serialized_size(model: Any) -> int:
     return buf.getbuffer().nbytes
 
 
+def sparse_size(model: Any) -> int | None:
+    """Bytes of the weights stored compressed: a tensor that is mostly zeros as a bitmask (1 bit per entry) plus
+    its non-zero values, every other tensor dense. None where it does not apply (not a plain torch state)."""
+    torch = _torch()
+    if not is_torch_module(model):
+        return None
+    total = 0
+    for t in model.state_dict().values():
+        if not isinstance(t, torch.Tensor) or t.is_quantized:
+            return None  # packed int8 layers: already compressed another way
+        dense = t.numel() * t.element_size()
+        packed = (t.numel() + 7) // 8 + int(t.count_nonzero()) * t.element_size() if t.is_floating_point() else dense
+        total += min(dense, packed)
+    return total
+
+
 def count_macs(model: Any, inputs: Any) -> int | None:
     """Multiply-accumulates of one forward pass (torch.utils.flop_counter FLOPs / 2); None where not countable."""
     torch = _torch()
@@ -285,6 +301,7 @@ def measure(model: Any, data: Data, batch_sizes=(1,), device: str = "cpu", threa
             row[f"throughput_b{b}"] = timing["throughput"]
         row["peak_mem_bytes"] = peak_memory(model, inputs, device)
         row["size_bytes"] = serialized_size(model)
+        row["sparse_size_bytes"] = sparse_size(model)
         counted = macs_model if macs_model is not None else model
         row["params"], row["nonzero_params"] = count_params(counted)
         one = data.inputs(1)  # MACs per sample

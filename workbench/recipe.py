@@ -62,6 +62,11 @@ class Step:
     short: ClassVar[str] = ""
     main_field: ClassVar[str] = ""
 
+    @property
+    def needs_train(self) -> bool:
+        """Whether this step reads the data's train split (calibration, gradients, training)."""
+        return False
+
     def to_dict(self) -> dict:
         out = {"type": self.kind}
         for f in fields(self):
@@ -146,6 +151,10 @@ class Quantize(Step):
         _number("Quantize", "calibration_batches", self.calibration_batches, 1, 10_000, integer=True)
         self.exclude = _names("Quantize", "exclude", self.exclude)
 
+    @property
+    def needs_train(self) -> bool:
+        return self.method == "static"
+
     def describe(self) -> str:
         head = f"quant={self.dtype}" + (f"-{self.method}" if self.method != "auto" else "")
         rest = Step.describe(self).split(":")[1:]
@@ -163,9 +172,11 @@ class Prune(Step):
     criterion: str = "l1"  # l1 | l2 | taylor
     schedule: str | None = None  # None (one-shot) | "iterative:N" | "cubic:N"
     ignore: tuple = ()
+    per_layer: str = "uniform"  # uniform | sensitivity (prune less where the metric is fragile)
 
     def __post_init__(self):
-        _number("Prune", "sparsity", self.sparsity, 0, 1, lo_open=True, hi_open=True)
+        _number("Prune", "sparsity", self.sparsity, 0, 1, hi_open=True)
+        _choice("Prune", "per_layer", self.per_layer, ("uniform", "sensitivity"))
         _choice("Prune", "structured", self.structured, (True, False))
         _choice("Prune", "scope", self.scope, ("global", "layer"))
         _choice("Prune", "criterion", self.criterion, ("l1", "l2", "taylor"))
@@ -175,6 +186,22 @@ class Prune(Step):
                 raise RecipeError(
                     f"Prune.schedule: {self.schedule!r} is not allowed; use None, 'oneshot', 'iterative:N' or 'cubic:N'")
         self.ignore = _names("Prune", "ignore", self.ignore)
+
+    @property
+    def needs_train(self) -> bool:
+        return self.criterion == "taylor" or self.schedule not in (None, "oneshot")
+
+    @property
+    def steps(self) -> int:
+        """How many pruning rounds the schedule has (1 for one-shot)."""
+        return 1 if self.schedule in (None, "oneshot") else int(str(self.schedule).split(":")[1])
+
+    def ratios(self) -> list[float]:
+        """Target sparsity after each round: linear for 'iterative:N', cubic (as in GMP) for 'cubic:N'."""
+        n, s = self.steps, self.sparsity
+        if str(self.schedule).startswith("cubic"):
+            return [s * (1 - (1 - t / n) ** 3) for t in range(1, n + 1)]
+        return [s * t / n for t in range(1, n + 1)]
 
 
 @_step("distill", "distill", "epochs")
@@ -196,6 +223,10 @@ class Distill(Step):
         _number("Distill", "alpha", self.alpha, 0, 1)
         _number("Distill", "lr", self.lr, 0, 10, lo_open=True)
         self.features = _names("Distill", "features", self.features)
+
+    @property
+    def needs_train(self) -> bool:
+        return True
 
 
 @_step("factorize", "factorize", "rank_ratio")
@@ -227,6 +258,10 @@ class FineTune(Step):
     def __post_init__(self):
         _number("FineTune", "epochs", self.epochs, 1, 10_000, integer=True)
         _number("FineTune", "lr", self.lr, 0, 10, lo_open=True)
+
+    @property
+    def needs_train(self) -> bool:
+        return True
 
 
 def _step_line(text: str, message: str) -> int | None:

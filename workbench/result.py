@@ -33,6 +33,10 @@ def summary_table(rows: dict[str, dict], baseline: str | None = None):
             out[f"speedup (b={b})"] = base[f"latency_p50_ms_b{b}"] / p50 if p50 else None
         out["size MB"] = r["size_bytes"] / 1e6
         out["size ×"] = r["size_bytes"] / base["size_bytes"]
+        sparse = r.get("sparse_size_bytes")
+        if sparse and sparse < 0.9 * r["size_bytes"]:  # only where zeros make compression pay
+            out["sparse MB"] = sparse / 1e6
+            out["sparse size ×"] = sparse / base["size_bytes"]
         out["params"] = r.get("params")
         out["nonzero"] = r.get("nonzero_params")
         out["MACs"] = r.get("macs")
@@ -62,6 +66,7 @@ class Result:
     run_id: int | None = None
     baseline_id: int | None = None
     env: dict = field(default_factory=dict)
+    example_inputs: Any = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -84,21 +89,17 @@ class Result:
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write the model (model.onnx or model.pt), recipe.yaml and result.json into directory `path`."""
-        from .backends.ort import OrtModel
+        """Write the model, recipe.yaml and result.json into directory `path` (see `workbench.storage` for the
+        formats and what is safe to load)."""
+        from .storage import save_model
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.model, OrtModel):
-            self.model.save(path / "model.onnx")
-        else:
-            import torch
-
-            torch.save(self.model, path / "model.pt")
+        model_file = save_model(self.model, self.example_inputs, path)
         (path / "recipe.yaml").write_text(self.recipe.to_yaml())
         (path / "result.json").write_text(json.dumps(
-            {"metrics": self.metrics, "baseline": self.baseline, "notes": self.notes, "backend": self.backend,
-             "device": self.device, "env": self.env}, indent=2, default=str))
+            {"model_file": model_file.name, "metrics": self.metrics, "baseline": self.baseline, "notes": self.notes,
+             "backend": self.backend, "device": self.device, "env": self.env}, indent=2, default=str))
         return path
 
 
@@ -124,21 +125,3 @@ class Card:
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.notes)
         table = self.result.table().to_html(float_format=lambda v: f"{v:.4g}")
         return f"<div><b>{html.escape(self._title())}</b>{table}{f'<ul>{notes}</ul>' if notes else ''}</div>"
-
-
-def load(path, device: str = "cpu"):
-    """Load a model saved by `Result.save` (a directory) or a .onnx / .pt file."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "model.onnx", path / "model.pt"]
-        found = [p for p in candidates if p.exists()]
-        if not found:
-            raise FileNotFoundError(f"{path} holds no model.onnx or model.pt; was it written by Result.save?")
-        path = found[0]
-    if path.suffix == ".onnx":
-        from .backends.ort import OrtModel
-
-        return OrtModel.load(path, device=device)
-    import torch
-
-    return torch.load(path, map_location=device, weights_only=False).eval()

@@ -88,9 +88,6 @@ def quantize(model, step: Quantize, ctx):
     if method == "static":
         if ctx.backend == "torch":
             raise RecipeError("Quantize: static int8 runs through ONNX Runtime; use backend='onnxruntime' or 'auto'")
-        if ctx.data.train is None:
-            raise RecipeError("Quantize: static int8 needs calibration batches, and the data has no train split; "
-                              "pass wb.Data(train=...) or use dtype='int8-dynamic'")
         ctx.progress(f"calibrating static int8 on {step.calibration_batches} batches", None)
         ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads)
         ctx.lowered = f"onnxruntime-int8-static-{step.format}"

@@ -1,0 +1,119 @@
+"""Per-layer sensitivity: how much the metric drops when only one layer is pruned (to each level) or quantized.
+
+    >>> df = wb.sensitivity(model, data, technique="prune", levels=[0.25, 0.5, 0.75])
+    >>> df.pivot(index="layer", columns="level", values="delta")     # what a heatmap shows
+
+Used by `Prune(per_layer="sensitivity")` to prune less where the model is fragile.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from .data import Data, map_tensors
+
+
+def _fake_int8(weight):
+    """Per-output-channel symmetric int8 round trip of a weight tensor (what int8 weights cost in accuracy)."""
+    import torch
+
+    flat = weight.reshape(weight.shape[0], -1)
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return (torch.round(flat / scale).clamp(-127, 127) * scale).reshape(weight.shape)
+
+
+def _prune_one(layer, level: float, structured: bool) -> None:
+    """Zero the `level` share of one layer's weights (unstructured) or of its output channels (structured)."""
+    from torch.nn.utils import prune
+
+    if structured:
+        prune.ln_structured(layer, "weight", amount=level, n=1, dim=0)
+    else:
+        prune.l1_unstructured(layer, "weight", amount=level)
+    prune.remove(layer, "weight")
+
+
+def sensitivity(model, data: Data, technique: str = "prune", levels=(0.25, 0.5, 0.75), structured: bool = False,
+                layers=None, device: str = "cpu", progress: Callable | None = None, reference: Any = None):
+    """DataFrame (layer, type, level, metric, delta, params, macs_share): one row per layer and level.
+
+    technique="prune": only that layer is pruned to each level (zeroed weights, or zeroed output channels with
+    structured=True, which predicts what removing them costs). technique="quant": only that layer's weights are
+    rounded to int8 per channel (level "int8"). The user's model is not changed.
+    """
+    import pandas as pd
+    import torch
+
+    from .errors import RecipeError
+    from .measure import count_macs
+    from .techniques.prune import head_layer, prunable_layers
+
+    if technique not in ("prune", "quant"):
+        raise RecipeError(f"sensitivity: technique {technique!r} is not known; use 'prune' or 'quant'")
+    data = Data.coerce(data)
+    work = copy.deepcopy(model).eval().to(device)
+    reference = reference if reference is not None else work
+    candidates = prunable_layers(work)
+    if layers is not None:
+        missing = [n for n in layers if n not in candidates]
+        if missing:
+            raise RecipeError(f"sensitivity: no Linear/Conv layer named {', '.join(map(repr, missing))}")
+        candidates = {n: candidates[n] for n in layers}
+    if technique == "prune":
+        bad = [lv for lv in levels if not 0 < lv < 1]
+        if bad:
+            raise RecipeError(f"sensitivity: prune levels must be in (0, 1), got {bad}")
+    levels = list(levels) if technique == "prune" else ["int8"]
+    base = data.evaluate(work, device=device, reference=reference)
+    one = map_tensors(data.inputs(1), lambda t: t.to(device))
+    total_macs = count_macs(work, one) or 1
+    macs = _macs_by_layer(work, one)
+    head = head_layer(work)
+    rows = []
+    total = len(candidates) * len(levels)
+    for i, (name, layer) in enumerate(candidates.items()):
+        saved = layer.weight.detach().clone()
+        for j, level in enumerate(levels):
+            if progress:
+                progress(f"sensitivity: {name} at {level}", (i * len(levels) + j) / total)
+            with torch.no_grad():
+                if technique == "quant":
+                    layer.weight.copy_(_fake_int8(layer.weight))
+                else:
+                    _prune_one(layer, level, structured)
+            metric = data.evaluate(work, device=device, reference=reference)
+            with torch.no_grad():
+                layer.weight.copy_(saved)
+            rows.append({"layer": name, "type": type(layer).__name__, "level": level, "metric": metric,
+                         "delta": metric - base, "params": layer.weight.numel(),
+                         "macs_share": macs.get(name, 0) / total_macs, "head": name == head})
+    return pd.DataFrame(rows)
+
+
+def _macs_by_layer(model, inputs) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        from .data import call_model
+
+        call_model(model, inputs)
+    prefix = type(model).__name__ + "."
+    return {k[len(prefix):]: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
+
+
+def allocate_ratios(model, data: Data, step, device: str = "cpu", reference: Any = None) -> dict:
+    """Per-layer pruning ratios averaging `step.sparsity`, lower where pruning that layer alone hurts more."""
+    from .techniques.prune import _resolve_ignored
+
+    ignored, _ = _resolve_ignored(model, step)
+    df = sensitivity(model, data, "prune", levels=[step.sparsity], structured=step.structured, device=device,
+                     reference=reference)
+    df = df[~df["layer"].isin(ignored)]
+    if df.empty:
+        return {}
+    harm = (-df["delta"]).clip(lower=0) + 1e-3
+    weight = (1 / harm) / (1 / harm).mean()
+    ratios = (step.sparsity * weight).clip(upper=0.9)
+    return dict(zip(df["layer"], ratios.round(3)))

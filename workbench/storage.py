@@ -1,0 +1,148 @@
+"""Saving and loading optimized models so that they reload without the user's code, and safely.
+
+Trust model:
+- `model.onnx` (ONNX Runtime) and `model.pt2` (a `torch.export` program: graph + weights, no pickled code) load
+  without running code from the file. Pruned models (smaller layers) reload as they are: the graph holds the shapes.
+- `model.pt` is a Python pickle, written only for models `torch.export` cannot capture (torch.ao dynamic int8).
+  Unpickling can run arbitrary code, so `load` refuses it unless `trust_pickle=True`: load only files you trust.
+- `weights.sparse.pt` (written when most weights are zero) stores them as a bitmask plus non-zero values; it loads
+  with `torch.load(weights_only=True)` through `load_sparse_state`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .data import map_tensors
+from .errors import WorkbenchError
+
+
+def _exported_cls():
+    from torch import nn
+
+    class ExportedModel(nn.Module):
+        """A reloaded `torch.export` program, callable like the original. Exported graphs are frozen in eval
+        mode, so `train()`/`eval()` only set this wrapper's flag."""
+
+        def __init__(self, graph):
+            super().__init__()
+            self.graph = graph
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            return self
+
+        def forward(self, *args, **kwargs):
+            return self.graph(*args, **kwargs)
+
+    return ExportedModel
+
+
+def export_program(model, example_inputs: Any, path: Path) -> None:
+    """Save `model` as a torch.export program with a dynamic batch dimension on every input."""
+    import torch
+
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+
+    def two_rows(t):  # torch.export specialises a dimension of size 1, so trace with a batch of 2
+        return t.repeat(2, *[1] * (t.dim() - 1)) if t.shape[0] == 1 else t
+
+    example_inputs = map_tensors(example_inputs, two_rows)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    else:
+        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        kwargs = None
+    shapes = torch.export.ShapesCollection()  # batch dimension dynamic, whatever the forward's signature
+    map_tensors((args, kwargs), lambda t: shapes.__setitem__(t, {0: batch}))
+    program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    torch.export.save(program, str(path))
+
+
+def save_model(model, example_inputs: Any, directory: Path) -> Path:
+    """Write the model into `directory` in the safest format that holds it; returns the file written."""
+    import torch
+
+    from .backends.ort import OrtModel
+
+    if isinstance(model, OrtModel):
+        return model.save(directory / "model.onnx")
+    target = directory / "model.pt2"
+    try:
+        export_program(model, example_inputs, target)
+    except Exception:
+        target.unlink(missing_ok=True)
+        target = directory / "model.pt"  # see the trust model above
+        torch.save(model, target)
+    if _mostly_sparse(model):
+        save_sparse_state(model, directory / "weights.sparse.pt")
+    return target
+
+
+def load(path, device: str = "cpu", trust_pickle: bool = False):
+    """Load a model saved by `Result.save` (its directory) or a .onnx / .pt2 / .pt file."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f for f in ("model.onnx", "model.pt2", "model.pt") if (path / f).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no model.onnx, model.pt2 or model.pt; was it written by "
+                                    "Result.save?")
+        path = found[0]
+    if path.suffix == ".onnx":
+        from .backends.ort import OrtModel
+
+        return OrtModel.load(path, device=device)
+    if path.suffix == ".pt2":
+        return _exported_cls()(torch.export.load(str(path)).module()).to(device)
+    if not trust_pickle:
+        raise WorkbenchError(f"{path.name} is a Python pickle, and loading a pickle can run code from the file; "
+                             "if you trust where it came from, use wb.load(path, trust_pickle=True)")
+    return torch.load(path, map_location=device, weights_only=False).eval()
+
+
+# -- compressed sparse weights ---------------------------------------------------------------------------------
+def _mostly_sparse(model) -> bool:
+    from .measure import serialized_size, sparse_size
+
+    sparse = sparse_size(model)
+    return sparse is not None and sparse < 0.9 * serialized_size(model)
+
+
+def save_sparse_state(model, path: Path) -> int:
+    """Write the state dict with mostly-zero float tensors as (bitmask, values); returns the bytes written."""
+    import numpy as np
+    import torch
+
+    state = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and (t.numel() + 7) // 8 + int(t.count_nonzero()) * t.element_size() < \
+                t.numel() * t.element_size():
+            mask = (t != 0).flatten()
+            state[name] = {"shape": list(t.shape), "bits": torch.from_numpy(np.packbits(mask.numpy())),
+                           "values": t.flatten()[mask].clone()}
+        else:
+            state[name] = t
+    torch.save(state, path)
+    return path.stat().st_size
+
+
+def load_sparse_state(path) -> dict:
+    """The dense state dict from a `weights.sparse.pt` file (loaded with weights_only=True)."""
+    import numpy as np
+    import torch
+
+    out = {}
+    for name, v in torch.load(path, weights_only=True).items():
+        if isinstance(v, dict):
+            n = int(np.prod(v["shape"])) if v["shape"] else 1
+            mask = torch.from_numpy(np.unpackbits(v["bits"].numpy())[:n].astype(bool))
+            dense = torch.zeros(n, dtype=v["values"].dtype)
+            dense[mask] = v["values"]
+            out[name] = dense.reshape(v["shape"])
+        else:
+            out[name] = v
+    return out

@@ -1,0 +1,102 @@
+"""Training loops shared by the zoo, FineTune, pruning schedules and (later) distillation.
+
+`fit` keeps the best checkpoint by the validation metric, so an interrupted or diverging run never leaves a model
+worse than the one it started from.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from .data import Data, call_model, first_tensor, map_tensors
+from .errors import DataError, RecipeError
+
+SEED = 0
+
+
+def task_loss(data: Data, reference: Any = None) -> Callable:
+    """`loss(model, inputs, targets) -> tensor` for the data's task.
+
+    accuracy: cross-entropy on labels; fidelity: 1 - cosine to the targets (the reference outputs, computed with
+    `reference` when the batches carry none); a custom metric needs `wb.Data(loss=fn(outputs, targets))`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if data.loss is not None:
+        return lambda model, inputs, targets: data.loss(first_tensor(call_model(model, inputs)), targets)
+    if data.metric == "accuracy":
+        return lambda model, inputs, targets: F.cross_entropy(first_tensor(call_model(model, inputs)), targets)
+    if data.metric == "fidelity":
+        def fidelity_loss(model, inputs, targets):
+            if targets is None:
+                if reference is None:
+                    raise DataError("fidelity training needs targets in the train batches or a reference model")
+                with torch.no_grad():
+                    targets = first_tensor(call_model(reference, inputs))
+            out = first_tensor(call_model(model, inputs))
+            return (1 - F.cosine_similarity(out.float().flatten(1), targets.float().flatten(1), dim=1)).mean()
+
+        return fidelity_loss
+    raise RecipeError(f"training needs a loss for metric {data.metric_name!r}: build the data with "
+                      "wb.Data(..., loss=fn(outputs, targets) -> tensor)")
+
+
+def _device_of(model) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except StopIteration:
+        return "cpu"
+
+
+def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None, progress: Callable | None = None,
+        keep_best: bool = True, reference: Any = None, label: str = "training", max_batches: int | None = None):
+    """Train `model` in place on the train split with Adam; returns (model, history).
+
+    keep_best: evaluate on the validation split before and after each epoch and restore the best state.
+    history: list of {"epoch", "loss", "metric"}; epoch 0 is the starting point.
+    """
+    import torch
+
+    loss = loss or task_loss(data, reference)
+    device = _device_of(model)
+    torch.manual_seed(SEED)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RecipeError(f"{label}: the model has no trainable parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    # pruned weights stay pruned: entries that are exactly zero in a weight matrix are held at zero
+    masks = [(p, p != 0) for p in params if p.dim() > 1 and bool((p == 0).any())]
+    history = []
+    best_state, best_metric = None, None
+    if keep_best:
+        best_metric = data.evaluate(model.eval(), device=device, reference=reference)
+        best_state = copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "loss": None, "metric": best_metric})
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for inputs, targets in data.train_batches(limit=max_batches):
+            inputs = map_tensors(inputs, lambda t: t.to(device))
+            targets = targets.to(device) if targets is not None else None
+            opt.zero_grad()
+            value = loss(model, inputs, targets)
+            value.backward()
+            opt.step()
+            with torch.no_grad():
+                for p, mask in masks:
+                    p.mul_(mask)
+            total, count = total + value.item(), count + 1
+        model.eval()
+        row = {"epoch": epoch, "loss": total / max(count, 1)}
+        if keep_best:
+            row["metric"] = data.evaluate(model, device=device, reference=reference)
+            if row["metric"] >= best_metric:
+                best_metric, best_state = row["metric"], copy.deepcopy(model.state_dict())
+        history.append(row)
+        if progress:
+            shown = f", {data.metric_name} {row['metric']:.4f}" if "metric" in row else ""
+            progress(f"{label}: epoch {epoch}/{epochs}, loss {row['loss']:.4f}{shown}", None)
+    if keep_best and best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), history
