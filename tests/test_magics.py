@@ -173,3 +173,21 @@ def test_an_interrupted_run_keeps_the_model(ip, digits_mlp, monkeypatch):
     out = run(ip, "%optimize net --quant int8 --data val")
     assert "interrupted: nothing was changed" in out.stdout
     assert ip.user_ns["net"] is digits_mlp[0] and "net_opt" not in ip.user_ns
+
+
+def test_prune_finetune_quant_compose_in_that_order(ip, digits_cnn):
+    ip.user_ns.update(model=digits_cnn[0], data=digits_cnn[1])
+    run(ip, "%optimize model --prune 0.5 --structured --finetune 1 --quant int8 --data data --as small --no-card")
+    small = ip.user_ns["small"]
+    assert [s.kind for s in small.recipe.steps] == ["prune", "finetune", "quantize"]
+    assert small.recipe.to_dict() == Recipe.parse("prune=0.5:structured=true,finetune=1,quant=int8").to_dict()
+    assert small.backend == "onnxruntime-int8-static-qdq"
+    assert small.metrics["macs"] < 0.5 * small.baseline["macs"]
+    assert small.metrics["metric"] >= small.baseline["metric"] - 0.03
+
+
+def test_distill_and_factorize_flags_build_their_steps_and_say_what_is_missing(ip):
+    with pytest.raises(UsageError, match="no technique is registered for step 'Distill' yet"):
+        run(ip, "%optimize digits-mlp --distill --epochs 2 --quant int8")
+    with pytest.raises(UsageError, match="no technique is registered for step 'Factorize' yet"):
+        run(ip, "%optimize digits-mlp --factorize 0.5")

@@ -113,7 +113,24 @@ def allocate_ratios(model, data: Data, step, device: str = "cpu", reference: Any
     df = df[~df["layer"].isin(ignored)]
     if df.empty:
         return {}
-    harm = (-df["delta"]).clip(lower=0) + 1e-3
-    weight = (1 / harm) / (1 / harm).mean()
-    ratios = (step.sparsity * weight).clip(upper=0.9)
+    harm = (-df["delta"]).clip(lower=0).to_numpy()
+    ratios = _spread(step.sparsity, harm)
     return dict(zip(df["layer"], ratios.round(3)))
+
+
+def _spread(target: float, harm, swing: float = 0.5, cap: float = 0.95):
+    """Per-layer ratios whose mean is `target`: up to ±`swing`·target, less where `harm` is higher."""
+    import numpy as np
+
+    span = harm.max() - harm.min()
+    if span <= 0:
+        return np.full(len(harm), target)
+    ratios = target * (1 + swing * (harm.mean() - harm) / span)
+    for _ in range(10):  # clip to [0, cap] and hand what was clipped to the layers that still have room
+        ratios = ratios.clip(0, cap)
+        missing = target * len(ratios) - ratios.sum()
+        room = (ratios < cap) & (ratios > 0)
+        if abs(missing) < 1e-9 or not room.any():
+            break
+        ratios[room] += missing / room.sum()
+    return ratios

@@ -1,0 +1,197 @@
+"""Pruning: unstructured (compressible) and structured (smaller and faster), schedules, sensitivity, reload."""
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+from workbench.storage import load_sparse_state
+from workbench.techniques.prune import prunable_layers
+
+from .conftest import state_bytes
+
+FAST = dict(batch_sizes=(1,), study=False)
+
+
+def sparsity_of(module):
+    return float((module.weight == 0).float().mean())
+
+
+def test_unstructured_80_global_on_mlp(digits_mlp, tmp_path):
+    model, data = digits_mlp
+    before = state_bytes(model)
+    r = wb.optimize(model, "prune=0.8,finetune=2", data=data, **FAST)
+    state = r.model.state_dict()
+    assert not any(k.endswith(("weight_orig", "weight_mask")) for k in state)  # made permanent
+    layers = prunable_layers(r.model)
+    pruned = [m for n, m in layers.items() if n != "5"]
+    zeros = sum(int((m.weight == 0).sum()) for m in pruned) / sum(m.weight.numel() for m in pruned)
+    assert zeros == pytest.approx(0.8, abs=0.01)  # fine-tuning kept the zeros at zero
+    assert sparsity_of(layers["5"]) == 0  # the classifier head is left alone by default
+    assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
+    assert r.metrics["sparse_size_bytes"] <= 0.35 * r.baseline["size_bytes"]
+    assert r.metrics["size_bytes"] == r.baseline["size_bytes"]  # dense storage does not shrink
+    assert any("expect no speedup" in n for n in r.notes)
+    assert "sparse size ×" in r.table().columns
+    path = r.save(tmp_path / "sparse")
+    dense_file = tmp_path / "dense.pt"
+    torch.save(r.model.state_dict(), dense_file)
+    assert (path / "weights.sparse.pt").stat().st_size <= 0.35 * dense_file.stat().st_size
+    restored = load_sparse_state(path / "weights.sparse.pt")
+    assert all(torch.equal(restored[k], v) for k, v in state.items())
+    assert state_bytes(model) == before
+
+
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_unstructured_per_layer(digits_mlp, criterion):
+    model, data = digits_mlp
+    r = wb.optimize(model, wb.Prune(0.5, scope="layer", criterion=criterion), data=data, **FAST)
+    for name, m in prunable_layers(r.model).items():
+        assert sparsity_of(m) == pytest.approx(0 if name == "5" else 0.5, abs=0.01)
+
+
+def test_structured_cnn_is_physically_smaller_and_recovers(digits_cnn, tmp_path):
+    model, data = digits_cnn
+    r = wb.optimize(model, [wb.Prune(0.5, structured=True, scope="layer"), wb.FineTune(2)], data=data, **FAST)
+    convs = [m for m in r.model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 32]
+    assert r.metrics["macs"] <= 0.35 * r.baseline["macs"]
+    assert r.metrics["params"] < 0.6 * r.baseline["params"]
+    assert r.metrics["size_bytes"] < 0.6 * r.baseline["size_bytes"]
+    assert r.metrics["metric"] >= r.baseline["metric"] - 0.015
+    assert r.model[-1].out_features == 10  # output head kept
+    again = wb.load(r.save(tmp_path / "small"))  # a torch.export program: no user code, no pickle
+    x = data.inputs(7)
+    with torch.inference_mode():
+        assert torch.allclose(again(x), r.model(x), atol=1e-5)
+
+
+def test_structured_then_int8_composes(digits_cnn):
+    model, data = digits_cnn
+    r = wb.optimize(model, "prune=0.5:structured=true:scope=layer,finetune=1,quant=int8", data=data, **FAST)
+    assert r.backend == "onnxruntime-int8-static-qdq"
+    assert r.metrics["macs"] <= 0.35 * r.baseline["macs"]  # counted on the pruned float graph
+    assert r.metrics["size_bytes"] < 0.1 * r.baseline["size_bytes"]
+    assert r.metrics["metric"] >= r.baseline["metric"] - 0.03
+
+
+class Residual(nn.Module):
+    """A small ResNet-style net with a depthwise (grouped) conv: coupled channels that must stay consistent."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.block(h)))
+
+
+def test_structured_keeps_residual_and_grouped_convs_consistent(digits_cnn):
+    _, data = digits_cnn
+    model = Residual()
+    r = wb.optimize(model, wb.Prune(0.5, structured=True, scope="layer"), data=data, **FAST)
+    stem, depthwise, pointwise = r.model.stem[0], r.model.block[0], r.model.block[3]
+    assert stem.out_channels == depthwise.in_channels == depthwise.groups == pointwise.out_channels == 8
+    assert r.model(data.inputs(3)).shape == (3, 10)
+    assert r.metrics["macs"] < 0.5 * r.baseline["macs"]
+
+
+def test_minilm_heads_and_ffn_pruned_hidden_size_kept(minilm):
+    model, data = minilm
+    r = wb.optimize(model, wb.Prune(0.3, structured=True), data=data, **FAST)
+    layer = r.model.encoder.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads < 12
+    assert layer.attention.self.query.out_features == 32 * layer.attention.self.num_attention_heads
+    assert layer.intermediate.dense.out_features < 1536
+    assert r.model.encoder.pooler.dense.out_features == 384  # hidden size kept: the pooler still fits
+    out = r.model(**data.inputs(2))
+    assert out.shape == (2, 384)
+    assert r.metrics["macs"] < 0.8 * r.baseline["macs"]
+    assert r.metrics["size_bytes"] < r.baseline["size_bytes"]
+    assert 0 < r.metrics["metric"] < 1  # fidelity before recovery, reported
+
+
+def test_iterative_schedule_prunes_in_rounds_with_recovery(digits_cnn):
+    model, data = digits_cnn
+    seen = []
+    r = wb.optimize(model, [wb.Prune(0.5, structured=True, scope="layer", schedule="iterative:3"), wb.FineTune(1)],
+                    data=data, progress=lambda m, f: seen.append(m), **FAST)
+    assert [m for m in seen if m.startswith("pruning round")] == [
+        "pruning round 1/3: 17% of channels", "pruning round 2/3: 33% of channels", "pruning round 3/3: 50% of channels"]
+    assert any(m.startswith("recovery after pruning round 2/3") for m in seen)
+    assert [c.out_channels for c in r.model.modules() if isinstance(c, nn.Conv2d)] == [16, 32, 32]
+    assert r.metrics["metric"] >= r.baseline["metric"] - 0.02
+
+
+def test_schedules():
+    assert wb.Prune(0.6, schedule="iterative:3").ratios() == pytest.approx([0.2, 0.4, 0.6])
+    cubic = wb.Prune(0.8, schedule="cubic:4").ratios()
+    assert cubic[-1] == pytest.approx(0.8) and cubic[0] > 0.8 / 4  # prunes fast first, then slowly
+    assert wb.Prune(0.5).ratios() == [0.5]
+
+
+def test_sensitivity_table(digits_cnn):
+    model, data = digits_cnn
+    before = state_bytes(model)
+    df = wb.sensitivity(model, data, technique="prune", levels=[0.25, 0.75])
+    assert list(df.columns) == ["layer", "type", "level", "metric", "delta", "params", "macs_share", "head"]
+    assert len(df) == 2 * len(prunable_layers(model))
+    by_level = df.groupby("level")["delta"].mean()
+    assert by_level[0.75] < by_level[0.25] <= 0.01  # pruning more hurts more
+    assert df.groupby("layer")["macs_share"].first().sum() == pytest.approx(1.0, abs=0.01)
+    quant = wb.sensitivity(model, data, technique="quant")
+    assert set(quant["level"]) == {"int8"} and (quant["delta"].abs() < 0.05).all()
+    assert state_bytes(model) == before
+
+
+def test_per_layer_ratios_from_sensitivity(digits_mlp):
+    model, data = digits_mlp
+    r = wb.optimize(model, wb.Prune(0.85, per_layer="sensitivity"), data=data, **FAST)
+    note = next(n for n in r.notes if n.startswith("per-layer ratios from sensitivity"))
+    ratios = [float(p.split()[-1].rstrip("%")) / 100 for p in note.split(": ", 1)[1].split(", ")]
+    assert sum(ratios) / len(ratios) == pytest.approx(0.85, abs=0.01)
+    assert ratios[0] > ratios[1]  # layer 1 loses nothing at 85% alone, layer 3 loses 1.7 points: prune it less
+
+
+class Scaled(nn.Module):
+    """Has its own weight used in a way Torch-Pruning cannot follow (a matrix product with a raw Parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(32, 32))
+
+    def forward(self, x):
+        return x @ self.mix
+
+
+def test_structured_on_an_unsupported_layer_names_it_and_the_way_out(digits_mlp):
+    _, data = digits_mlp
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), Scaled(), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(wb.WorkbenchError, match=r"layer '2' \(Scaled\).*ignore=\('2',\)"):
+        wb.optimize(model, wb.Prune(0.5, structured=True), data=data, **FAST)
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, *, pixels):
+        return self.fc2(torch.relu(self.fc1(pixels.flatten(1))))
+
+
+def test_structured_on_a_model_with_keyword_inputs(digits_mlp):
+    _, data = digits_mlp
+    kw = wb.Data(val=[({"pixels": x}, y) for x, y in data.val], metric="accuracy")
+    r = wb.optimize(KeywordOnly(), wb.Prune(0.5, structured=True), data=kw, **FAST)
+    assert r.model.fc1.out_features == 32 and r.model(pixels=data.inputs(2)).shape == (2, 10)
+
+
+def test_pruning_an_onnxruntime_model_is_refused(digits_mlp):
+    model, data = digits_mlp
+    with pytest.raises(wb.WorkbenchError, match="already an ONNX Runtime graph; put Prune before Quantize"):
+        wb.optimize(model, "quant=int8,prune=0.5", data=data, **FAST)
