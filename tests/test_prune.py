@@ -27,6 +27,7 @@ def test_unstructured_80_global_on_mlp(digits_mlp, tmp_path):
     zeros = sum(int((m.weight == 0).sum()) for m in pruned) / sum(m.weight.numel() for m in pruned)
     assert zeros == pytest.approx(0.8, abs=0.01)  # fine-tuning kept the zeros at zero
     assert sparsity_of(layers["5"]) == 0  # the classifier head is left alone by default
+    assert r.layers.loc["5", "sparsity"] == 0 and r.layers.loc["1", "sparsity"] > 0.5  # reported per layer
     assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
     assert r.metrics["sparse_size_bytes"] <= 0.35 * r.baseline["size_bytes"]
     assert r.metrics["size_bytes"] == r.baseline["size_bytes"]  # dense storage does not shrink

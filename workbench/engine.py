@@ -77,10 +77,20 @@ def _check_model(model: Any) -> Any:
     return model
 
 
+def copy_model(model):
+    """copy.deepcopy, also for modules holding computed (non-leaf) tensors, e.g. torch.nn.utils.prune's `weight`
+    or weight_norm, which the forward pre-hooks recompute anyway."""
+    import torch
+
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+    return copy.deepcopy(model, memo)
+
+
 def _working_copy(model, data: Data, device: str):
     """A deep copy in eval mode on `device`, checked to run on the data's example inputs."""
     try:
-        work = copy.deepcopy(model).eval().to(device)
+        work = copy_model(model).eval().to(device)
     except Exception as e:
         raise ModelError(f"the model cannot be copied ({e}); the workbench never changes your model in place, "
                          "so it needs copy.deepcopy(model) to work") from e
@@ -131,7 +141,7 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     study: where the run is recorded (default `wb.Study.default()`; False for nowhere).
     progress: `fn(message, fraction_or_None)` called as work advances.
     """
-    from .measure import environment, is_torch_module, measure
+    from .measure import environment, is_torch_module, layer_table, measure
     from .registry import technique_for
     from .result import Result
 
@@ -178,7 +188,8 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     metrics["backend"] = backend_label
     env = environment(metrics["threads"], device)
     result = Result(model=work, recipe=recipe, metrics=metrics, baseline=baseline, notes=ctx.notes,
-                    backend=backend_label, device=device, env=env, example_inputs=data.example_inputs)
+                    backend=backend_label, device=device, env=env, example_inputs=data.example_inputs,
+                    layers=layer_table(float_model if float_model is not None else work))
     store = _study(study)
     if store is not None:
         model_name = name or data.name or type(model).__name__

@@ -71,6 +71,20 @@ def sparse_size(model: Any) -> int | None:
     return total
 
 
+def layer_table(model: Any):
+    """Per layer with weights: type, parameters, non-zeros and sparsity (real zeros, as stored)."""
+    import pandas as pd
+
+    rows = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if name and isinstance(w, _torch().Tensor) and w.dim() > 1:
+            nz = int(w.count_nonzero())
+            rows.append({"layer": name, "type": type(m).__name__, "shape": tuple(w.shape), "params": w.numel(),
+                         "nonzero": nz, "sparsity": 1 - nz / w.numel()})
+    return pd.DataFrame(rows, columns=["layer", "type", "shape", "params", "nonzero", "sparsity"]).set_index("layer")
+
+
 def count_macs(model: Any, inputs: Any) -> int | None:
     """Multiply-accumulates of one forward pass (torch.utils.flop_counter FLOPs / 2); None where not countable."""
     torch = _torch()

@@ -67,6 +67,7 @@ class Result:
     baseline_id: int | None = None
     env: dict = field(default_factory=dict)
     example_inputs: Any = field(default=None, repr=False)
+    layers: Any = field(default=None, repr=False)  # per-layer shapes and sparsity of the (last float) torch model
 
     @property
     def name(self) -> str:

@@ -198,7 +198,8 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
             raise ModelError(f"Prune(structured=True) left a model whose forward fails ({type(e).__name__}: {e}); "
                              "leave the layer it names out with Prune(ignore=...)") from e
         _recover_between_rounds(model, ctx, i, len(ratios))
-    kept = [names.get(id(m), "?") for m in ignored_modules[:3]]
+    kept = [f"{n} (output head)" if n == head_layer(model) else n for n in
+            (names.get(id(m), "?") for m in ignored_modules[:3])]
     what = "attention heads and FFN neurons (hidden size kept)" if attention else "channels/neurons"
     ctx.note(f"structured: removed {step.sparsity:.0%} of {what} by {step.criterion} importance "
              f"({'global' if step.scope == 'global' and not layer_ratios else 'per layer'}); left alone: "
