@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantization.py
+	$(BIN)/python benchmarks/pruning.py
 
 clean:
 	rm -rf $(VENV) .workbench .pytest_cache
