@@ -186,8 +186,9 @@ def test_prune_finetune_quant_compose_in_that_order(ip, digits_cnn):
     assert small.metrics["metric"] >= small.baseline["metric"] - 0.03
 
 
-def test_distill_and_factorize_flags_build_their_steps_and_say_what_is_missing(ip):
-    with pytest.raises(UsageError, match="no technique is registered for step 'Distill' yet"):
-        run(ip, "%optimize digits-mlp --distill --epochs 2 --quant int8")
-    with pytest.raises(UsageError, match="no technique is registered for step 'Factorize' yet"):
-        run(ip, "%optimize digits-mlp --factorize 0.5")
+def test_distill_and_factorize_flags(ip):
+    run(ip, "%optimize digits-mlp --factorize 0.25 --distill --epochs 1 --as fd --no-card")
+    fd = ip.user_ns["fd"]
+    assert [s.kind for s in fd.recipe.steps] == ["factorize", "distill"]
+    assert fd.recipe.steps[1].epochs == 1 and fd.recipe.steps[0].rank_ratio == 0.25
+    assert fd.metrics["macs"] < fd.baseline["macs"]

@@ -30,6 +30,7 @@ class Context:
     threads: int | None
     on_progress: Callable | None = None
     notes: list = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # tables a technique leaves for the result (e.g. ranks per layer)
     lowered: str | None = None  # set by a technique that turns the model into a runtime form (int8, ORT, fp16)
 
     def note(self, message: str) -> None:
@@ -186,10 +187,16 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     metrics = measure(work, data, batch_sizes, device=device, threads=threads, reference=baseline_model,
                       macs_model=float_model)
     metrics["backend"] = backend_label
+    slower = [b for b in batch_sizes if metrics[f"latency_p50_ms_b{b}"] > 1.05 * baseline[f"latency_p50_ms_b{b}"]]
+    if slower:
+        fewer = metrics.get("macs") and baseline.get("macs") and metrics["macs"] < 0.95 * baseline["macs"]
+        ctx.note(("fewer MACs, yet " if fewer else "") + "slower than the baseline here at batch "
+                 + ", ".join(map(str, slower)) + " (measured p50); MACs and size do not decide latency, the "
+                 "runtime's kernels do")
     env = environment(metrics["threads"], device)
     result = Result(model=work, recipe=recipe, metrics=metrics, baseline=baseline, notes=ctx.notes,
                     backend=backend_label, device=device, env=env, example_inputs=data.example_inputs,
-                    layers=layer_table(float_model if float_model is not None else work))
+                    layers=layer_table(float_model if float_model is not None else work), details=ctx.details)
     store = _study(study)
     if store is not None:
         model_name = name or data.name or type(model).__name__

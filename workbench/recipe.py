@@ -204,25 +204,56 @@ class Prune(Step):
         return [s * t / n for t in range(1, n + 1)]
 
 
+def _model_ref(step: str, name: str, value: Any, spec_pattern: str | None = None) -> None:
+    """None, a string (a built-in name, 'original', or a spec), or a torch module given in Python."""
+    import re
+
+    if value is None or hasattr(value, "parameters"):
+        return
+    if not isinstance(value, str):
+        raise RecipeError(f"{step}.{name}: expected a torch module, a name or None, got {type(value).__name__}")
+    if spec_pattern and "=" in value and not re.fullmatch(spec_pattern, value):
+        raise RecipeError(f"{step}.{name}: {value!r} is not a spec; use e.g. 'width=0.5' or 'depth=0.5'")
+
+
 @_step("distill", "distill", "epochs")
 @dataclass
 class Distill(Step):
-    """Train the model (student) to match a teacher's softened outputs (Hinton et al.)."""
+    """Train the model (student) to match a teacher's softened outputs (Hinton et al.), or its embeddings.
+
+    teacher: None (the original model), a built-in name, or a torch module.
+    student: None (the model coming out of the previous steps), a spec like 'width=0.5' (built-in families) or
+        'depth=0.5' (keep every other transformer layer), or a torch module.
+    features: hidden states to match too, as 'layer' or 'student_layer:teacher_layer' names (MSE, with a learned
+        projection when widths differ).
+    """
 
     epochs: int = 3
-    teacher: str | None = None  # None: the original model
-    student: str | None = None  # None: the model coming out of the previous steps
+    teacher: Any = None
+    student: Any = None
     temperature: float = 4.0
     alpha: float = 0.9
     lr: float = 1e-3
     features: tuple = ()
+    patience: int | None = 2
 
     def __post_init__(self):
         _number("Distill", "epochs", self.epochs, 1, 10_000, integer=True)
+        _model_ref("Distill", "teacher", self.teacher)
+        _model_ref("Distill", "student", self.student, r"(width|depth)=(\d*\.)?\d+")
         _number("Distill", "temperature", self.temperature, 0, 1e6, lo_open=True)
         _number("Distill", "alpha", self.alpha, 0, 1)
         _number("Distill", "lr", self.lr, 0, 10, lo_open=True)
         self.features = _names("Distill", "features", self.features)
+        if self.patience is not None:
+            _number("Distill", "patience", self.patience, 1, 10_000, integer=True)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for name in ("teacher", "student"):  # a module given in Python is named, not serialized
+            if hasattr(out[name], "parameters"):
+                out[name] = f"<{type(out[name]).__name__} module>"
+        return out
 
     @property
     def needs_train(self) -> bool:

@@ -68,6 +68,7 @@ class Result:
     env: dict = field(default_factory=dict)
     example_inputs: Any = field(default=None, repr=False)
     layers: Any = field(default=None, repr=False)  # per-layer shapes and sparsity of the (last float) torch model
+    details: dict = field(default_factory=dict, repr=False)  # per-technique tables, e.g. details["factorize"]
 
     @property
     def name(self) -> str:

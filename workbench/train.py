@@ -50,10 +50,15 @@ def _device_of(model) -> str:
 
 
 def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None, progress: Callable | None = None,
-        keep_best: bool = True, reference: Any = None, label: str = "training", max_batches: int | None = None):
+        keep_best: bool = True, reference: Any = None, label: str = "training", max_batches: int | None = None,
+        patience: int | None = None, extra_params=(), start_from_scratch: bool = False):
     """Train `model` in place on the train split with Adam; returns (model, history).
 
-    keep_best: evaluate on the validation split before and after each epoch and restore the best state.
+    keep_best: evaluate on the validation split before and after each epoch and restore the best state
+        (with start_from_scratch, the untrained starting point does not count as a candidate).
+    patience: stop after this many epochs without a better validation metric.
+    extra_params: more parameters to train alongside (e.g. distillation's feature projections).
+    On CUDA the forward and loss run under autocast (bf16 where supported, else fp16 with loss scaling).
     history: list of {"epoch", "loss", "metric"}; epoch 0 is the starting point.
     """
     import torch
@@ -64,15 +69,20 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RecipeError(f"{label}: the model has no trainable parameters")
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params + list(extra_params), lr=lr)
+    on_cuda = device.startswith("cuda")
+    amp_dtype = (torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     # pruned weights stay pruned: entries that are exactly zero in a weight matrix are held at zero
     masks = [(p, p != 0) for p in params if p.dim() > 1 and bool((p == 0).any())]
     history = []
     best_state, best_metric = None, None
     if keep_best:
-        best_metric = data.evaluate(model.eval(), device=device, reference=reference)
-        best_state = copy.deepcopy(model.state_dict())
-        history.append({"epoch": 0, "loss": None, "metric": best_metric})
+        start = data.evaluate(model.eval(), device=device, reference=reference)
+        history.append({"epoch": 0, "loss": None, "metric": start})
+        if not start_from_scratch:
+            best_metric, best_state = start, copy.deepcopy(model.state_dict())
+    stale = 0
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
@@ -80,9 +90,11 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
             inputs = map_tensors(inputs, lambda t: t.to(device))
             targets = targets.to(device) if targets is not None else None
             opt.zero_grad()
-            value = loss(model, inputs, targets)
-            value.backward()
-            opt.step()
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                value = loss(model, inputs, targets)
+            scaler.scale(value).backward()
+            scaler.step(opt)
+            scaler.update()
             with torch.no_grad():
                 for p, mask in masks:
                     p.mul_(mask)
@@ -91,12 +103,18 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
         row = {"epoch": epoch, "loss": total / max(count, 1)}
         if keep_best:
             row["metric"] = data.evaluate(model, device=device, reference=reference)
-            if row["metric"] >= best_metric:
-                best_metric, best_state = row["metric"], copy.deepcopy(model.state_dict())
+            if best_metric is None or row["metric"] > best_metric:
+                best_metric, best_state, stale = row["metric"], copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
         history.append(row)
         if progress:
             shown = f", {data.metric_name} {row['metric']:.4f}" if "metric" in row else ""
             progress(f"{label}: epoch {epoch}/{epochs}, loss {row['loss']:.4f}{shown}", None)
+        if patience is not None and stale >= patience:
+            if progress:
+                progress(f"{label}: no better {data.metric_name} for {patience} epochs, stopping early", None)
+            break
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), history

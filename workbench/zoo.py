@@ -103,6 +103,7 @@ def _load_digits(name: str, progress=None):
     from . import modules
 
     model = getattr(modules, spec["builder"])()
+    model.workbench_family = spec["builder"]  # lets Distill(student="width=0.5") build a narrower sibling
     key = hashlib.sha256(repr((name, spec["epochs"], spec["lr"], str(model), SEED)).encode()).hexdigest()[:12]
     path = cache_dir() / f"{name}-{key}.pt"
     if path.exists():
