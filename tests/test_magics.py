@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -192,3 +193,17 @@ def test_distill_and_factorize_flags(ip):
     assert [s.kind for s in fd.recipe.steps] == ["factorize", "distill"]
     assert fd.recipe.steps[1].epochs == 1 and fd.recipe.steps[0].rank_ratio == 0.25
     assert fd.metrics["macs"] < fd.baseline["macs"]
+
+
+def test_teacher_from_the_notebook(ip, digits_mlp):
+    from workbench import modules
+
+    torch.manual_seed(0)
+    small = modules.digits_mlp(width=0.25)
+    untrained = digits_mlp[1].evaluate(small)
+    ip.user_ns.update(big=digits_mlp[0], small=small, val=digits_mlp[1])
+    run(ip, "%optimize small --distill --teacher big --epochs 2 --data val --as student --no-card")
+    step = ip.user_ns["student"].recipe.steps[0]
+    assert step.teacher is digits_mlp[0]
+    assert step.to_dict() == wb.Distill(epochs=2, teacher=digits_mlp[0]).to_dict()
+    assert ip.user_ns["student"].metrics["metric"] > untrained + 0.2

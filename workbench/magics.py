@@ -169,11 +169,14 @@ class WorkbenchMagics(Magics):
                     order=flags))
         except RecipeError as e:
             raise UsageError(str(e)) from None
-        if args.teacher:
-            self._lookup(args.teacher, "teacher model")
+        if args.teacher and args.teacher not in _builtin_names():
+            teacher = self._lookup(args.teacher, "teacher model")
+            for step in recipe.steps:  # a notebook variable: hand the module itself to Distill
+                if step.kind == "distill" and step.teacher == args.teacher:
+                    step.teacher = getattr(teacher, "model", teacher)
         model, data, label = self._model_and_data(args.model, args.data)
         result = self._run(f"%optimize {label}", lambda bar: engine.optimize(
-            model, recipe.to_dict(), data=data, backend=args.backend, device=args.device, progress=bar, name=label))
+            model, recipe, data=data, backend=args.backend, device=args.device, progress=bar, name=label))
         if result is None:
             return None
         target = args.as_name or f"{_identifier(args.model)}_opt"

@@ -66,6 +66,9 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
     loss = loss or task_loss(data, reference)
     device = _device_of(model)
     torch.manual_seed(SEED)
+    shuffle = getattr(data.train, "generator", None) or getattr(getattr(data.train, "loader", None), "generator", None)
+    if isinstance(shuffle, torch.Generator):  # the same batches in the same order, whatever ran before
+        shuffle.manual_seed(SEED)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RecipeError(f"{label}: the model has no trainable parameters")
