@@ -29,6 +29,10 @@ _LAZY = {
     "FineTune": ("recipe", "FineTune"),
     "WorkbenchError": ("errors", "WorkbenchError"),
     "sensitivity": ("sensitivity", "sensitivity"),
+    "sweep": ("sweep", "sweep"),
+    "dashboards": ("dashboards", None),
+    "panel": ("ui.panel", "panel"),
+    "LayerMap": ("ui.layer_map", "LayerMap"),
     "zoo": ("zoo", None),
     "measure": ("measure", None),
 }

@@ -132,7 +132,7 @@ def _study(study):
 
 def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "auto", batch_sizes=None,
              threads: int | None = None, study=None, progress: Callable | None = None, example_inputs=None,
-             name: str | None = None):
+             name: str | None = None, baseline=None):
     """Apply `recipe` to a copy of `model`, measure it against the original, and return a `Result`.
 
     recipe: a Recipe, steps, a dict/YAML, or the short form "prune=0.5,quant=int8".
@@ -141,6 +141,8 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     batch_sizes: batch sizes to time (default: 1 and the validation batch size).
     study: where the run is recorded (default `wb.Study.default()`; False for nowhere).
     progress: `fn(message, fraction_or_None)` called as work advances.
+    baseline: an earlier Result of the same model and data whose baseline measurement (and Study row) to reuse,
+        as a sweep does.
     """
     from .measure import environment, is_torch_module, layer_table, measure
     from .registry import technique_for
@@ -158,14 +160,21 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
         if step.needs_train and data.train is None:
             raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the data "
                               "has no train split; build it with wb.Data(train=..., val=...)")
-    batch_sizes = tuple(batch_sizes or _default_batches(data))
+    batch_sizes = tuple(batch_sizes or (baseline.baseline["batch_sizes"].split(",") if baseline else None)
+                        or _default_batches(data))
+    batch_sizes = tuple(int(b) for b in batch_sizes)
     ctx = Context(data=data, original=model, backend=backend, device=device, threads=threads, on_progress=progress)
 
     ctx.progress("measuring the baseline", 0.0)
     baseline_model = _working_copy(model, data, device)
-    baseline = measure(baseline_model, data, batch_sizes, device=device, threads=threads,
-                       reference=baseline_model)
-    baseline["backend"] = "torch"
+    earlier = baseline
+    if earlier is not None and earlier.baseline["batch_sizes"] == ",".join(map(str, batch_sizes)):
+        baseline = earlier.baseline
+    else:
+        earlier = None
+        baseline = measure(baseline_model, data, batch_sizes, device=device, threads=threads,
+                           reference=baseline_model)
+        baseline["backend"] = "torch"
 
     work, float_model = _working_copy(model, data, device), None
     for i, (step, handler) in enumerate(zip(recipe.steps, handlers)):
@@ -200,8 +209,8 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
     store = _study(study)
     if store is not None:
         model_name = name or data.name or type(model).__name__
-        result.baseline_id = store.add("baseline", baseline, kind="baseline", model=model_name, backend="torch",
-                                       device=device, env=env)
+        result.baseline_id = earlier.baseline_id if earlier is not None and earlier.baseline_id else store.add(
+            "baseline", baseline, kind="baseline", model=model_name, backend="torch", device=device, env=env)
         result.run_id = store.add(str(recipe), metrics, parent=result.baseline_id, model=model_name, recipe=recipe,
                                   backend=backend_label, device=device, notes=ctx.notes, env=env)
     ctx.progress("done", 1.0)
