@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv, install, run the quickstart on the built-in model (prints the comparison table)
+#   make demo   - create .venv, install, run the quickstart report on the built-in model (reports-out/quickstart.html)
 #   make test   - create .venv, install, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -22,7 +22,7 @@ chromium:
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m workbench.quickstart
+	$(BIN)/workbench report quickstart -o reports-out/quickstart.ipynb --html reports-out/quickstart.html
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q

@@ -31,6 +31,8 @@ _LAZY = {
     "sensitivity": ("sensitivity", "sensitivity"),
     "sweep": ("sweep", "sweep"),
     "dashboards": ("dashboards", None),
+    "reports": ("reports", None),
+    "report": ("reports", "report"),
     "panel": ("ui.panel", "panel"),
     "LayerMap": ("ui.layer_map", "LayerMap"),
     "zoo": ("zoo", None),

@@ -136,6 +136,7 @@ class WorkbenchMagics(Magics):
     @argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     @argument("--as", dest="as_name", metavar="NAME", help="namespace name for the result (default MODEL_opt)")
     @argument("--no-card", action="store_true", help="do not display the result card")
+    @argument("--report", metavar="OUT.html", help="also write the pipeline report for this run (re-runnable)")
     @line_magic
     def optimize(self, line):
         """Optimize a copy of MODEL and show a result card; the Result goes into the namespace.
@@ -189,7 +190,25 @@ class WorkbenchMagics(Magics):
             from .result import Card
 
             display(Card(result, name=target))
+        if args.report:
+            self._write_report(label, result, args.report)
         return None
+
+    def _write_report(self, label: str, result, path: str) -> None:
+        """The pipeline report for this run: the model must be one a fresh kernel can build (a built-in)."""
+        from .reports import report
+
+        if label not in _builtin_names():
+            raise UsageError(f"--report re-runs the recipe in a fresh kernel, which cannot see the notebook's "
+                             f"{label!r}; use a built-in, or wb.report('pipeline', {{'model': "
+                             "'package.module:factory', ...}})")
+        params = {"model": label, "recipes": [str(result.recipe)], "device": result.device,
+                  "batch_sizes": [int(b) for b in result.baseline["batch_sizes"].split(",")]}
+        from pathlib import Path
+
+        self._run("writing the report", lambda bar: report("pipeline", params, output=Path(path).with_suffix(".ipynb"),
+                                                             html=path))
+        print(f"report: {path}")
 
     # -- %%recipe ----------------------------------------------------------------------------------------------
     @magic_arguments()

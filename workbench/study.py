@@ -113,6 +113,28 @@ class Study:
             current = found[0]
         return chain[::-1]
 
+    def to_report(self, path, model: str | None = None, timeout: int = 1800) -> Path:
+        """Write the pipeline report for the recipes explored on `model` (default: the latest run's model), with
+        the same batch sizes and device, so someone else can re-run it. `path` is the HTML; the executed notebook
+        goes beside it. The model must be a built-in name or an import path 'package.module:factory'."""
+        from .reports import report
+
+        df = self.df
+        runs = df[df["kind"] == "optimize"]
+        if runs.empty:
+            from .errors import WorkbenchError
+
+            raise WorkbenchError("the study has no optimize runs to report on")
+        model = model or runs["model"].iloc[-1]
+        runs = runs[runs["model"] == model]
+        recipes = list(dict.fromkeys(runs["recipe"]))
+        path = Path(path)
+        batch_sizes = [int(b) for b in str(runs["batch_sizes"].iloc[-1]).split(",") if b]
+        params = {"model": model, "recipes": recipes, "batch_sizes": batch_sizes,
+                  "device": str(runs["device"].iloc[-1])}
+        report("pipeline", params, output=path.with_suffix(".ipynb"), html=path, timeout=timeout)
+        return path
+
     def close(self) -> None:
         self._conn.close()
 

@@ -1,0 +1,124 @@
+"""Build the papermill templates in templates/ from shared cells (the source of truth for them).
+
+    python tools/build_templates.py          # rewrite templates/*.ipynb
+    python tools/build_templates.py --check  # exit 1 if a committed template differs from what this builds
+
+Every template records the same things (parameters, recipe, environment, study table, charts, verdicts, headline)
+through `workbench.reports`, so the notebooks stay short and cannot drift apart.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+OUT = Path(__file__).resolve().parent.parent / "templates"
+
+COMMON_PARAMETERS = '''device: str = "auto"  # auto, cpu or cuda
+batch_sizes: list = [1, 64]  # batch sizes to time
+threads: int = None  # intra-op threads, None for the default; recorded in the report
+max_drop: float = 0.01  # metric budget against the baseline, for the verdicts
+seed: int = 0'''
+
+
+def cells(title: str, intro: str, parameters: str, derive: str = "", extra: list | None = None):
+    out = [new_markdown_cell(f"# {title}\n\n{intro}"),
+           new_code_cell(parameters + "\n" + COMMON_PARAMETERS, metadata={"tags": ["parameters"]})]
+    if derive:
+        out.append(new_code_cell(derive))
+    out += [
+        new_code_cell("import torch\n\nimport workbench as wb\nfrom workbench import reports\n\nreports.setup()\n"
+                      "torch.manual_seed(seed)\nreports.show_parameters(model=model, recipes=recipes, device=device, "
+                      "batch_sizes=batch_sizes, threads=threads, max_drop=max_drop, seed=seed)"),
+        new_markdown_cell("## Environment"),
+        new_code_cell("reports.environment_table(device, threads, seed)"),
+        new_markdown_cell("## Results\n\nEvery candidate is measured against one baseline measurement, in this "
+                          "process, with the same threads and inputs."),
+        new_code_cell("model_obj, data = reports.load_model(model)\n"
+                      "results = reports.run_recipes(model_obj, data, recipes, device=device, "
+                      "batch_sizes=batch_sizes or None, threads=threads, name=model)\n"
+                      "reports.comparison(results)"),
+        new_code_cell("wb.dashboards.pareto(results).show()"),
+    ]
+    out += extra or []
+    out += [
+        new_markdown_cell("## Verdicts\n\nWithin the metric budget? Faster at every timed batch? Smaller?"),
+        new_code_cell("reports.verdicts(results, max_drop)"),
+        new_code_cell("for r in results:\n    for note in r.notes:\n        print(f'- {r.recipe}: {note}')"),
+        new_code_cell("reports.headline(results, max_drop)", metadata={"tags": ["headline"]}),
+    ]
+    return out
+
+
+MODEL = 'model: str = "digits-cnn"  # a built-in name, or an import path package.module:factory giving (model, data)'
+
+TEMPLATES = {
+    "quickstart": cells(
+        "Quickstart: a built-in model, each technique against the baseline",
+        "Quantization, structured pruning, low-rank factorization and distillation on one model, measured side by "
+        "side, with the Pareto chart and a verdict per candidate.",
+        MODEL + '\nrecipes: list = ["quant=int8", "quant=int8-dynamic", "prune=0.5:structured=true:scope=layer,'
+        'finetune=2", "factorize:energy=0.9,finetune=1", "distill=5:student=width=0.5"]'),
+    "quantization": cells(
+        "Quantization report",
+        "Every quantization mode on one model: int8 dynamic and static (ONNX Runtime), fp16 and bf16 (torch).",
+        MODEL + '\nmodes: list = ["int8", "int8-dynamic", "int8-static", "fp16", "bf16"]\n'
+        'calibration: str = "minmax"  # minmax, entropy or percentile, for static int8',
+        'recipes = [f"quant={m}" + (f":calibration={calibration}" if m == "int8-static" else "") for m in modes]'),
+    "pruning": cells(
+        "Pruning report",
+        "A sparsity sweep with fine-tuning, and the per-layer sensitivity that shows where the model is fragile.",
+        MODEL + '\nsparsities: list = [0.25, 0.5, 0.75]\nstructured: bool = True  # structured pruning is the '
+        'kind that runs faster\nfinetune: int = 1  # recovery epochs after pruning',
+        'recipes = [f"prune={s}:structured={str(structured).lower()}:scope=layer" + (f",finetune={finetune}" '
+        'if finetune else "") for s in sparsities]',
+        [new_markdown_cell("## Sensitivity\n\nThe metric change when only one layer is pruned to each level."),
+         new_code_cell("sens = wb.sensitivity(model_obj, data, levels=sparsities, structured=structured)\n"
+                       "wb.dashboards.sensitivity_heatmap(sens).show()")]),
+    "distillation": cells(
+        "Distillation report",
+        "A smaller student distilled from the model, against the same student trained on the labels alone.",
+        MODEL + '\nstudent: str = "width=0.5"  # width=W for built-in families, depth=D for transformers\n'
+        'epochs: int = 5\ntemperature: float = 4.0\nalpha: float = 0.9',
+        'recipes = [f"distill={epochs}:student={student}:temperature={temperature}:alpha={alpha}:patience=None"]',
+        [new_markdown_cell("## Without the teacher\n\nThe same student, same epochs and seed, trained on the "
+                           "labels only."),
+         new_code_cell("reports.labels_only(model_obj, data, student, epochs, results[0])")]),
+    "pipeline": cells(
+        "Pipeline report",
+        "Any recipes on any model: the report an exploration turns into (`Study.to_report`, `%optimize --report`).",
+        MODEL + '\nrecipes: list = ["prune=0.4:structured=true:scope=layer,distill=2,factorize:energy=0.9,'
+        'quant=int8"]  # short forms, YAML text or dicts'),
+}
+
+
+def build() -> dict:
+    out = {}
+    for name, body in TEMPLATES.items():
+        nb = new_notebook(cells=body, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                               "language": "python"}})
+        for i, cell in enumerate(nb.cells):
+            cell["id"] = f"{name}-{i}"
+        out[name] = nbformat.writes(nb) + "\n"
+    return out
+
+
+def main(argv) -> int:
+    built = build()
+    if "--check" in argv:
+        stale = [n for n, text in built.items() if (OUT / f"{n}.ipynb").read_text() != text]
+        if stale:
+            print(f"templates out of date: {', '.join(stale)}; run python tools/build_templates.py")
+            return 1
+        return 0
+    OUT.mkdir(exist_ok=True)
+    for name, text in built.items():
+        (OUT / f"{name}.ipynb").write_text(text)
+    print(f"wrote {len(built)} templates to {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

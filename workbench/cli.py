@@ -1,0 +1,111 @@
+"""The `workbench` command: reports from templates, one at a time or in batches.
+
+    workbench templates
+    workbench report templates/quickstart.ipynb -p model digits-mlp --html out.html
+    workbench batch grid.yaml --workers 2 --out batch-reports
+
+The CLI and the Python API (`wb.report`, `wb.reports.batch`) call the same functions.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _value(text: str):
+    """-p values are YAML: 0.5 is a number, [1, 64] a list, true a bool, anything else a string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _parameters(args) -> dict:
+    import yaml
+
+    params = {}
+    for path in args.parameters_file or []:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"error: {path} must hold a mapping of parameter names to values")
+        params.update(loaded)
+    for name, value in args.parameter or []:
+        params[name] = _value(value)
+    return params
+
+
+def main(argv=None) -> int:
+    from .errors import WorkbenchError
+
+    parser = argparse.ArgumentParser(prog="workbench", description="Reproducible model-optimization reports.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("templates", help="list the templates and their parameters")
+    p_list.set_defaults(run=_templates)
+
+    p_report = sub.add_parser("report", help="run one template with parameters, write notebook and HTML")
+    p_report.add_argument("template", help="a template path or name (quickstart, quantization, pruning, ...)")
+    p_report.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    p_report.add_argument("-f", "--parameters-file", action="append", metavar="PARAMS.yaml")
+    p_report.add_argument("-o", "--output", help="executed notebook (default TEMPLATE-report.ipynb)")
+    p_report.add_argument("--html", help="HTML report with the code hidden")
+    p_report.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
+    p_report.add_argument("--kernel", help="Jupyter kernel name (default: the template's, python3)")
+    p_report.set_defaults(run=_report)
+
+    p_batch = sub.add_parser("batch", help="run many parameter sets in parallel on dask.distributed")
+    p_batch.add_argument("spec", help="GRID.yaml: template, parameters, and a grid or a list of runs")
+    p_batch.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    p_batch.add_argument("--scheduler", help="address of an existing dask scheduler, e.g. tcp://host:8786")
+    p_batch.add_argument("--out", help="output directory (default: the spec's 'out', or batch-reports)")
+    p_batch.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
+    p_batch.set_defaults(run=_batch)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _templates(args) -> int:
+    from .reports import templates
+
+    for name, params in templates().items():
+        print(name)
+        for p, info in params.items():
+            help_text = f"  # {info['help']}" if info["help"] else ""
+            print(f"    {p}: {info['type']} = {info['default']}{help_text}")
+    return 0
+
+
+def _report(args) -> int:
+    from .reports import report
+
+    html = args.html
+    out = report(args.template, _parameters(args), output=args.output, html=html, timeout=args.timeout,
+                 kernel=args.kernel, progress=sys.stderr.isatty())
+    print(f"wrote {out}" + (f" and {html}" if html else ""))
+    return 0
+
+
+def _batch(args) -> int:
+    import json
+
+    from .reports import batch
+
+    index = batch(args.spec, workers=args.workers, scheduler=args.scheduler, out=args.out, timeout=args.timeout)
+    records = json.loads((index.parent / "index.json").read_text())
+    failed = [r for r in records if r["status"] != "ok"]
+    print(f"wrote {index}: {len(records) - len(failed)} of {len(records)} reports")
+    for r in failed:
+        print(f"  {r['dir']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
