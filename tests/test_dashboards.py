@@ -93,6 +93,18 @@ def test_panel_run_button_adds_a_study_row_and_a_chart_point(digits_mlp):
     assert "<table" in p.table.value and p.layer_map.colour_by == "sparsity"
 
 
+def test_panel_sweep_adds_a_point_per_recipe(digits_mlp):
+    model, data = digits_mlp
+    study = wb.Study()
+    p = wb.panel(model, data, study=study)
+    counts = []
+    original = p._update
+    p._update = lambda result: (original(result), counts.append(p.points))
+    p.sweep({"quant": ["int8", "fp16"], "prune": [None, 0.5]}, wait=True)
+    assert counts == [1, 2, 3, 4] and p.progress.description == "done"  # the chart grew as each point finished
+    assert len(study) == 5
+
+
 def test_panel_errors_show_in_its_output(digits_mlp):
     model, data = digits_mlp
     p = wb.panel(model, data, study=wb.Study())

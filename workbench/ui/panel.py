@@ -120,6 +120,35 @@ class Panel:
         if wait:
             self.wait()
 
+    def sweep(self, grid: dict, wait: bool = False) -> None:
+        """Run a grid of recipes in the background (see `wb.sweep`); the chart gains a point as each finishes."""
+        if self._thread is not None and self._thread.is_alive():
+            self.errors.append_stdout("a run is already going; wait for it to finish\n")
+            return
+
+        def work():
+            from ..sweep import sweep
+
+            def on_result(result):
+                self.results.append(result)
+                self._update(result)
+
+            try:
+                sweep(self.model, self.data, grid, on_result=on_result, progress=self._progress, study=self.study,
+                      backend=self.backend.value, device=self.device.value, name=self.name)
+                self.progress.description = "done"
+            except Exception as e:
+                self.progress.description = "failed"
+                self.errors.append_stderr(f"{type(e).__name__}: {e}\n")
+            finally:
+                self.run_button.disabled = False
+
+        self.run_button.disabled = True
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+        if wait:
+            self.wait()
+
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
