@@ -70,7 +70,7 @@ are quantized too: per batch at run time (*dynamic*), or with ranges calibrated 
         code("""
 import torch
 import workbench as wb
-from workbench.sensitivity import _fake_int8
+from workbench.layerwise import _fake_int8
 
 model, data = wb.zoo.load("digits-cnn")
 w = model[4].weight.detach()  # a 64x32x3x3 convolution

@@ -64,6 +64,17 @@ def main(argv=None) -> int:
     p_batch.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
     p_batch.set_defaults(run=_batch)
 
+    p_auto = sub.add_parser("autotune", help="search recipes for the fastest/smallest model within a metric budget")
+    p_auto.add_argument("model", help="a built-in name or an import path package.module:factory -> (model, data)")
+    p_auto.add_argument("--max-drop", type=float, default=0.01, help="metric budget against the baseline")
+    p_auto.add_argument("--objective", choices=["latency", "size"], default="latency")
+    p_auto.add_argument("--budget", default="10min", help="wall time, e.g. 90s, 10min")
+    p_auto.add_argument("--batch", type=int, help="batch size to optimize latency for")
+    p_auto.add_argument("--storage", help="optuna storage URL shared by several machines (default: local SQLite)")
+    p_auto.add_argument("--study", help="optuna study name (the same on every machine of one search)")
+    p_auto.add_argument("--save", help="directory to save the best model into")
+    p_auto.set_defaults(run=_autotune)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -91,6 +102,25 @@ def _report(args) -> int:
                  kernel=args.kernel, progress=sys.stderr.isatty())
     print(f"wrote {out}" + (f" and {html}" if html else ""))
     return 0
+
+
+def _autotune(args) -> int:
+    from .tuning import autotune
+    from .reports import load_model
+
+    model, data = load_model(args.model)
+
+    def progress(message, fraction=None):
+        print(f"[{(fraction or 0):4.0%}] {message}", file=sys.stderr, flush=True)
+
+    tuned = autotune(model, data, max_drop=args.max_drop, objective=args.objective, budget=args.budget,
+                     batch=args.batch, storage=args.storage, study_name=args.study, progress=progress)
+    print(tuned.best.table().to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"\nPareto front of {len(tuned.results)} candidates:")
+    print(tuned.front.to_string(index=False))
+    if args.save:
+        print(f"saved to {tuned.best.save(args.save)}")
+    return 0 if tuned.within_budget else 1
 
 
 def _batch(args) -> int:

@@ -195,6 +195,16 @@ def weight_histograms(before, after, layer: str | None = None, bins: int = 80):
     return fig
 
 
+def pareto_placeholder(title: str = "candidates will appear here"):
+    """An empty chart with the Pareto chart's axes, for live views that fill in as runs finish."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.update_layout(title=title, xaxis_title="latency p50 (ms)", yaxis_title="metric (higher is better)",
+                      template="plotly_white", height=380)
+    return fig
+
+
 def as_widget(fig):
     """A live `go.FigureWidget` of `fig` (needs anywidget), for charts that gain points as runs finish."""
     import plotly.graph_objects as go

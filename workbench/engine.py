@@ -167,6 +167,9 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
 
     ctx.progress("measuring the baseline", 0.0)
     baseline_model = _working_copy(model, data, device)
+    from .checks import preflight
+
+    checks = preflight(baseline_model, recipe, data, device)
     earlier = baseline
     if earlier is not None and earlier.baseline["batch_sizes"] == ",".join(map(str, batch_sizes)):
         baseline = earlier.baseline
@@ -203,7 +206,7 @@ def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "
                  + ", ".join(map(str, slower)) + " (measured p50); MACs and size do not decide latency, the "
                  "runtime's kernels do")
     env = environment(metrics["threads"], device)
-    result = Result(model=work, recipe=recipe, metrics=metrics, baseline=baseline, notes=ctx.notes,
+    result = Result(model=work, recipe=recipe, metrics=metrics, baseline=baseline, notes=ctx.notes, preflight=checks,
                     backend=backend_label, device=device, env=env, example_inputs=data.example_inputs,
                     layers=layer_table(float_model if float_model is not None else work), details=ctx.details)
     store = _study(study)

@@ -137,6 +137,9 @@ class WorkbenchMagics(Magics):
     @argument("--as", dest="as_name", metavar="NAME", help="namespace name for the result (default MODEL_opt)")
     @argument("--no-card", action="store_true", help="do not display the result card")
     @argument("--report", metavar="OUT.html", help="also write the pipeline report for this run (re-runnable)")
+    @argument("--auto", action="store_true", help="search recipes across techniques (optuna) within a metric budget")
+    @argument("--max-drop", type=float, default=0.01, metavar="D", help="--auto: metric budget (default 0.01)")
+    @argument("--budget", default="5min", metavar="TIME", help="--auto: wall time, e.g. 90s, 5min (default 5min)")
     @line_magic
     def optimize(self, line):
         """Optimize a copy of MODEL and show a result card; the Result goes into the namespace.
@@ -159,6 +162,10 @@ class WorkbenchMagics(Magics):
         flags = _flag_order(line)
         if args.recipe and flags:
             raise UsageError("use either --recipe or technique flags (--quant, --prune, ...), not both")
+        if args.auto:
+            if args.recipe or flags:
+                raise UsageError("--auto searches the recipes itself; drop --recipe and technique flags")
+            return self._autotune(args)
         try:
             if args.recipe:
                 spec = self.shell.user_ns.get(args.recipe, args.recipe)
@@ -192,6 +199,43 @@ class WorkbenchMagics(Magics):
             display(Card(result, name=target))
         if args.report:
             self._write_report(label, result, args.report)
+        return None
+
+    def _autotune(self, args) -> None:
+        """%optimize MODEL --auto: the best candidate within the metric budget, a live chart of the search."""
+        from IPython.display import display
+
+        from . import dashboards
+        from .tuning import autotune
+        from .result import Card
+
+        model, data, label = self._model_and_data(args.model, args.data)
+        chart = dashboards.as_widget(dashboards.pareto_placeholder()) if _widgets_available() else None
+        results = []
+
+        def on_result(result):
+            results.append(result)
+            if chart is not None:
+                fig = dashboards.pareto(results)
+                with chart.batch_update():
+                    chart.data = []
+                    chart.add_traces(list(fig.data))
+
+        if chart is not None:
+            display(chart)
+        tuned = self._run(f"%optimize {label} --auto", lambda bar: autotune(
+            model, data, max_drop=args.max_drop, budget=args.budget, backend=args.backend, device=args.device,
+            progress=bar, on_result=on_result))
+        if tuned is None:
+            return None
+        target = args.as_name or f"{_identifier(args.model)}_opt"
+        self.shell.user_ns[target] = tuned.best
+        self.shell.user_ns[f"{target}_search"] = tuned
+        print(f"searched {len(tuned.results)} candidates in {tuned.seconds:.0f} s; "
+              + ("best within the budget:" if tuned.within_budget else
+                 f"none stayed within a {args.max_drop:g} drop; the most accurate:") + f" {tuned.best.recipe}")
+        if not args.no_card:
+            display(Card(tuned.best, name=target))
         return None
 
     def _write_report(self, label: str, result, path: str) -> None:
@@ -297,6 +341,14 @@ class WorkbenchMagics(Magics):
         import copy
 
         return self._run("%profile", lambda bar: profile_layers(copy.deepcopy(model).eval(), data.inputs(args.batch)))
+
+
+def _widgets_available() -> bool:
+    try:
+        import anywidget  # noqa: F401  (plotly's FigureWidget needs it)
+    except ImportError:
+        return False
+    return True
 
 
 def _is_data(value) -> bool:

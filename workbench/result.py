@@ -69,6 +69,7 @@ class Result:
     example_inputs: Any = field(default=None, repr=False)
     layers: Any = field(default=None, repr=False)  # per-layer shapes and sparsity of the (last float) torch model
     details: dict = field(default_factory=dict, repr=False)  # per-technique tables, e.g. details["factorize"]
+    preflight: list = field(default_factory=list)  # "will this be faster here?", checked before any work
 
     @property
     def name(self) -> str:
@@ -118,12 +119,16 @@ class Card:
 
     def __repr__(self) -> str:
         table = self.result.table().to_string(float_format=lambda v: f"{v:.4g}")
+        checks = "".join(f"\n! pre-flight: {n}" for n in self.result.preflight)
         notes = "".join(f"\n- {n}" for n in self.result.notes)
-        return f"{self._title()}\n{table}{notes}"
+        return f"{self._title()}\n{table}{checks}{notes}"
 
     def _repr_html_(self) -> str:
         import html
 
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.notes)
+        checks = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.preflight)
+        checks = f"<p><b>pre-flight</b> (will this be faster here?)</p><ul>{checks}</ul>" if checks else ""
         table = self.result.table().to_html(float_format=lambda v: f"{v:.4g}")
-        return f"<div><b>{html.escape(self._title())}</b>{table}{f'<ul>{notes}</ul>' if notes else ''}</div>"
+        return (f"<div><b>{html.escape(self._title())}</b>{table}{checks}"
+                f"{f'<ul>{notes}</ul>' if notes else ''}</div>")

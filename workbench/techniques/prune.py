@@ -216,7 +216,7 @@ def prune_step(model, step: Prune, ctx):
         return model
     layer_ratios = None
     if step.per_layer == "sensitivity":
-        from ..sensitivity import allocate_ratios
+        from ..layerwise import allocate_ratios
 
         ctx.progress("sensitivity analysis for per-layer ratios", None)
         layer_ratios = allocate_ratios(model, ctx.data, step, device=ctx.device, reference=ctx.original)

@@ -127,7 +127,7 @@ class Panel:
             return
 
         def work():
-            from ..sweep import sweep
+            from ..grid import sweep
 
             def on_result(result):
                 self.results.append(result)
@@ -178,12 +178,9 @@ class Panel:
             self.run_button.disabled = False
 
     def _empty_chart(self):
-        import plotly.graph_objects as go
+        from .. import dashboards
 
-        fig = go.FigureWidget()
-        fig.update_layout(title="runs will appear here", xaxis_title="latency p50 (ms)",
-                          yaxis_title="metric (higher is better)", template="plotly_white", height=380)
-        return fig
+        return dashboards.as_widget(dashboards.pareto_placeholder("runs will appear here"))
 
     def _update(self, result) -> None:
         import pandas as pd

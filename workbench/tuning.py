@@ -1,0 +1,177 @@
+"""Autotune: an accuracy-budgeted search across techniques with optuna, that honours a time budget and always
+returns the best candidate found so far plus the whole Pareto front.
+
+    >>> tuned = wb.autotune(model, data, max_drop=0.01, objective="latency", budget="5min")
+    >>> tuned.best.table(); tuned.front; tuned.figure
+
+Several machines can share one search: give each the same `storage` (any SQL URL optuna accepts) and study
+name, e.g. `workbench autotune digits-cnn --storage postgresql://host/db --study cnn` on each.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import WorkbenchError
+
+DEFAULT_STORAGE = Path(".workbench") / "autotune.sqlite"
+
+
+def parse_budget(budget: Any) -> float:
+    """Seconds from 120, "90s", "2min", "1.5h"."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        seconds = float(budget)
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hours?)?\s*", str(budget))
+        if not found:
+            raise WorkbenchError(f"budget {budget!r} is not a duration; use e.g. 120, '90s', '5min' or '1h'")
+        unit = (found.group(2) or "s")[0]
+        seconds = float(found.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+    if seconds <= 0:
+        raise WorkbenchError(f"budget must be positive, got {budget!r}")
+    return seconds
+
+
+@dataclass
+class Tuned:
+    """What autotune returns: `best` (a Result inside the metric budget, or the best metric found if none is),
+    every trial's Result, the Pareto front as a DataFrame, and the chart."""
+
+    best: Any
+    results: list
+    front: Any
+    figure: Any
+    within_budget: bool
+    seconds: float
+    optuna_study: Any = field(repr=False, default=None)
+
+    def table(self):
+        return self.best.table()
+
+
+def _suggest(trial, conv_heavy: bool, linear_heavy: bool, on_cuda: bool) -> str:
+    """One recipe from the search space, in the short form."""
+    steps = []
+    prune = trial.suggest_categorical("prune", [0.0, 0.25, 0.4, 0.5])
+    if prune:
+        steps.append(f"prune={prune}:structured=true:scope=layer")
+        recovery = trial.suggest_categorical("recovery", ["finetune", "distill"])
+        epochs = trial.suggest_int("recovery_epochs", 1, 3)
+        steps.append(f"{recovery}={epochs}")
+    if linear_heavy:
+        energy = trial.suggest_categorical("factorize_energy", [0.0, 0.9, 0.95])
+        if energy:
+            steps.append(f"factorize:energy={energy}")
+    quant_options = ["fp16", "none"] if on_cuda else ["int8-dynamic", "int8-static", "none"]
+    quant = trial.suggest_categorical("quant", quant_options)
+    if quant.startswith("int8"):
+        per_channel = trial.suggest_categorical("per_channel", [True, False])
+        part = f"quant={quant}:per_channel={'true' if per_channel else 'false'}"
+        if quant == "int8-static":
+            part += ":calibration=" + trial.suggest_categorical("calibration", ["minmax", "entropy", "percentile"])
+        steps.append(part)
+    elif quant == "fp16":
+        steps.append("quant=fp16")
+    return ",".join(steps)
+
+
+def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", batch: int | None = None,
+             budget: Any = "10min", backend: str = "auto", device: str = "auto", storage: str | None = None,
+             study_name: str | None = None, trials: int | None = None, study=None,
+             progress: Callable | None = None, on_result: Callable | None = None, seed: int = 0) -> Tuned:
+    """Search recipes (quantization mode/granularity/calibration, structured pruning + fine-tune/distill recovery,
+    factorization, backend) for the fastest (or smallest) model whose metric drops at most `max_drop` below the
+    baseline on the validation split, within `budget` of wall time.
+    """
+    import optuna
+
+    from . import dashboards
+    from .data import Data
+    from .engine import _check_model, optimize, resolve_device
+    from .measure import conv_share
+
+    if objective not in ("latency", "size"):
+        raise WorkbenchError(f"objective {objective!r} is not known; use 'latency' or 'size'")
+    if not 0 <= max_drop < 1:
+        raise WorkbenchError(f"max_drop {max_drop!r} must be in [0, 1)")
+    seconds = parse_budget(budget)
+    model, data = _check_model(model), Data.coerce(data)
+    device = resolve_device(device)
+    started = time.time()
+    share = conv_share(model, data.inputs(1))
+    batch = batch or (64 if share > 0.5 else 1)
+    batch_sizes = (batch,)
+
+    if storage is None:
+        DEFAULT_STORAGE.parent.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{DEFAULT_STORAGE}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = study_name or f"autotune-{data.name or type(model).__name__}-{objective}-{int(started)}"
+    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=lambda t: [t.user_attrs.get("drop", 1.0)
+                                                                                 - max_drop])
+    ostudy = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
+                                 directions=["maximize", "minimize"])
+    # start from what usually works, so even a short budget ends with a candidate
+    for first in ({"prune": 0.0, "quant": "int8-static" if share > 0.5 else "int8-dynamic", "per_channel": True,
+                   "calibration": "minmax", "factorize_energy": 0.0},
+                  {"prune": 0.5, "recovery": "finetune", "recovery_epochs": 2, "quant": "int8-static" if share > 0.5
+                   else "int8-dynamic", "per_channel": True, "calibration": "minmax", "factorize_energy": 0.0}):
+        ostudy.enqueue_trial(first, skip_if_exists=True)
+
+    results: list = []
+    durations: list = []
+    by_recipe: dict = {}
+
+    def run_trial(trial) -> tuple[float, float]:
+        t0 = time.time()
+        recipe = _suggest(trial, share > 0.5, share <= 0.5, device.startswith("cuda")) or "quant=none"
+        if recipe in by_recipe:  # the same recipe again: reuse, do not re-measure
+            r = by_recipe[recipe]
+        elif recipe == "quant=none":
+            raise optuna.TrialPruned("empty recipe")
+        else:
+            r = optimize(model, recipe, data=data, backend=backend, device=device, batch_sizes=batch_sizes,
+                         study=study, baseline=results[0] if results else None, name=data.name)
+            results.append(r)
+            by_recipe[recipe] = r
+            if on_result:
+                on_result(r)
+        drop = r.baseline["metric"] - r.metrics["metric"]
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("recipe", recipe)
+        cost = r.metrics[f"latency_p50_ms_b{batch}"] if objective == "latency" else r.metrics["size_bytes"]
+        durations.append(time.time() - t0)
+        if progress:
+            progress(f"trial {len(durations)}: {recipe}: {r.metrics['metric_name']} {r.metrics['metric']:.4f}, "
+                     f"{objective} {cost:.4g}", min((time.time() - started) / seconds, 1.0))
+        return r.metrics["metric"], cost
+
+    def stop_in_time(st, trial) -> None:
+        spent = time.time() - started
+        typical = sorted(durations)[len(durations) // 2] if durations else 0
+        if spent + typical > seconds or (trials is not None and len(durations) >= trials):
+            st.stop()
+
+    try:
+        ostudy.optimize(run_trial, timeout=seconds, callbacks=[stop_in_time], catch=(WorkbenchError,),
+                        n_trials=None)
+    except KeyboardInterrupt:
+        pass  # keep what was found so far
+    if not results:
+        raise WorkbenchError(f"autotune finished no trial within {seconds:.0f} s; give a larger budget")
+    cost_key = f"latency_p50_ms_b{batch}" if objective == "latency" else "size_bytes"
+    feasible = [r for r in results if r.baseline["metric"] - r.metrics["metric"] <= max_drop]
+    best = min(feasible, key=lambda r: r.metrics[cost_key]) if feasible else \
+        max(results, key=lambda r: r.metrics["metric"])
+    import pandas as pd
+
+    rows = pd.DataFrame([{"recipe": str(r.recipe), "metric": r.metrics["metric"], cost_key: r.metrics[cost_key],
+                          "size_bytes": r.metrics["size_bytes"], "within budget": r in feasible} for r in results])
+    front = rows.loc[dashboards.pareto_front(rows, "metric", cost_key)]
+    figure = dashboards.pareto(results, batch=batch, title=f"autotune: {len(results)} candidates, {best.recipe} chosen")
+    return Tuned(best=best, results=results, front=front.sort_values(cost_key), figure=figure,
+                 within_budget=bool(feasible), seconds=time.time() - started, optuna_study=ostudy)
+
