@@ -207,3 +207,17 @@ def test_teacher_from_the_notebook(ip, digits_mlp):
     assert step.teacher is digits_mlp[0]
     assert step.to_dict() == wb.Distill(epochs=2, teacher=digits_mlp[0]).to_dict()
     assert ip.user_ns["student"].metrics["metric"] > untrained + 0.2
+
+
+def test_optimize_auto_returns_within_the_budget(ip):
+    import time
+
+    started = time.time()
+    out = run(ip, "%optimize digits-cnn --auto --budget 30s --max-drop 0.01")
+    assert time.time() - started < 30 + 20
+    best = ip.user_ns["digits_cnn_opt"]
+    assert best.baseline["metric"] - best.metrics["metric"] <= 0.01
+    assert ip.user_ns["digits_cnn_opt_search"].within_budget
+    assert "best within the budget" in out.stdout
+    with pytest.raises(UsageError, match="--auto searches the recipes itself"):
+        run(ip, "%optimize digits-cnn --auto --quant int8")

