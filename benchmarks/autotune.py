@@ -45,7 +45,10 @@ def ort_transformer_int8(model, data, threads):
         src, fused, dst = Path(tmp, "a.onnx"), Path(tmp, "f.onnx"), Path(tmp, "q.onnx")
         src.write_bytes(fp32.onnx_bytes)
         optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384).save_model_to_file(str(fused))
-        quantize_dynamic(str(fused), str(dst), per_channel=True)
+        import onnx
+
+        quantize_dynamic(str(fused), str(dst), per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops lack types
         return fp32.replace(dst.read_bytes(), "ort-transformers")
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+import nbtools
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 OUT = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -302,31 +302,8 @@ else:
 }
 
 
-def build() -> dict:
-    out = {}
-    for name, cells in NOTEBOOKS.items():
-        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                "language": "python"}})
-        for i, cell in enumerate(nb.cells):
-            cell["id"] = f"{name}-{i}"
-        out[name] = nbformat.writes(nb) + "\n"
-    return out
-
-
 def main(argv) -> int:
-    built = build()
-    if "--check" in argv:
-        stale = [n for n, text in built.items() if not (OUT / f"{n}.ipynb").exists()
-                 or (OUT / f"{n}.ipynb").read_text() != text]
-        if stale:
-            print(f"notebooks out of date: {', '.join(stale)}; run python tools/build_notebooks.py")
-            return 1
-        return 0
-    OUT.mkdir(exist_ok=True)
-    for name, text in built.items():
-        (OUT / f"{name}.ipynb").write_text(text)
-    print(f"wrote {len(built)} notebooks to {OUT}")
-    return 0
+    return nbtools.main(argv, NOTEBOOKS, OUT, "tools/build_notebooks.py")
 
 
 if __name__ == "__main__":

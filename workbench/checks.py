@@ -40,9 +40,10 @@ def preflight(model: Any, recipe: Any, data: Any = None, device: str = "cpu") ->
         if isinstance(step, Quantize):
             int8 = step.dtype in ("int8", "auto") and not on_cuda
             if int8 and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags):
-                warnings.append(f"int8 on a CPU without VNNI ({cpu_info()['cpu']}: {' '.join(sorted(flags)) or 'no flags'}): "
-                                "int8 matrix products use AVX2's slower u8 x s8 path and 7-bit weights; expect "
-                                "roughly 1.5-3x, not the 4x int8 ceiling")
+                cpu = f"{cpu_info()['cpu']}: {' '.join(sorted(flags)) or 'no flags'}"
+                warnings.append(f"int8 on a CPU without VNNI ({cpu}): "
+                                "int8 matrix products take AVX2's u8 x s8 path with 7-bit weights, short of the 4x "
+                                "int8 ceiling; how much is left depends on the model, so measure it")
             if int8 and step.method == "dynamic" and conv_share > 0.5:
                 warnings.append(f"dynamic int8 of convolutions ({conv_share:.0%} of the MACs): ONNX Runtime runs "
                                 "them as ConvInteger, often slower than fp32; static int8 is the one that pays")

@@ -110,8 +110,7 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
         storage = f"sqlite:///{DEFAULT_STORAGE}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or f"autotune-{data.name or type(model).__name__}-{objective}-{int(started)}"
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=lambda t: [t.user_attrs.get("drop", 1.0)
-                                                                                 - max_drop])
+    sampler = optuna.samplers.TPESampler(seed=seed)
     ostudy = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
                                  directions=["maximize", "minimize"])
     # start from what usually works, so even a short budget ends with a candidate
@@ -140,6 +139,7 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
             if on_result:
                 on_result(r)
         drop = r.baseline["metric"] - r.metrics["metric"]
+        trial.set_constraint("metric_drop", drop - max_drop)  # feasible when <= 0
         trial.set_user_attr("drop", drop)
         trial.set_user_attr("recipe", recipe)
         cost = r.metrics[f"latency_p50_ms_b{batch}"] if objective == "latency" else r.metrics["size_bytes"]
@@ -149,15 +149,17 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
                      f"{objective} {cost:.4g}", min((time.time() - started) / seconds, 1.0))
         return r.metrics["metric"], cost
 
+    wrap_up = min(5.0, 0.05 * seconds)  # time kept for choosing the best and drawing the chart
+
     def stop_in_time(st, trial) -> None:
         spent = time.time() - started
-        typical = sorted(durations)[len(durations) // 2] if durations else 0
-        if spent + typical > seconds or (trials is not None and len(durations) >= trials):
+        longest = max(durations) if durations else 0  # do not start a trial that may not finish in time
+        if spent + longest + wrap_up > seconds or (trials is not None and len(durations) >= trials):
             st.stop()
 
     try:
-        ostudy.optimize(run_trial, timeout=seconds, callbacks=[stop_in_time], catch=(WorkbenchError,),
-                        n_trials=None)
+        ostudy.optimize(run_trial, timeout=max(seconds - wrap_up - (time.time() - started), 1.0),
+                        callbacks=[stop_in_time], catch=(WorkbenchError,), n_trials=None)
     except KeyboardInterrupt:
         pass  # keep what was found so far
     if not results:
