@@ -144,7 +144,7 @@ def test_recipe_cell_errors_point_at_the_yaml_line(ip):
 def test_compare_shows_one_table(ip, digits_mlp):
     ip.user_ns.update(net=digits_mlp[0], val=digits_mlp[1])
     run(ip, "%optimize net --quant int8 --data val --no-card")
-    out = run(ip, "table = %compare net net_opt --data val --batch 1 --batch 8")
+    run(ip, "table = %compare net net_opt --data val --batch 1 --batch 8")
     table = ip.user_ns["table"]
     assert list(table.index) == ["net", "net_opt"] and "speedup (b=8)" in table.columns
     assert table.loc["net_opt", "size ×"] < 0.35

@@ -55,8 +55,6 @@ def map_tensors(inputs: Any, fn: Callable):
 
 
 def batch_size_of(inputs: Any) -> int:
-    import torch
-
     found: list[int] = []
     map_tensors(inputs, lambda t: found.append(t.shape[0]) if t.dim() else None)
     if not found:

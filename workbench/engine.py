@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .data import Data, call_model, map_tensors
-from .errors import DataError, DeviceError, ModelError, RecipeError, WorkbenchError
+from .errors import DeviceError, ModelError, RecipeError, WorkbenchError
 from .recipe import Recipe
 
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -114,11 +114,8 @@ def _working_copy(model, data: Data, device: str):
 def _default_batches(data: Data) -> tuple[int, ...]:
     from .data import batch_size_of
 
-    try:
-        first = next(iter(data.val_batches()))[0] if data.val is not None else data.example_inputs
-        big = batch_size_of(first)
-    except DataError:
-        raise
+    first = next(iter(data.val_batches()))[0] if data.val is not None else data.example_inputs
+    big = batch_size_of(first)
     return (1, big) if big > 1 else (1,)
 
 
@@ -263,4 +260,4 @@ def compare(models: dict, data=None, *, device: str = "auto", batch_sizes=None, 
     return summary_table(rows, baseline)
 
 
-__all__ = ["optimize", "compare", "Context", "RecipeError"]
+__all__ = ["optimize", "compare", "Context"]

@@ -15,8 +15,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
 from .errors import WorkbenchError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
