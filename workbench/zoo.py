@@ -231,6 +231,17 @@ def list() -> "list[str]":  # noqa: A001 - `wb.zoo.list()` reads naturally
     return [*_MODELS]
 
 
+def available(name: str) -> bool:
+    """Whether a built-in can load here (minilm needs the optional [text] extra)."""
+    if name != "minilm":
+        return name in _MODELS
+    try:
+        _minilm_dir()
+    except WorkbenchError:
+        return False
+    return True
+
+
 def load(name: str, progress=None):
     """Return `(model, data)` for a built-in model: a trained torch module and its Data bundle."""
     if name not in _MODELS:

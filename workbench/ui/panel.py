@@ -109,22 +109,23 @@ class Panel:
                            f"{note}<pre>{html.escape(yaml_text)}</pre></details>")
 
     # -- running ------------------------------------------------------------------------------------------------
-    def run(self, wait: bool = False) -> None:
-        """Run the current recipe in a background thread (what the Run button does)."""
+    def _start(self, work, wait: bool) -> None:
+        """Run `work` in a background thread, one at a time, with the Run button disabled meanwhile."""
         if self._thread is not None and self._thread.is_alive():
             self.errors.append_stdout("a run is already going; wait for it to finish\n")
             return
         self.run_button.disabled = True
-        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
         if wait:
             self.wait()
 
+    def run(self, wait: bool = False) -> None:
+        """Run the current recipe in a background thread (what the Run button does)."""
+        self._start(self._work, wait)
+
     def sweep(self, grid: dict, wait: bool = False) -> None:
         """Run a grid of recipes in the background (see `wb.sweep`); the chart gains a point as each finishes."""
-        if self._thread is not None and self._thread.is_alive():
-            self.errors.append_stdout("a run is already going; wait for it to finish\n")
-            return
 
         def work():
             from ..grid import sweep
@@ -143,11 +144,7 @@ class Panel:
             finally:
                 self.run_button.disabled = False
 
-        self.run_button.disabled = True
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
-        if wait:
-            self.wait()
+        self._start(work, wait)
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
