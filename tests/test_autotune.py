@@ -66,3 +66,25 @@ def test_every_card_carries_the_preflight(digits_cnn):
     r = wb.optimize(model, "quant=int8-dynamic", data=data, batch_sizes=(1,), study=False)
     assert any("ConvInteger" in line for line in r.preflight)
     assert "pre-flight" in repr(Card(r)) and "pre-flight" in Card(r)._repr_html_()
+
+
+def test_a_failing_candidate_does_not_end_the_search(digits_mlp, tmp_path, monkeypatch):
+    import workbench.engine as engine
+
+    model, data = digits_mlp
+    real = engine.optimize
+
+    def flaky(model, recipe, **kwargs):  # the first candidate hits a library limit, the rest work
+        if not flaky.calls:
+            flaky.calls.append(recipe)
+            raise ValueError("setting an array element with a sequence")
+        return real(model, recipe, **kwargs)
+
+    flaky.calls = []
+    monkeypatch.setattr(engine, "optimize", flaky)
+    seen = []
+    tuned = wb.autotune(model, data, budget="60s", trials=3, study=False, storage=f"sqlite:///{tmp_path}/a.sqlite",
+                        progress=lambda m, f: seen.append(m))
+    assert len(tuned.failed) == 1 and "ValueError: setting an array element" in tuned.failed[0][2]
+    assert tuned.results and tuned.best is not None
+    assert any("failed: ValueError" in m for m in seen)

@@ -27,6 +27,7 @@ _LAZY = {
     "Distill": ("recipe", "Distill"),
     "Factorize": ("recipe", "Factorize"),
     "FineTune": ("recipe", "FineTune"),
+    "Unpad": ("recipe", "Unpad"),
     "WorkbenchError": ("errors", "WorkbenchError"),
     "sensitivity": ("layerwise", "sensitivity"),
     "sweep": ("grid", "sweep"),

@@ -16,7 +16,8 @@ def preflight(model: Any, recipe: Any, data: Any = None, device: str = "cpu") ->
     """Warnings about what will not pay on this machine for this model and recipe (empty when nothing stands out)."""
     from .data import Data, map_tensors
     from .measure import count_macs, cpu_info, macs_by_op
-    from .recipe import Prune, Quantize, Recipe
+    from .recipe import Prune, Quantize, Recipe, Unpad
+    from .techniques.unpad import padding_share, supported
 
     recipe = Recipe.parse(recipe)
     flags = set(cpu_info()["cpu_flags"].split())
@@ -52,6 +53,13 @@ def preflight(model: Any, recipe: Any, data: Any = None, device: str = "cpu") ->
                 if step.dtype == "fp16" or not native:
                     warnings.append(f"{step.dtype} on this CPU has no native matrix units: expect it slower than "
                                     "fp32 (it halves the size)")
+    padding = padding_share(data) if data is not None and supported(model) else None
+    unpad = any(isinstance(step, Unpad) for step in recipe.steps)
+    if padding is not None and padding > 0.2 and not unpad:
+        warnings.append(f"padding: {padding:.0%} of the validation inputs' token slots are padding, which the "
+                        "encoder's dense layers compute like real tokens; add unpad (--unpad) to skip them")
+    if padding is not None and padding < 0.05 and unpad:
+        warnings.append(f"padding: only {padding:.0%} of the token slots are padding, so unpad has little to skip")
     if macs is not None and macs < TINY_MACS and recipe.steps:
         warnings.append(f"tiny model ({macs:,} MACs per sample): per-call overhead dominates at batch 1, so "
                         "latency gains show mostly at larger batches")

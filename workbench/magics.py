@@ -14,7 +14,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 TECHNIQUE_FLAGS = {"--quant": "quant", "--prune": "prune", "--distill": "distill", "--factorize": "factorize",
-                   "--finetune": "finetune"}
+                   "--finetune": "finetune", "--unpad": "unpad"}
 
 
 def _parse(magic, line: str):
@@ -130,6 +130,7 @@ class WorkbenchMagics(Magics):
     @argument("--epochs", type=int, metavar="N", help="distillation epochs")
     @argument("--factorize", type=float, metavar="R", help="low-rank factorization, rank ratio R in (0, 1]")
     @argument("--finetune", type=int, metavar="N", help="fine-tune N epochs on the train split")
+    @argument("--unpad", action="store_true", help="BERT encoders: skip padding tokens in the dense layers")
     @argument("--recipe", metavar="NAME_OR_PATH", help="a Recipe in the notebook, a YAML file or 'prune=0.5,quant=int8'")
     @argument("--data", metavar="NAME", help="a wb.Data (or eval function) in the notebook, or a built-in name")
     @argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto")
@@ -174,7 +175,7 @@ class WorkbenchMagics(Magics):
                 recipe = Recipe.from_dict(from_flags(
                     quant=args.quant, prune=args.prune, structured=args.structured, distill=args.distill,
                     teacher=args.teacher, epochs=args.epochs, factorize=args.factorize, finetune=args.finetune,
-                    order=flags))
+                    unpad=args.unpad, order=flags))
         except RecipeError as e:
             raise UsageError(str(e)) from None
         if args.teacher and args.teacher not in _builtin_names():

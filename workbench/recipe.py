@@ -295,6 +295,20 @@ class FineTune(Step):
         return True
 
 
+@_step("unpad", "unpad", "enabled")
+@dataclass
+class Unpad(Step):
+    """Run a BERT-family encoder's dense layers on the real tokens only, skipping padding (same outputs)."""
+
+    enabled: bool = True
+
+    def __post_init__(self):
+        _choice("Unpad", "enabled", self.enabled, (True,))
+
+    def describe(self) -> str:
+        return "unpad"
+
+
 def _step_line(text: str, message: str) -> int | None:
     """1-based YAML line of the field (or else the step) named in `message` ('recipe step N: Step.field: ...')."""
     import re
@@ -321,11 +335,13 @@ def _step_line(text: str, message: str) -> int | None:
 
 def from_flags(quant: str | None = None, prune: float | None = None, structured: bool = False,
                distill: bool = False, teacher: str | None = None, epochs: int | None = None,
-               factorize: float | None = None, finetune: int | None = None, order: list[str] | None = None) -> dict:
+               factorize: float | None = None, finetune: int | None = None, unpad: bool = False,
+               order: list[str] | None = None) -> dict:
     """The recipe dict for command-line style flags (used by `%optimize`, the CLI and the panel).
 
-    Steps follow `order` (the order the flags were given), except that quantization always comes last,
-    since nothing can change the model after it is lowered to int8/fp16.
+    Steps follow `order` (the order the flags were given), except that unpad and quantization always come last
+    (in that order): nothing can change the model after it is lowered to int8/fp16, and training steps expect the
+    original module layout.
     """
     if structured and prune is None:
         raise RecipeError("--structured needs --prune S (the share of channels to remove)")
@@ -341,14 +357,17 @@ def from_flags(quant: str | None = None, prune: float | None = None, structured:
         steps["distill"] = Distill(**({"epochs": epochs} if epochs else {}), **kwargs).to_dict()
     if finetune is not None:
         steps["finetune"] = FineTune(finetune).to_dict()
+    if unpad:
+        steps["unpad"] = Unpad().to_dict()
     if quant is not None:
         steps["quant"] = Quantize(quant).to_dict()
-    default = ["prune", "factorize", "distill", "finetune", "quant"]
+    default = ["prune", "factorize", "distill", "finetune", "unpad", "quant"]
+    last = ("unpad", "quant")
     order = [k for k in (order or []) if k in steps] + [k for k in default if k not in (order or [])]
-    order = [k for k in order if k != "quant" and k in steps] + (["quant"] if "quant" in steps else [])
+    order = [k for k in order if k not in last and k in steps] + [k for k in last if k in steps]
     if not order:
         raise RecipeError("nothing to do: give at least one of --quant, --prune, --distill, --factorize, "
-                          "--finetune, or --recipe")
+                          "--finetune, --unpad, or --recipe")
     return {"steps": [steps[k] for k in order]}
 
 
@@ -410,7 +429,7 @@ class Recipe:
         for s in self.steps:
             if not isinstance(s, Step):
                 raise RecipeError(f"Recipe: {s!r} is not a step; use Quantize(...), Prune(...), Distill(...), "
-                                  "Factorize(...) or FineTune(...)")
+                                  "Factorize(...), FineTune(...) or Unpad()")
 
     # -- conversions -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

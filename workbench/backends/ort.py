@@ -44,7 +44,8 @@ def _unsupported_operator(message: str) -> str | None:
 
 
 def export_onnx(model, example_inputs: Any) -> tuple[bytes, str, list[str]]:
-    """Export a copy of `model` to ONNX (batch dimension dynamic). Returns (bytes, input kind, input names).
+    """Export a copy of `model` to ONNX (batch dimension dynamic, and the sequence length of token inputs).
+    Returns (bytes, input kind, input names).
 
     A copy, because tracing a Hugging Face model was seen to change the eager model's later outputs.
     Uses the TorchScript exporter: ~0.1 s per model here where the dynamo exporter takes seconds, and its
@@ -57,7 +58,11 @@ def export_onnx(model, example_inputs: Any) -> tuple[bytes, str, list[str]]:
     example_inputs = map_tensors(example_inputs, lambda t: t.cpu())
     args, kwargs = ((example_inputs,), None) if kind == "tensor" else \
         ((), dict(example_inputs)) if kind == "dict" else (tuple(example_inputs), None)
-    dynamic = {n: {0: "batch"} for n in names}
+    values = [example_inputs] if kind == "tensor" else list(example_inputs.values()) if kind == "dict" \
+        else list(example_inputs)
+    # batch is dynamic; so is the sequence axis of token inputs (2-D integer tensors: ids, masks)
+    dynamic = {n: {0: "batch", 1: "sequence"} if isinstance(v, torch.Tensor) and v.dim() == 2
+               and not v.is_floating_point() else {0: "batch"} for n, v in zip(names, values)}
     dynamic["output"] = {0: "batch"}
     buf = io.BytesIO()
     try:
@@ -238,7 +243,7 @@ def _quantized(model: OrtModel, label: str, quantize) -> OrtModel:
         src, pre, dst = (os.path.join(tmp, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         Path(src).write_bytes(model.onnx_bytes)
         try:  # symbolic shape inference + graph clean-up, as ORT recommends before quantization
-            quant_pre_process(src, pre)
+            quant_pre_process(src, pre, auto_merge=True)  # without it, failing inference leaves files in the cwd
         except Exception:
             pre = src
         quantize(pre, dst)

@@ -88,6 +88,10 @@ def quantize(model, step: Quantize, ctx):
     if method == "static":
         if ctx.backend == "torch":
             raise RecipeError("Quantize: static int8 runs through ONNX Runtime; use backend='onnxruntime' or 'auto'")
+        if step.calibration != "minmax" and any(type(m).__name__ == "PackedBert" for m in model.modules()):
+            raise RecipeError(f"Quantize: calibration={step.calibration!r} collects histograms that ONNX Runtime "
+                              "needs equally shaped across batches, and after unpad the token count varies per "
+                              "batch; use calibration='minmax' (or quantize dynamically)")
         ctx.progress(f"calibrating static int8 on {step.calibration_batches} batches", None)
         ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads)
         ctx.lowered = f"onnxruntime-int8-static-{step.format}"

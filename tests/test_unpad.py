@@ -1,0 +1,150 @@
+"""unpad: a BERT encoder that skips padding gives the original's outputs at real tokens, on torch and ONNX Runtime."""
+import pytest
+import torch
+
+import workbench as wb
+from workbench.errors import ModelError
+from workbench.recipe import Recipe, Unpad, from_flags
+
+from .conftest import state_bytes
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    return BertModel(config).eval()
+
+
+def padded(lengths, total=12, left=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), total, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        cols = slice(total - n, total) if left else slice(0, n)
+        ids[row, cols] = torch.randint(1, 100, (n,), generator=g)
+        mask[row, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def encoder_and_data(seed=0):
+    """A sentence encoder (tiny BERT + mean pooling) and fidelity data: batches padded to 12, ~half padding."""
+    from workbench.modules import SentenceEncoder
+
+    model = SentenceEncoder(tiny_bert(seed)).eval()
+    batches = []
+    for i in range(4):
+        inputs = padded([3 + (i + j) % 7 for j in range(8)], seed=i)
+        with torch.no_grad():
+            batches.append((inputs, model(**inputs)))
+    data = wb.Data(train=batches, val=batches, metric="fidelity",
+                   example_inputs={k: v[:1] for k, v in batches[0][0].items()}, name="tiny-bert")
+    return model, data
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_packed_bert_matches_the_original_at_real_tokens(left):
+    from workbench.techniques.unpad import PackedBert
+
+    bert = tiny_bert()
+    inputs = padded([12, 5, 3, 1], left=left)
+    packed = PackedBert(bert).eval()
+    with torch.no_grad():
+        want, got = bert(**inputs), packed(**inputs)
+    real = inputs["attention_mask"].bool()
+    hidden = got.last_hidden_state
+    assert hidden.shape == want.last_hidden_state.shape
+    assert torch.allclose(hidden[real], want.last_hidden_state[real], atol=1e-5)
+    assert hidden[~real].abs().max() == 0  # padding positions are zeros, not computed
+    if not left:  # the pooler reads the first token, real in every row here
+        assert torch.allclose(got.pooler_output, want.pooler_output, atol=1e-5)
+
+
+def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
+
+
+    model, data = encoder_and_data()
+    before = state_bytes(model)
+    result = wb.optimize(model, "unpad,quant=int8", data=data, study=False, batch_sizes=(1, 8))
+    assert state_bytes(model) == before and type(model.encoder).__name__ == "BertModel"
+    assert result.backend.startswith("onnxruntime-int8")
+    assert result.metrics["metric"] > 0.98
+    assert any("padding" in n and "unpad" in n for n in result.notes)
+    # the exported graph is not tied to the example's shape: another batch size and length, other padding
+    other = padded([9, 2, 6], total=20, seed=7)
+    with torch.no_grad():
+        want = model(**other)
+    got = result.model(**other)
+    assert got.shape == want.shape
+    assert torch.nn.functional.cosine_similarity(got, want).min() > 0.97
+
+
+def test_unpad_alone_is_exact_on_torch_and_saves_and_reloads(tmp_path):
+    model, data = encoder_and_data()
+    result = wb.optimize(model, Unpad(), data=data, backend="torch", study=False, batch_sizes=(1,))
+    assert result.metrics["metric"] > 0.99999
+    path = result.save(tmp_path / "unpadded")
+    reloaded = wb.load(path, trust_pickle=True)
+    inputs = padded([4, 11], seed=3)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs), model(**inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("before", ["prune=0.5:structured=true:scope=layer", "factorize=0.25"])
+def test_unpad_after_pruning_or_factorizing_matches_that_model(before):
+    model, data = encoder_and_data()
+    changed = wb.optimize(model, before, data=data, backend="torch", study=False, batch_sizes=(1,)).model
+    unpadded = wb.optimize(changed, "unpad", data=data, backend="torch", study=False, batch_sizes=(1,)).model
+    attention = changed.encoder.encoder.layer[0].attention.self
+    assert unpadded.encoder.layers[0].heads == attention.num_attention_heads
+    if before.startswith("prune"):
+        assert attention.num_attention_heads == 2  # half of the 4 heads went
+    else:
+        assert not isinstance(attention.query, torch.nn.Linear)  # low-rank pair, kept as is beside K and V
+    inputs = padded([12, 4, 7], seed=5)
+    with torch.no_grad():
+        assert torch.allclose(unpadded(**inputs), changed(**inputs), atol=1e-5)
+
+
+def test_unpad_on_a_model_without_bert_says_so(digits_mlp):
+    model, data = digits_mlp
+    with pytest.raises(ModelError, match="no Hugging Face BERT encoder"):
+        wb.optimize(model, "unpad", data=data, study=False)
+
+
+def test_unpad_in_recipes_and_flags():
+    assert str(Recipe.parse("unpad,quant=int8")) == "unpad,quant=int8"
+    assert Recipe.from_yaml(Recipe.parse("unpad").to_yaml()).steps == [Unpad()]
+    steps = from_flags(quant="int8", unpad=True, prune=0.3, order=["quant", "unpad", "prune"])["steps"]
+    assert [s["type"] for s in steps] == ["prune", "unpad", "quantize"]  # unpad, then quantization, come last
+
+
+def test_preflight_points_at_padding():
+    model, data = encoder_and_data()
+    lines = wb.preflight(model, "quant=int8", data)
+    assert any(line.startswith("padding:") and "unpad" in line for line in lines)
+    assert not any(line.startswith("padding:") for line in wb.preflight(model, "unpad,quant=int8", data))
+
+
+def test_autotune_tries_unpad_first_on_padded_bert(tmp_path):
+    model, data = encoder_and_data()
+    tuned = wb.autotune(model, data, budget="2min", trials=1, study=False,
+                        storage=f"sqlite:///{tmp_path}/autotune.sqlite")
+    assert "unpad" in str(tuned.best.recipe)
+
+
+def test_unpad_with_static_int8_and_no_files_left_in_the_cwd(tmp_path, monkeypatch):
+    """Static int8 calibrates on batches whose token counts differ after unpad (MinMax copes, histograms are
+    refused with a way out); ORT's shape inference leaves no temp files in the user's working directory."""
+    monkeypatch.chdir(tmp_path)
+    model, data = encoder_and_data()
+    result = wb.optimize(model, "unpad,quant=int8-static", data=data, study=False, batch_sizes=(1,))
+    assert result.metrics["metric"] > 0.9
+    with pytest.raises(wb.WorkbenchError, match="use calibration='minmax'"):
+        wb.optimize(model, "unpad,quant=int8-static:calibration=entropy", data=data, study=False)
+    wb.optimize(model, "quant=int8", data=data, study=False, batch_sizes=(1,))
+    assert list(tmp_path.iterdir()) == []

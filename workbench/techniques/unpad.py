@@ -1,0 +1,193 @@
+"""Unpad: run a BERT-family encoder's dense layers on the real tokens only.
+
+Tokenizers pad every sequence of a batch to a common length (`padding="max_length"` pads to the model's limit),
+and an encoder spends most of its time in Linear layers that process the padding like any token. This step
+replaces each Hugging Face BERT encoder in (a copy of) the model by `PackedBert`, which keeps the same weights
+and, per batch:
+
+- drops the columns that are padding in every row (the batch's longest sequence sets the attention length);
+- packs the remaining real tokens into one [tokens, hidden] matrix for the Q/K/V (fused into one matmul),
+  attention-output and feed-forward layers, and lays them out [batch, length] only for the attention product.
+
+This is the "effective transformer" idea (FasterTransformer, TurboTransformers, ONNX Runtime's CUDA
+RemovePadding). Outputs at real tokens are those of the original encoder up to float rounding; outputs at
+padded positions are zeros (the original computes meaningless values there, which masked pooling ignores).
+The gain is exactly the share of padding in the batches: none on inputs without padding. The graph is plain
+ONNX (NonZero, Gather, CumSum), so ONNX Runtime's int8 quantization applies to its matmuls as usual.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..recipe import Unpad
+from ..registry import technique
+
+
+def _is_bert(module) -> bool:
+    config = getattr(module, "config", None)
+    return (type(module).__name__ == "BertModel" and getattr(config, "model_type", None) == "bert"
+            and hasattr(module, "embeddings") and hasattr(module, "encoder"))
+
+
+def supported(model) -> list[str]:
+    """Names of the submodules `unpad` would replace (empty when the model has no BERT encoder)."""
+    return [name for name, m in model.named_modules() if _is_bert(m)]
+
+
+def _why_not(bert) -> str | None:
+    config = bert.config
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return f"position_embedding_type={config.position_embedding_type!r} (only 'absolute' is supported)"
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "a decoder / cross-attention configuration"
+    return None
+
+
+def _slots(keep):
+    """For each position, its index among the kept ones; the count of kept ones (a spare zero row) where not kept."""
+    counts = keep.long().cumsum(0)
+    return torch.where(keep, counts - 1, counts[-1:])
+
+
+def _gather_rows(x, index):
+    return x.index_select(0, index)
+
+
+class _Concat(nn.Module):
+    def __init__(self, *parts):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.parts], -1)
+
+
+class PackedLayer(nn.Module):
+    """One BertLayer on packed tokens; Q, K and V fused into one Linear."""
+
+    def __init__(self, layer):
+        super().__init__()
+        attn = layer.attention.self
+        self.heads, self.head_size = attn.num_attention_heads, attn.attention_head_size
+        q, k, v = attn.query, attn.key, attn.value
+        if all(type(m) is nn.Linear and m.bias is not None for m in (q, k, v)):
+            self.qkv = nn.Linear(q.in_features, q.out_features * 3, bias=True)
+            with torch.no_grad():
+                self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+                self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        else:  # e.g. factorized projections: keep them, run them side by side
+            self.qkv = _Concat(q, k, v)
+        self.attn_out, self.attn_norm = layer.attention.output.dense, layer.attention.output.LayerNorm
+        self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
+        self.ffn_out, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
+
+    def forward(self, h, slots, tokens, mask_bias, batch: int, length: int):
+        # h: [1, T, hidden] packed real tokens; slots: [B*L] row of each padded position in h (T: a zero row)
+        if self.heads == 0:  # every head pruned: the attention block adds only its output bias
+            context = torch.zeros(h.shape[:-1] + (0,), dtype=h.dtype, device=h.device)
+        else:
+            qkv = self.qkv(h)[0]
+            qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])
+            qkv = _gather_rows(qkv, slots).view(batch, length, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5) + mask_bias
+            context = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(batch * length, -1)
+            context = _gather_rows(context, tokens).unsqueeze(0)
+        a = self.attn_norm(self.attn_out(context) + h)
+        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(a))) + a)
+
+
+class PackedBert(nn.Module):
+    """A Hugging Face BertModel's inference forward that skips padding; same weights, same outputs at real tokens.
+
+    Returns a `BaseModelOutputWithPooling` like the original (`last_hidden_state`, and `pooler_output` when the
+    original has a pooler).
+    """
+
+    def __init__(self, bert):
+        super().__init__()
+        self.config = bert.config
+        self.embeddings = bert.embeddings
+        self.layers = nn.ModuleList(PackedLayer(layer) for layer in bert.encoder.layer)
+        self.pooler = getattr(bert, "pooler", None)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **unused):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if input_ids is None:
+            raise ModelError("PackedBert needs input_ids (inputs_embeds is not supported)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        batch = input_ids.shape[0]
+        real = attention_mask.bool()
+        columns = real.any(0).nonzero().squeeze(1)  # columns with a real token in some row
+        real = real.index_select(1, columns)
+        length = columns.shape[0]
+        flat = real.reshape(-1)
+        tokens = flat.nonzero().squeeze(1)  # padded position of each real token
+        slots = _slots(flat)
+        mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        h = _gather_rows(x.index_select(1, columns).reshape(batch * length, -1), tokens).unsqueeze(0)
+        for layer in self.layers:
+            h = layer(h, slots, tokens, mask_bias, batch, length)
+        # back to [batch, full, hidden], zeros at padding
+        h = torch.cat([h[0], h.new_zeros(1, h.shape[-1])])
+        column_of = _slots(attention_mask.bool().any(0))
+        padded = _gather_rows(h, slots).view(batch, length, -1)
+        padded = torch.cat([padded, padded.new_zeros(batch, 1, padded.shape[-1])], 1)
+        hidden = padded.index_select(1, column_of)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def _replace(model, name: str, new) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@technique(Unpad)
+def apply_unpad(model, step: Unpad, ctx):
+    if not isinstance(model, nn.Module):
+        raise ModelError("unpad works on a torch model; put it before quantization in the recipe")
+    names = supported(model)
+    if not names and _is_bert(model):
+        names = [""]
+    if not names:
+        raise ModelError("unpad: this model has no Hugging Face BERT encoder (BertModel) to run without padding; "
+                         "leave the step out")
+    for name in names:
+        bert = model if name == "" else model.get_submodule(name)
+        why = _why_not(bert)
+        if why:
+            raise ModelError(f"unpad: {name or 'the model'} has {why}; leave the step out")
+        if name == "":
+            model = PackedBert(bert)
+        else:
+            _replace(model, name, PackedBert(bert))
+    share = padding_share(ctx.data)
+    if share is not None:
+        ctx.note(f"unpad: dense layers skip padding; {share:.0%} of the validation batches' token slots are "
+                 "padding, so that is the most this step can save (nothing on unpadded inputs)")
+    return model
+
+
+def padding_share(data) -> float | None:
+    """Share of padded token slots in the validation batches (None when they carry no attention_mask)."""
+    from ..data import Data
+    from ..errors import DataError
+
+    total = real = 0
+    try:
+        for inputs, _ in Data.coerce(data).val_batches():
+            if not isinstance(inputs, dict) or "attention_mask" not in inputs:
+                return None
+            mask = inputs["attention_mask"]
+            total += mask.numel()
+            real += int(mask.sum())
+    except DataError:
+        return None
+    return 1 - real / total if total else None
