@@ -121,6 +121,9 @@ def test_unpad_in_recipes_and_flags():
     assert Recipe.from_yaml(Recipe.parse("unpad").to_yaml()).steps == [Unpad()]
     steps = from_flags(quant="int8", unpad=True, prune=0.3, order=["quant", "unpad", "prune"])["steps"]
     assert [s["type"] for s in steps] == ["prune", "unpad", "quantize"]  # unpad, then quantization, come last
+    from workbench.magics import _flag_order
+
+    assert _flag_order("model --unpad --quant int8") == ["unpad", "quant"]
 
 
 def test_preflight_points_at_padding():

@@ -39,7 +39,8 @@ def _exported_cls():
 
 
 def export_program(model, example_inputs: Any, path: Path) -> None:
-    """Save `model` as a torch.export program with a dynamic batch dimension on every input."""
+    """Save `model` as a torch.export program with a dynamic batch dimension on every input (and sequence length
+    on token inputs)."""
     import torch
 
     model = model.eval()
@@ -55,7 +56,12 @@ def export_program(model, example_inputs: Any, path: Path) -> None:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         kwargs = None
     shapes = torch.export.ShapesCollection()  # batch dimension dynamic, whatever the forward's signature
-    map_tensors((args, kwargs), lambda t: shapes.__setitem__(t, {0: batch}))
+
+    def dynamic(t):  # and the sequence axis of token inputs (2-D integer tensors), where the model allows it
+        token = t.dim() == 2 and not t.is_floating_point()
+        shapes[t] = {0: batch, 1: torch.export.Dim.AUTO} if token else {0: batch}
+
+    map_tensors((args, kwargs), dynamic)
     program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
     torch.export.save(program, str(path))
 
