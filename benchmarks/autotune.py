@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -22,19 +21,11 @@ import pandas as pd
 import workbench as wb
 from workbench.backends.ort import OrtModel
 
+# benchmarks/ is on sys.path when this runs as a script
+from quantization import peer_ort_dynamic, peer_torch_ao_dynamic
+
 BATCHES = {"minilm": (1, 32), "digits-cnn": (1, 64)}
 MAX_DROP = {"minilm": 0.01, "digits-cnn": 0.01}
-
-
-def ort_dynamic(model, data, threads, per_channel):
-    from onnxruntime.quantization import quantize_dynamic
-
-    fp32 = OrtModel.from_torch(model, data.example_inputs, threads=threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp, "a.onnx"), Path(tmp, "b.onnx")
-        src.write_bytes(fp32.onnx_bytes)
-        quantize_dynamic(str(src), str(dst), per_channel=per_channel)
-        return fp32.replace(dst.read_bytes(), "ort")
 
 
 def ort_transformer_int8(model, data, threads):
@@ -46,7 +37,7 @@ def ort_transformer_int8(model, data, threads):
 
     eager = wb.engine.copy_model(model)
     eager.encoder.set_attn_implementation("eager")
-    fp32 = OrtModel.from_torch(eager, data.example_inputs, threads=threads)
+    fp32 = OrtModel.from_torch(eager, data.example_inputs, threads=threads, fuse=False)  # its own fusions below
     with tempfile.TemporaryDirectory() as tmp:
         src, fused, dst = Path(tmp, "a.onnx"), Path(tmp, "f.onnx"), Path(tmp, "q.onnx")
         src.write_bytes(fp32.onnx_bytes)
@@ -56,16 +47,6 @@ def ort_transformer_int8(model, data, threads):
         quantize_dynamic(str(fused), str(dst), per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops lack types
         return fp32.replace(dst.read_bytes(), "ort-transformers")
-
-
-def torch_ao(model):
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class LongestPadding(wb.Data):
@@ -105,9 +86,9 @@ def run(name, threads, budget, gpu):
             rows["torch bf16 (cuda)"] = wb.optimize(model, "quant=bf16", data=data, device=device, study=False,
                                                     batch_sizes=(1,)).model
     else:
-        rows["torch.ao dynamic int8"] = torch_ao(model)
-        rows["onnxruntime quantize_dynamic (defaults)"] = ort_dynamic(model, data, threads, per_channel=False)
-        rows["onnxruntime quantize_dynamic (per-channel)"] = ort_dynamic(model, data, threads, per_channel=True)
+        rows["torch.ao dynamic int8"] = peer_torch_ao_dynamic(model)
+        rows["onnxruntime quantize_dynamic (defaults)"] = peer_ort_dynamic(model, data, threads)
+        rows["onnxruntime quantize_dynamic (per-channel)"] = peer_ort_dynamic(model, data, threads, per_channel=True)
         if name == "minilm":
             rows["onnxruntime transformer optimizer + int8"] = ort_transformer_int8(model, data, threads)
     tuned = wb.autotune(model, data, max_drop=MAX_DROP[name], budget=budget, device=device, study=False,

@@ -35,16 +35,17 @@ def peer_torch_ao_dynamic(model):
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def peer_ort_dynamic_defaults(model, data, threads):
-    """What an ONNX Runtime user writes: export, then quantize_dynamic(src, dst) with its defaults."""
+def peer_ort_dynamic(model, data, threads, per_channel=False):
+    """What an ONNX Runtime user writes: the plain export, then quantize_dynamic(src, dst), defaults or with
+    per-channel weights."""
     from onnxruntime.quantization import quantize_dynamic
 
-    fp32 = OrtModel.from_torch(model, data.example_inputs, threads=threads)
+    fp32 = OrtModel.from_torch(model, data.example_inputs, threads=threads, fuse=False)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(fp32.onnx_bytes)
-        quantize_dynamic(str(src), str(dst))
-        return fp32.replace(dst.read_bytes(), "ort-defaults")
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel)
+        return fp32.replace(dst.read_bytes(), "ort-per-channel" if per_channel else "ort-defaults")
 
 
 def run(name: str, threads: int) -> pd.DataFrame:
@@ -53,7 +54,7 @@ def run(name: str, threads: int) -> pd.DataFrame:
     candidates = {
         "torch fp32": model,
         "torch.ao dynamic int8 (peer)": peer_torch_ao_dynamic(model),
-        "onnxruntime quantize_dynamic defaults (peer)": peer_ort_dynamic_defaults(model, data, threads),
+        "onnxruntime quantize_dynamic defaults (peer)": peer_ort_dynamic(model, data, threads),
     }
     notes = {}
     for recipe in WORKBENCH_MODES:

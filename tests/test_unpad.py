@@ -151,3 +151,16 @@ def test_unpad_with_static_int8_and_no_files_left_in_the_cwd(tmp_path, monkeypat
         wb.optimize(model, "unpad,quant=int8-static:calibration=entropy", data=data, study=False)
     wb.optimize(model, "quant=int8", data=data, study=False, batch_sizes=(1,))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bert_exports_get_onnxruntime_fusions_unless_layers_are_excluded():
+    import onnx
+
+    model, data = encoder_and_data()
+    ops = {}
+    for recipe in ("quant=int8", "quant=int8:exclude=encoder.encoder.layer.0"):
+        r = wb.optimize(model, recipe, data=data, study=False, batch_sizes=(1,))
+        ops[recipe] = {n.op_type for n in onnx.load_from_string(r.model.onnx_bytes).graph.node}
+        assert r.metrics["metric"] > 0.98
+    assert "QAttention" in ops["quant=int8"]  # fused attention, quantized
+    assert not {"QAttention", "Attention"} & ops["quant=int8:exclude=encoder.encoder.layer.0"]  # names kept

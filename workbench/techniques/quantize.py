@@ -93,7 +93,8 @@ def quantize(model, step: Quantize, ctx):
                               "needs equally shaped across batches, and after unpad the token count varies per "
                               "batch; use calibration='minmax' (or quantize dynamically)")
         ctx.progress(f"calibrating static int8 on {step.calibration_batches} batches", None)
-        ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads)
+        ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads,
+                                    fuse=not step.exclude)
         ctx.lowered = f"onnxruntime-int8-static-{step.format}"
         return quantize_static(ort_model, ctx.data.train_batches(limit=step.calibration_batches),
                                per_channel=step.per_channel, reduce_range=reduce_range,
@@ -102,6 +103,7 @@ def quantize(model, step: Quantize, ctx):
     if ctx.backend == "torch":
         ctx.lowered = "torch-int8-dynamic"
         return dynamic_int8(model, exclude=step.exclude, per_channel=step.per_channel)
-    ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads)
+    ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads,
+                                    fuse=not step.exclude)
     ctx.lowered = "onnxruntime-int8-dynamic"
     return quantize_dynamic(ort_model, per_channel=step.per_channel, reduce_range=reduce_range, exclude=step.exclude)
