@@ -164,3 +164,13 @@ def test_bert_exports_get_onnxruntime_fusions_unless_layers_are_excluded():
         assert r.metrics["metric"] > 0.98
     assert "QAttention" in ops["quant=int8"]  # fused attention, quantized
     assert not {"QAttention", "Attention"} & ops["quant=int8:exclude=encoder.encoder.layer.0"]  # names kept
+
+
+def test_panel_offers_unpad_for_bert_only(digits_mlp):
+    model, data = encoder_and_data()
+    panel = wb.panel(model, data, study=wb.Study(), name="enc")
+    assert panel.unpad_on.value and panel.unpad_on.layout.display is None
+    assert [s.kind for s in panel.recipe().steps] == ["unpad", "quantize"]
+    assert "--unpad --quant int8" in panel.magic_line()
+    mlp = wb.panel(digits_mlp[0], digits_mlp[1], study=wb.Study())
+    assert not mlp.unpad_on.value and mlp.unpad_on.layout.display == "none"

@@ -38,6 +38,11 @@ class Panel:
         self.finetune = W.IntSlider(value=1, min=0, max=10, description="fine-tune", continuous_update=False)
         self.distill_on = W.Checkbox(value=False, description="distill", indent=False)
         self.epochs = W.IntSlider(value=2, min=1, max=20, description="epochs", continuous_update=False)
+        from ..techniques.unpad import supported
+
+        # BERT encoders only: run the dense layers on real tokens, skipping padding
+        self.unpad_on = W.Checkbox(value=bool(supported(model)), description="skip padding (unpad)", indent=False,
+                                   layout=W.Layout(display=None if supported(model) else "none"))
         self.backend = W.Dropdown(options=["auto", "torch", "onnxruntime"], value="auto", description="backend")
         self.device = W.Dropdown(options=["auto", "cpu", "cuda"], value="auto", description="device")
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
@@ -51,7 +56,7 @@ class Panel:
         self.chart = self._empty_chart()
 
         for control in (self.quant_on, self.quant, self.prune_on, self.sparsity, self.structured, self.finetune,
-                        self.distill_on, self.epochs, self.backend, self.device):
+                        self.distill_on, self.epochs, self.unpad_on, self.backend, self.device):
             control.observe(lambda change: self._show_code(), names="value")
         self.layer_map.observe(lambda change: self._show_code(), names="excluded")
         self.run_button.on_click(lambda button: self.run())
@@ -59,7 +64,7 @@ class Panel:
         self.widget = W.VBox([
             W.HBox([W.VBox([W.HBox([self.quant_on, self.quant]),
                             W.HBox([self.prune_on, self.sparsity, self.structured]),
-                            W.HBox([self.distill_on, self.epochs]), self.finetune]),
+                            W.HBox([self.distill_on, self.epochs]), self.finetune, self.unpad_on]),
                     W.VBox([self.backend, self.device, W.HBox([self.run_button, self.progress])])]),
             self.layer_map, self.chart, self.table, self.code, self.errors])
 
@@ -73,8 +78,9 @@ class Panel:
                      prune=self.sparsity.value if self.prune_on.value else None,
                      structured=self.structured.value and self.prune_on.value,
                      distill=self.distill_on.value, epochs=self.epochs.value if self.distill_on.value else None,
-                     finetune=self.finetune.value or None if (self.prune_on.value or self.distill_on.value) else None)
-        d = from_flags(**flags, order=["prune", "distill", "finetune", "quant"])
+                     finetune=self.finetune.value or None if (self.prune_on.value or self.distill_on.value) else None,
+                     unpad=self.unpad_on.value)
+        d = from_flags(**flags, order=["prune", "distill", "finetune", "unpad", "quant"])
         for step in d["steps"]:
             if step["type"] == "prune":
                 step["ignore"] = list(self.layer_map.ignored)
@@ -91,6 +97,8 @@ class Panel:
             parts.append(f"--distill --epochs {self.epochs.value}")
         if (self.prune_on.value or self.distill_on.value) and self.finetune.value:
             parts.append(f"--finetune {self.finetune.value}")
+        if self.unpad_on.value:
+            parts.append("--unpad")
         if self.quant_on.value:
             parts.append(f"--quant {self.quant.value}")
         parts += [f"--backend {self.backend.value}", f"--device {self.device.value}"]
