@@ -166,6 +166,38 @@ def test_bert_exports_get_onnxruntime_fusions_unless_layers_are_excluded():
     assert not {"QAttention", "Attention"} & ops["quant=int8:exclude=encoder.encoder.layer.0"]  # names kept
 
 
+@pytest.mark.parametrize("recipe", [[], "unpad"])
+def test_onnx_graphs_are_right_for_left_padding_too(recipe):
+    """fp32 ONNX graphs (fused attention; unpad) match torch on left-padded batches: the fused attention must read
+    the raw mask, whose default form (a length per row) assumes right padding (max diff 5e-3 with it)."""
+    import onnx
+
+    model, data = encoder_and_data()
+    result = wb.optimize(model, recipe, data=data, backend="onnxruntime", study=False, batch_sizes=(1,))
+    if not recipe:
+        assert "Attention" in {n.op_type for n in onnx.load_from_string(result.model.onnx_bytes).graph.node}
+    inputs = padded([9, 3, 12, 5], left=True, seed=11)
+    with torch.no_grad():
+        assert torch.allclose(result.model(**inputs), model(**inputs), atol=1e-5)
+
+
+def test_unpad_refuses_what_it_cannot_do():
+    from workbench.errors import RecipeError
+    from workbench.techniques.unpad import PackedBert
+
+    with pytest.raises(RecipeError, match="comes after unpad"):
+        Recipe.parse("unpad,finetune=1")
+    model, data = encoder_and_data()
+    with pytest.raises(RecipeError, match="no layer named 'encoder.encoder.layer.0'"):
+        wb.optimize(model, "unpad,quant=int8:exclude=encoder.encoder.layer.0", data=data, study=False)
+    packed = PackedBert(tiny_bert())
+    with pytest.raises(ModelError, match="output_hidden_states"):
+        packed(**padded([3, 2]), output_hidden_states=True)
+    with torch.no_grad():  # a batch of empty rows: zeros, not a reshape error
+        empty = packed(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.zeros(2, 5, dtype=torch.long))
+    assert empty.last_hidden_state.shape == (2, 5, 32) and empty.last_hidden_state.abs().max() == 0
+
+
 def test_panel_offers_unpad_for_bert_only(digits_mlp):
     model, data = encoder_and_data()
     panel = wb.panel(model, data, study=wb.Study(), name="enc")

@@ -430,6 +430,12 @@ class Recipe:
             if not isinstance(s, Step):
                 raise RecipeError(f"Recipe: {s!r} is not a step; use Quantize(...), Prune(...), Distill(...), "
                                   "Factorize(...), FineTune(...) or Unpad()")
+        unpad = next((i for i, s in enumerate(self.steps) if isinstance(s, Unpad)), None)
+        later = [s for s in self.steps[unpad + 1:] if not isinstance(s, Quantize)] if unpad is not None else []
+        if later:
+            raise RecipeError(f"Recipe: {later[0].describe()} comes after unpad, which swaps the encoder for an "
+                              "inference-only packed one; put unpad after the steps that train, prune or factorize "
+                              "(only quantization may follow it)")
 
     # -- conversions -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

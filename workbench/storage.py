@@ -44,6 +44,9 @@ def export_program(model, example_inputs: Any, path: Path) -> None:
     import torch
 
     model = model.eval()
+    unsafe = [type(m).__name__ for m in model.modules() if getattr(m, "torch_export_safe", True) is False]
+    if unsafe:
+        raise NotImplementedError(f"{unsafe[0]} has data-dependent shapes that torch.export does not keep general")
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
 
     def two_rows(t):  # torch.export specialises a dimension of size 1, so trace with a batch of 2

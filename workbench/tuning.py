@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,7 @@ def parse_budget(budget: Any) -> float:
 class Tuned:
     """What autotune returns: `best` (a Result inside the metric budget, or the best metric found if none is),
     every trial's Result, the Pareto front as a DataFrame, the chart, and the candidates that failed
-    (`failed`: (recipe, backend, error) each)."""
+    (`failed`: (recipe, backend, error line, full traceback) each)."""
 
     best: Any
     results: list
@@ -132,7 +133,7 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
         ostudy.enqueue_trial(first, skip_if_exists=True)
 
     results: list = []
-    failed: list = []  # (recipe, backend, error) of candidates that raised
+    failed: list = []  # (recipe, backend, error, traceback) of candidates that raised
     durations: list = []
     by_recipe: dict = {}
 
@@ -150,7 +151,7 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
             except Exception as e:  # one candidate failing (a library limit, a bad export) does not end the search
                 durations.append(time.time() - t0)
                 error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                failed.append((recipe, runtime, error))
+                failed.append((recipe, runtime, error, traceback.format_exc()))
                 if progress:
                     progress(f"trial {len(durations)}: {recipe} [{runtime}] failed: {error}",
                              min((time.time() - started) / seconds, 1.0))

@@ -59,6 +59,14 @@ def quantize(model, step: Quantize, ctx):
     if isinstance(model, OrtModel):
         raise RecipeError("Quantize: the model is already an ONNX Runtime graph; put Quantize after the steps "
                           "that train or change the torch model, and only once")
+    modules = dict(model.named_modules())
+    unknown = [name for name in step.exclude if name not in modules]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], modules, n=1)
+        raise RecipeError(f"Quantize.exclude: the model has no layer named {unknown[0]!r}"
+                          + (f"; did you mean {close[0]!r}?" if close else "; names are as in model.named_modules()"))
     dtype, method, why = plan(step, model, ctx)
     for reason in why:
         ctx.note(reason)
@@ -88,7 +96,9 @@ def quantize(model, step: Quantize, ctx):
     if method == "static":
         if ctx.backend == "torch":
             raise RecipeError("Quantize: static int8 runs through ONNX Runtime; use backend='onnxruntime' or 'auto'")
-        if step.calibration != "minmax" and any(type(m).__name__ == "PackedBert" for m in model.modules()):
+        from .unpad import PackedBert
+
+        if step.calibration != "minmax" and any(isinstance(m, PackedBert) for m in model.modules()):
             raise RecipeError(f"Quantize: calibration={step.calibration!r} collects histograms that ONNX Runtime "
                               "needs equally shaped across batches, and after unpad the token count varies per "
                               "batch; use calibration='minmax' (or quantize dynamically)")

@@ -38,11 +38,13 @@ class Panel:
         self.finetune = W.IntSlider(value=1, min=0, max=10, description="fine-tune", continuous_update=False)
         self.distill_on = W.Checkbox(value=False, description="distill", indent=False)
         self.epochs = W.IntSlider(value=2, min=1, max=20, description="epochs", continuous_update=False)
-        from ..techniques.unpad import supported
+        from ..techniques.unpad import padding_share, supported
 
-        # BERT encoders only: run the dense layers on real tokens, skipping padding
-        self.unpad_on = W.Checkbox(value=bool(supported(model)), description="skip padding (unpad)", indent=False,
-                                   layout=W.Layout(display=None if supported(model) else "none"))
+        # BERT encoders only: run the dense layers on real tokens; on by default when the data carries padding
+        bert = bool(supported(model))
+        padded = bert and data is not None and (padding_share(data) or 0) > 0.05
+        self.unpad_on = W.Checkbox(value=padded, description="skip padding (unpad)", indent=False,
+                                   layout=W.Layout(display=None if bert else "none"))
         self.backend = W.Dropdown(options=["auto", "torch", "onnxruntime"], value="auto", description="backend")
         self.device = W.Dropdown(options=["auto", "cpu", "cuda"], value="auto", description="device")
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
