@@ -138,21 +138,22 @@ class OrtModel:
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
     def from_torch(cls, model, example_inputs, device="cpu", threads=None, check=True, fuse=True) -> "OrtModel":
-        """Export `model` and check the graph against it. With `fuse`, BERT encoders also get ONNX Runtime's
-        transformer fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu) where those
-        keep parity; fused nodes lose the per-layer names that quantization `exclude=` matches."""
+        """Export `model` and check the graph against it. With `fuse`, BERT encoders get ONNX Runtime's
+        transformer fusions instead (Attention, EmbedLayerNormalization, BiasGelu; SkipLayerNormalization off
+        CPU), kept where they match the torch model; fused nodes lose the per-layer names that quantization
+        `exclude=` matches. The plain export is made only when no fused graph is kept."""
+        fused = _fuse_bert(model, example_inputs, device) if fuse else None
+        if fused is not None:
+            candidate = cls(fused, *_input_layout(example_inputs), device=device, threads=threads)
+            try:
+                candidate.check_parity(model, example_inputs)
+                return candidate
+            except Exception as e:  # the fusion is an optional extra: fall back to the plain graph, say why in the log
+                logging.getLogger(__name__).info("unfused ONNX graph kept: %s", e)
         onnx_bytes, kind, names = export_onnx(model, example_inputs)
         ort_model = cls(onnx_bytes, kind, names, device=device, threads=threads)
         if check:
             ort_model.check_parity(model, example_inputs)
-        fused = _fuse_bert(model, example_inputs, device) if fuse else None
-        if fused is not None:
-            candidate = ort_model.replace(fused, ort_model.label)
-            try:
-                candidate.check_parity(model, example_inputs)
-                return candidate
-            except Exception as e:  # the fusion is an optional extra: keep the unfused graph, say why in the log
-                logging.getLogger(__name__).info("unfused ONNX graph kept: %s", e)
         return ort_model
 
     def replace(self, onnx_bytes: bytes, label: str) -> "OrtModel":
