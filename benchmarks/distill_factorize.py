@@ -13,21 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 
-import pandas as pd
 
 import workbench as wb
 from workbench.techniques.distill import build_student
 from workbench.train import fit
 
+from common import available, header, show
+
 
 def table(df, title, notes=()):
-    metric = df.columns[0]
-    cols = [metric] + [c for c in df.columns if c.startswith("speedup")] + \
-        [c for c in ("size ×", "params", "MACs") if c in df.columns]
-    print(f"\n## {title}\n")
-    print(df[cols].to_string(float_format=lambda v: f"{v:.4g}"))
-    for n in notes:
-        print(f"- {n}")
+    show(df, title, notes)
 
 
 def cnn_student(threads, epochs):
@@ -61,10 +56,7 @@ def four_techniques(threads):
     recipe = wb.Recipe([wb.Prune(0.4, structured=True, scope="layer"), wb.Distill(epochs=3),
                         wb.Factorize(energy=0.9), wb.Quantize("int8")])
     r = wb.optimize(model, recipe, data=data, threads=threads, batch_sizes=(1, 64), study=False)
-    print(f"\n## digits-cnn: {recipe}\n")
-    print(r.table().to_string(float_format=lambda v: f"{v:.4g}"))
-    for n in r.notes:
-        print(f"- {n}")
+    show(r.table(), f"digits-cnn: {recipe}", [r.verdict] + r.notes)
 
 
 def main(argv=None) -> int:
@@ -73,17 +65,12 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", default="5,8", help="comma-separated epoch budgets for the student comparison")
     parser.add_argument("--skip-minilm", action="store_true")
     args = parser.parse_args(argv)
-    pd.set_option("display.width", 250)
-    env = wb.measure.environment(args.threads)
-    print(f"# distillation and factorization: {env['cpu']}, {args.threads} threads, torch {env['torch']}")
+    header("distillation and factorization", args.threads)
     for epochs in map(int, args.epochs.split(",")):
         cnn_student(args.threads, epochs)
     factorized("digits-mlp", args.threads, wb.FineTune(2))
-    if not args.skip_minilm:
-        if not wb.zoo.available("minilm"):
-            print("\n## minilm: skipped (pip install 'workbench[text]')")
-        else:
-            factorized("minilm", args.threads, wb.Distill(epochs=2))
+    if not args.skip_minilm and available("minilm"):
+        factorized("minilm", args.threads, wb.Distill(epochs=2))
     four_techniques(args.threads)
     return 0
 

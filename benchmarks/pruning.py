@@ -17,19 +17,9 @@ import os
 import pandas as pd
 
 import workbench as wb
-from workbench.backends.ort import OrtModel
+from workbench.backends.onnxruntime.session import OrtModel
 
-COLUMNS = ["p50 ms (b=1)", "speedup (b=1)", "size MB", "size ×", "params", "MACs"]
-
-
-def show(title, table, extra=()):
-    metric = table.columns[0]
-    cols = [metric] + [c for c in table.columns if c.startswith(("p50", "speedup"))] + \
-        [c for c in ("size MB", "size ×", "sparse size ×", "params", "nonzero", "MACs") if c in table.columns]
-    print(f"\n## {title}\n")
-    print(table[cols].to_string(float_format=lambda v: f"{v:.4g}"))
-    for line in extra:
-        print(f"- {line}")
+from common import available, header, show
 
 
 def cnn(threads):
@@ -42,8 +32,8 @@ def cnn(threads):
                        threads=threads, study=False)
     ort = wb.compare({"dense onnxruntime": dense_ort, "pruned onnxruntime": pruned_ort}, data=data,
                      batch_sizes=(1, 64), threads=threads, study=False)
-    show("digits-cnn: structured 50% channels + fine-tune 2 (ratios against the dense model, same runtime)",
-         pd.concat([table, ort]), r.notes)
+    show(pd.concat([table, ort]), "digits-cnn: structured 50% channels + fine-tune 2 (ratios against the dense model, "
+         "same runtime)", r.notes)
     return table, ort
 
 
@@ -58,7 +48,7 @@ def mlp(threads):
     table = wb.compare({"dense": model, "torch.nn.utils.prune 80% (peer, masks kept)": peer,
                         "workbench prune=0.8,finetune=2": r.model}, data=data, batch_sizes=(1, 64),
                        threads=threads, study=False)
-    show("digits-mlp: unstructured 80% global", table, r.notes)
+    show(table, "digits-mlp: unstructured 80% global", r.notes)
 
 
 def minilm(threads):
@@ -68,7 +58,7 @@ def minilm(threads):
     table = wb.compare({"dense": model, "heads+FFN 30% (no recovery yet)": r.model}, data=data,
                        batch_sizes=(1, 32), threads=threads, study=False)
     layer = r.model.encoder.encoder.layer[0]
-    show("minilm: structured heads + FFN neurons 30%, hidden size kept", table, r.notes + [
+    show(table, "minilm: structured heads + FFN neurons 30%, hidden size kept", r.notes + [
         f"layer 0 now has {layer.attention.self.num_attention_heads} heads and "
         f"{layer.intermediate.dense.out_features} FFN neurons (was 12 and 1536)"])
 
@@ -78,17 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-minilm", action="store_true")
     args = parser.parse_args(argv)
-    pd.set_option("display.width", 250)
-    env = wb.measure.environment(args.threads)
-    print(f"# pruning benchmark: {env['cpu']}, {args.threads} threads, torch {env['torch']}, "
-          f"onnxruntime {env['onnxruntime']}")
+    header("pruning benchmark", args.threads)
     cnn(args.threads)
     mlp(args.threads)
-    if not args.skip_minilm:
-        if not wb.zoo.available("minilm"):
-            print("\n## minilm: skipped (pip install 'workbench[text]')")
-        else:
-            minilm(args.threads)
+    if not args.skip_minilm and available("minilm"):
+        minilm(args.threads)
     return 0
 
 

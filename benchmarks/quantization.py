@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 import workbench as wb
-from workbench.backends.ort import OrtModel
+from common import available, header, show
+from workbench.backends.onnxruntime.session import OrtModel
 
 LARGE_BATCH = {"digits-cnn": 64, "digits-mlp": 64, "minilm": 32}
 WORKBENCH_MODES = ["quant=int8", "quant=int8-dynamic", "quant=int8-static", "quant=fp16", "quant=bf16"]
@@ -63,10 +64,7 @@ def run(name: str, threads: int) -> pd.DataFrame:
         notes[recipe] = r.notes
     # one measurement pass over all candidates, side by side, same threads and inputs
     table = wb.compare(candidates, data=data, batch_sizes=batches, threads=threads, study=False)
-    metric = table.columns[0]
-    keep = [metric, f"p50 ms (b={batches[0]})", f"speedup (b={batches[0]})", f"p50 ms (b={batches[1]})",
-            f"speedup (b={batches[1]})", "size MB", "size ×"]
-    return table[keep], notes
+    return table, notes
 
 
 def main(argv=None) -> int:
@@ -74,21 +72,13 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="digits-cnn,minilm")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
-    pd.set_option("display.width", 250)
-    pd.set_option("display.max_colwidth", 60)
-    env = wb.measure.environment(args.threads)
-    print(f"# quantization benchmark: {env['cpu']} ({env['cpu_flags']}), {args.threads} threads, "
-          f"torch {env['torch']}, onnxruntime {env['onnxruntime']}")
+    header("quantization benchmark", args.threads)
     for name in args.models.split(","):
-        if not wb.zoo.available(name):
-            print(f"\n## {name}: skipped (pip install 'workbench[text]')")
+        if not available(name):
             continue
         table, notes = run(name, args.threads)
-        print(f"\n## {name} (speedup and size × against torch fp32)\n")
-        print(table.to_string(float_format=lambda v: f"{v:.4g}"))
-        for recipe, lines in notes.items():
-            for line in lines:
-                print(f"- {recipe}: {line}")
+        show(table, f"{name} (speedup, with its 95% interval, and size × against torch fp32)",
+             [f"{recipe}: {line}" for recipe, lines in notes.items() for line in lines])
     return 0
 
 

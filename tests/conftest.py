@@ -1,29 +1,39 @@
-import io
+"""Fixtures: the trained built-ins come from one session fixture, loaded (and on a fresh machine trained) once,
+before the first test that needs them, so no test's time includes training. Every test writes its default Study
+and data files into its own temporary directory, never into the repository or the user's home."""
 import os
 
 import pytest
 
 os.environ.setdefault("WORKBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "workbench"))
+# behaviour is under test here, not the numbers: short timing sessions (tests that check timing pass their own plan;
+# report kernels started by papermill inherit this)
+os.environ.setdefault("WORKBENCH_TIMING", "quick")
 
 
 @pytest.fixture(autouse=True)
 def _study_in_tmp(tmp_path, monkeypatch):
-    """Every test writes its default study into its own temp dir, never into the repo."""
     monkeypatch.setenv("WORKBENCH_STUDY", str(tmp_path / "study.sqlite"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtins():
+    """{name: (model, data)} of the digits built-ins (minilm has its own fixture: it needs the [text] extra),
+    loaded (on a fresh machine: trained) once, at the start of the session."""
+    import workbench as wb
+
+    return {name: wb.zoo.load(name) for name in ("digits-mlp", "digits-cnn")}
 
 
 @pytest.fixture(scope="session")
-def digits_cnn():
-    import workbench as wb
-
-    return wb.zoo.load("digits-cnn")
+def digits_cnn(builtins):
+    return builtins["digits-cnn"]
 
 
 @pytest.fixture(scope="session")
-def digits_mlp():
-    import workbench as wb
-
-    return wb.zoo.load("digits-mlp")
+def digits_mlp(builtins):
+    return builtins["digits-mlp"]
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +44,8 @@ def minilm():
     return wb.zoo.load("minilm")
 
 
-def state_bytes(model) -> bytes:
-    """The model's full state as bytes, plus its mode flags: equal bytes mean an untouched model."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    flags = repr([(n, m.training) for n, m in model.named_modules()] +
-                 [(n, p.requires_grad) for n, p in model.named_parameters()])
-    return buf.getvalue() + flags.encode()
+def pytest_collection_modifyitems(config, items):
+    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set."""
+    for item in items:
+        if "minilm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -10,19 +10,19 @@ from workbench.errors import RecipeError
 from workbench.techniques.distill import build_student
 from workbench.techniques.factorize import choose_rank, factorize_conv, factorize_linear
 
-FAST = dict(batch_sizes=(1,), study=False)
-
+from .helpers import FAST
 
 def convs(model):
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
+@pytest.mark.slow
 def test_half_width_student_distilled_from_the_cnn(digits_cnn):
     model, data = digits_cnn
     r = wb.optimize(model, wb.Distill(epochs=6, student="width=0.5"), data=data, **FAST)
     assert convs(r.model) == [16, 32, 32]
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.02
-    assert r.metrics["macs"] < 0.3 * r.baseline["macs"]
+    assert r.measurement.metric >= r.baseline.metric - 0.02
+    assert r.measurement.macs < 0.3 * r.baseline.macs
     assert any("new student width=0.5" in n for n in r.notes)
 
 
@@ -31,8 +31,8 @@ def test_prune_then_distill_recovers_with_the_original_as_teacher(digits_cnn):
     pruned = wb.optimize(model, wb.Prune(0.5, structured=True, scope="layer"), data=data, **FAST)
     r = wb.optimize(model, [wb.Prune(0.5, structured=True, scope="layer"), wb.Distill(epochs=2)], data=data, **FAST)
     assert convs(r.model) == [16, 32, 32]
-    assert r.metrics["metric"] > pruned.metrics["metric"] + 0.1
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.02
+    assert r.measurement.metric > pruned.measurement.metric + 0.1
+    assert r.measurement.metric >= r.baseline.metric - 0.02
     assert any("from the original teacher" in n for n in r.notes)
 
 
@@ -41,7 +41,7 @@ def test_feature_matching_learns_a_projection_when_widths_differ(digits_cnn):
     r = wb.optimize(model, wb.Distill(epochs=1, student="width=0.5", features=("4:4",), patience=None),
                     data=data, **FAST)
     assert convs(r.model) == [16, 32, 32]  # the projection trained alongside is not part of the student
-    assert r.metrics["metric"] > 0.5
+    assert r.measurement.metric > 0.5
 
 
 def test_depth_student_keeps_every_other_transformer_layer(minilm):
@@ -89,8 +89,8 @@ def test_factorize_mlp_lists_ranks_and_macs(digits_mlp):
     table = r.details["factorize"]
     assert list(table["layer"]) == ["1", "3"] and table["replaced"].all()  # the output head is left alone
     assert (table["macs_after"] < table["macs_before"]).all()
-    assert r.metrics["macs"] < 0.5 * r.baseline["macs"] and r.metrics["params"] < r.baseline["params"]
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.03
+    assert r.measurement.macs < 0.5 * r.baseline.macs and r.measurement.params < r.baseline.params
+    assert r.measurement.metric >= r.baseline.metric - 0.03
 
 
 def test_factorize_conv_net_replaces_only_where_macs_fall(digits_cnn):
@@ -99,7 +99,7 @@ def test_factorize_conv_net_replaces_only_where_macs_fall(digits_cnn):
     table = r.details["factorize"].set_index("layer")
     assert not table.loc["0", "replaced"]  # 1 input channel: nothing to gain
     assert table.loc["4", "replaced"] and table.loc["4", "macs_after"] < table.loc["4", "macs_before"]
-    assert r.metrics["macs"] == table["macs_after"].sum() + (r.baseline["macs"] - table["macs_before"].sum())
+    assert r.measurement.macs == table["macs_after"].sum() + (r.baseline.macs - table["macs_before"].sum())
 
 
 def test_no_factorizable_layer_warns_and_returns_the_model_unchanged(digits_mlp):
@@ -120,6 +120,6 @@ def test_all_four_techniques_in_one_recipe(digits_cnn):
                         wb.Factorize(energy=0.9), wb.Quantize("int8")])
     r = wb.optimize(model, recipe, data=data, **FAST)
     assert isinstance(r.model, wb.OrtModel) and r.backend.startswith("onnxruntime-int8")
-    assert r.metrics["macs"] < 0.5 * r.baseline["macs"] and r.metrics["size_bytes"] < 0.15 * r.baseline["size_bytes"]
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.05
+    assert r.measurement.macs < 0.5 * r.baseline.macs and r.measurement.size_bytes < 0.15 * r.baseline.size_bytes
+    assert r.measurement.metric >= r.baseline.metric - 0.05
     assert list(r.table().index) == ["baseline", str(recipe)]

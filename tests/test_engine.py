@@ -5,34 +5,13 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import workbench as wb
 from workbench import measure
-from workbench.backends.ort import OrtModel
+from workbench.backends.onnxruntime.session import OrtModel
 
-from .conftest import state_bytes
-
-FAST = dict(batch_sizes=(1,), study=False)
-
-
-def tiny_task(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 16, generator=g)
-    y = (x[:, 0] > 0).long()
-    loader = DataLoader(TensorDataset(x, y), batch_size=32)
-    return wb.Data(train=loader, val=loader, metric="accuracy")
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1))
-        self.head = nn.Linear(32, 2)
-
-    def forward(self, x):
-        return self.head(self.body(x))
+from .helpers import FAST, state_bytes, tiny_task
+from .helpers import tiny_model as Tiny
 
 
 def test_the_users_model_is_never_mutated_not_even_its_train_flag():
@@ -54,8 +33,8 @@ def test_own_model_with_eval_fn_only():
 
     x = next(iter(data.val))[0]
     r = wb.optimize(model, "quant=int8", data=score, example_inputs=x[:1], **FAST)
-    assert r.metrics["metric_name"] == "score" and len(calls) == 2
-    assert r.metrics["metric"] == pytest.approx(r.baseline["metric"], abs=0.05)
+    assert r.measurement.metric_name == "score" and len(calls) == 2
+    assert r.measurement.metric == pytest.approx(r.baseline.metric, abs=0.05)
 
 
 def test_custom_metric_function():
@@ -66,7 +45,7 @@ def test_custom_metric_function():
 
     data.metric = neg_mse
     r = wb.optimize(model, "quant=int8", data=data, **FAST)
-    assert r.metrics["metric_name"] == "neg_mse" and r.baseline["metric"] < 0
+    assert r.measurement.metric_name == "neg_mse" and r.baseline.metric < 0
 
 
 def test_measurements_are_real_numbers():
@@ -75,17 +54,20 @@ def test_measurements_are_real_numbers():
         model[0].weight[:5] = 0
     assert measure.count_macs(model, torch.randn(1, 64)) == 640
     assert measure.count_params(model) == (650, 650 - 320)
-    assert measure.serialized_size(model) > 650 * 4
-    timing = measure.time_model(model, torch.randn(8, 64), min_repeats=5, min_seconds=0.01)
-    assert 0 < timing["p50_ms"] <= timing["p95_ms"] and timing["repeats"] >= 5
-    assert timing["throughput"] == pytest.approx(8 / (timing["p50_ms"] / 1e3))
+    assert measure.counts.serialized_size(model) > 650 * 4
+    x = torch.randn(8, 64)
+    plan = measure.TimingPlan(min_rounds=6, min_seconds=0.0, min_block_s=0.001)
+    latency = measure.time_interleaved({"m": lambda: model(x)}, plan)["m"]
+    assert 0 < latency.p50_ms <= latency.p95_ms and len(latency.samples_ms) >= 6 and latency.iterations >= 1
 
 
 def test_result_rows_record_environment_threads_and_batches(digits_mlp):
     model, data = digits_mlp
     r = wb.optimize(model, "quant=int8", data=data, batch_sizes=(1, 16), threads=1, study=False)
-    assert r.metrics["threads"] == 1 and r.env["threads"] == 1
-    assert {"latency_p50_ms_b1", "latency_p95_ms_b16", "throughput_b16", "peak_mem_bytes"} <= set(r.metrics)
+    assert r.measurement.threads == 1 and r.env["threads"] == 1
+    row = r.measurement.to_row()
+    assert {"latency_p50_ms_b1", "latency_p95_ms_b16", "throughput_b16", "peak_mem_bytes", "speedup_low_b16"} <= set(row)
+    assert r.measurement.batch_sizes == (1, 16) and set(r.measurement.speedups) == {1, 16}
     assert r.env["torch"] == torch.__version__ and r.env["cpu"]
     assert set(r.table().columns) >= {"accuracy", "p50 ms (b=16)", "speedup (b=16)", "size ×", "MACs"}
 
@@ -108,7 +90,7 @@ def test_study_keeps_runs_with_lineage_across_restarts(digits_mlp, tmp_path):
     assert list(df["kind"]) == ["baseline", "optimize"]
     assert df.loc[r.run_id, "parent"] == r.baseline_id
     assert df.loc[r.run_id, "recipe"] == "quant=int8"
-    assert df.loc[r.run_id, "metric"] == pytest.approx(r.metrics["metric"])
+    assert df.loc[r.run_id, "metric"] == pytest.approx(r.measurement.metric)
     assert reopened.lineage(r.run_id) == [r.baseline_id, r.run_id]
 
 
@@ -174,8 +156,8 @@ def test_onnxruntime_backend_without_quantization_is_exported_fp32(digits_cnn):
     x = data.inputs(4)
     with torch.inference_mode():
         assert torch.allclose(r.model(x), model(x), atol=1e-4)
-    assert r.metrics["metric"] == pytest.approx(r.baseline["metric"], abs=1e-6)
-    assert r.metrics["macs"] == r.baseline["macs"]
+    assert r.measurement.metric == pytest.approx(r.baseline.metric, abs=1e-6)
+    assert r.measurement.macs == r.baseline.macs
 
 
 def test_export_leaves_the_eager_minilm_unchanged(minilm):

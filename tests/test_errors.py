@@ -5,12 +5,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import workbench as wb
-from workbench.backends.ort import OrtModel
+from workbench.backends.onnxruntime.session import OrtModel
 from workbench.errors import DataError, DeviceError, ExportError, ModelError, RecipeError
 
-from .conftest import state_bytes
+from .helpers import FAST, state_bytes
 
-FAST = dict(batch_sizes=(1,), study=False)
 
 
 def test_not_a_module(digits_mlp):
@@ -68,7 +67,7 @@ def test_a_step_without_a_technique(digits_mlp):
         minutes: int = 5
 
     model, data = digits_mlp
-    with pytest.raises(RecipeError, match=r"no technique is registered for step 'Bake' yet; available: Distill, Factorize, FineTune, Prune, Quantize"):
+    with pytest.raises(RecipeError, match=r"no technique is registered for step 'Bake' yet; available: Distill, Factorize, FineTune, Prune, Quantize, Unpad"):
         wb.optimize(model, wb.Recipe([Bake()]), data=data, **FAST)
 
 
@@ -99,7 +98,7 @@ def test_onnx_export_of_an_unsupported_op_names_it(digits_mlp):
         wb.optimize(model, "quant=int8", data=data, **FAST)
     assert state_bytes(model) == before
     r = wb.optimize(model, "quant=int8", data=data, backend="torch", **FAST)  # the way out it names works
-    assert r.metrics["size_bytes"] < r.baseline["size_bytes"]
+    assert r.measurement.size_bytes < r.baseline.size_bytes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -119,9 +118,10 @@ def test_unknown_backend_and_device(digits_mlp):
 
 def test_conflicting_backend_for_a_mode(digits_cnn):
     model, data = digits_cnn
-    with pytest.raises(RecipeError, match="static int8 runs through ONNX Runtime"):
+    with pytest.raises(RecipeError, match=r"int8-static does not run on backend 'torch' here; use "
+                                          r"backend='onnxruntime' or 'auto'"):
         wb.optimize(model, "quant=int8-static", data=data, backend="torch", **FAST)
-    with pytest.raises(RecipeError, match="fp16 runs on the torch backend"):
+    with pytest.raises(RecipeError, match=r"fp16 does not run on backend 'onnxruntime' here; use backend='torch'"):
         wb.optimize(model, "quant=fp16", data=data, backend="onnxruntime", **FAST)
 
 
@@ -136,8 +136,11 @@ def test_static_int8_without_a_train_split(digits_cnn):
 
 def test_quantizing_twice_is_refused(digits_mlp):
     model, data = digits_mlp
-    with pytest.raises(RecipeError, match="already an ONNX Runtime graph"):
+    with pytest.raises(RecipeError, match=r"quant=int8: the model was already lowered to onnxruntime-int8-dynamic "
+                                          r"by an earlier step; put quant before it"):
         wb.optimize(model, "quant=int8,quant=int8", data=data, **FAST)
+    with pytest.raises(RecipeError, match=r"prune=0.5 comes after quant=int8, which lowers the model"):
+        wb.optimize(model, "quant=int8,prune=0.5", data=data, **FAST)
 
 
 def test_parity_check_catches_a_graph_that_disagrees(digits_mlp):

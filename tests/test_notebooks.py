@@ -22,6 +22,7 @@ def test_notebooks_are_built_from_the_source():
                                            "04_factorization", "05_pipeline", "06_your_model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(notebook, tmp_path):
     import nbformat

@@ -5,11 +5,10 @@ from torch import nn
 
 import workbench as wb
 from workbench.storage import load_sparse_state
-from workbench.techniques.prune import prunable_layers
+from workbench.architectures import prunable_layers
 
-from .conftest import state_bytes
+from .helpers import FAST, state_bytes
 
-FAST = dict(batch_sizes=(1,), study=False)
 
 
 def sparsity_of(module):
@@ -28,9 +27,9 @@ def test_unstructured_80_global_on_mlp(digits_mlp, tmp_path):
     assert zeros == pytest.approx(0.8, abs=0.01)  # fine-tuning kept the zeros at zero
     assert sparsity_of(layers["5"]) == 0  # the classifier head is left alone by default
     assert r.layers.loc["5", "sparsity"] == 0 and r.layers.loc["1", "sparsity"] > 0.5  # reported per layer
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
-    assert r.metrics["sparse_size_bytes"] <= 0.35 * r.baseline["size_bytes"]
-    assert r.metrics["size_bytes"] == r.baseline["size_bytes"]  # dense storage does not shrink
+    assert r.measurement.metric >= r.baseline.metric - 0.01
+    assert r.measurement.sparse_size_bytes <= 0.35 * r.baseline.size_bytes
+    assert r.measurement.size_bytes == r.baseline.size_bytes  # dense storage does not shrink
     assert any("expect no speedup" in n for n in r.notes)
     assert "sparse size ×" in r.table().columns
     path = r.save(tmp_path / "sparse")
@@ -55,10 +54,10 @@ def test_structured_cnn_is_physically_smaller_and_recovers(digits_cnn, tmp_path)
     r = wb.optimize(model, [wb.Prune(0.5, structured=True, scope="layer"), wb.FineTune(2)], data=data, **FAST)
     convs = [m for m in r.model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 32, 32]
-    assert r.metrics["macs"] <= 0.35 * r.baseline["macs"]
-    assert r.metrics["params"] < 0.6 * r.baseline["params"]
-    assert r.metrics["size_bytes"] < 0.6 * r.baseline["size_bytes"]
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.015
+    assert r.measurement.macs <= 0.35 * r.baseline.macs
+    assert r.measurement.params < 0.6 * r.baseline.params
+    assert r.measurement.size_bytes < 0.6 * r.baseline.size_bytes
+    assert r.measurement.metric >= r.baseline.metric - 0.015
     assert r.model[-1].out_features == 10  # output head kept
     again = wb.load(r.save(tmp_path / "small"))  # a torch.export program: no user code, no pickle
     x = data.inputs(7)
@@ -70,9 +69,9 @@ def test_structured_then_int8_composes(digits_cnn):
     model, data = digits_cnn
     r = wb.optimize(model, "prune=0.5:structured=true:scope=layer,finetune=1,quant=int8", data=data, **FAST)
     assert r.backend == "onnxruntime-int8-static-qdq"
-    assert r.metrics["macs"] <= 0.35 * r.baseline["macs"]  # counted on the pruned float graph
-    assert r.metrics["size_bytes"] < 0.1 * r.baseline["size_bytes"]
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.03
+    assert r.measurement.macs <= 0.35 * r.baseline.macs  # counted on the pruned float graph
+    assert r.measurement.size_bytes < 0.1 * r.baseline.size_bytes
+    assert r.measurement.metric >= r.baseline.metric - 0.03
 
 
 class Residual(nn.Module):
@@ -98,7 +97,7 @@ def test_structured_keeps_residual_and_grouped_convs_consistent(digits_cnn):
     stem, depthwise, pointwise = r.model.stem[0], r.model.block[0], r.model.block[3]
     assert stem.out_channels == depthwise.in_channels == depthwise.groups == pointwise.out_channels == 8
     assert r.model(data.inputs(3)).shape == (3, 10)
-    assert r.metrics["macs"] < 0.5 * r.baseline["macs"]
+    assert r.measurement.macs < 0.5 * r.baseline.macs
 
 
 def test_minilm_heads_and_ffn_pruned_hidden_size_kept(minilm):
@@ -111,9 +110,9 @@ def test_minilm_heads_and_ffn_pruned_hidden_size_kept(minilm):
     assert r.model.encoder.pooler.dense.out_features == 384  # hidden size kept: the pooler still fits
     out = r.model(**data.inputs(2))
     assert out.shape == (2, 384)
-    assert r.metrics["macs"] < 0.8 * r.baseline["macs"]
-    assert r.metrics["size_bytes"] < r.baseline["size_bytes"]
-    assert 0 < r.metrics["metric"] < 1  # fidelity before recovery, reported
+    assert r.measurement.macs < 0.8 * r.baseline.macs
+    assert r.measurement.size_bytes < r.baseline.size_bytes
+    assert 0 < r.measurement.metric < 1  # fidelity before recovery, reported
 
 
 def test_iterative_schedule_prunes_in_rounds_with_recovery(digits_cnn):
@@ -125,7 +124,7 @@ def test_iterative_schedule_prunes_in_rounds_with_recovery(digits_cnn):
         "pruning round 1/3: 17% of channels", "pruning round 2/3: 33% of channels", "pruning round 3/3: 50% of channels"]
     assert any(m.startswith("recovery after pruning round 2/3") for m in seen)
     assert [c.out_channels for c in r.model.modules() if isinstance(c, nn.Conv2d)] == [16, 32, 32]
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.02
+    assert r.measurement.metric >= r.baseline.metric - 0.02
 
 
 def test_schedules():
@@ -194,5 +193,8 @@ def test_structured_on_a_model_with_keyword_inputs(digits_mlp):
 
 def test_pruning_an_onnxruntime_model_is_refused(digits_mlp):
     model, data = digits_mlp
-    with pytest.raises(wb.WorkbenchError, match="already an ONNX Runtime graph; put Prune before Quantize"):
-        wb.optimize(model, "quant=int8,prune=0.5", data=data, **FAST)
+    seen = []
+    with pytest.raises(wb.WorkbenchError, match="prune=0.5 comes after quant=int8, which lowers the model .*; "
+                                                "put prune before it"):
+        wb.optimize(model, "quant=int8,prune=0.5", data=data, progress=lambda m, f: seen.append(m), **FAST)
+    assert seen == []  # refused before any work

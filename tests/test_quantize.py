@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.backends.ort import OrtModel
+from workbench.backends.onnxruntime.session import OrtModel
 
-from .conftest import state_bytes
+from .helpers import FAST, state_bytes
 
-FAST = dict(batch_sizes=(1,), study=False)
 
 
 def _ops(result):
@@ -21,8 +20,8 @@ def test_cnn_int8_keeps_accuracy_and_shrinks_to_under_0_3x(digits_cnn):
     r = wb.optimize(model, "quant=int8", data=data, **FAST)
     assert isinstance(r.model, OrtModel)
     assert r.backend == "onnxruntime-int8-static-qdq"  # auto picks static for a conv net
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
-    assert r.metrics["size_bytes"] <= 0.3 * r.baseline["size_bytes"]
+    assert r.measurement.metric >= r.baseline.metric - 0.01
+    assert r.measurement.size_bytes <= 0.3 * r.baseline.size_bytes
     assert any("convolutions carry" in n for n in r.notes)
     assert "QLinearConv" in _ops(r) or "QuantizeLinear" in _ops(r)
     assert state_bytes(model) == before  # byte for byte
@@ -35,7 +34,7 @@ def test_static_qoperator_runs_integer_convolutions(digits_cnn):
     model, data = digits_cnn
     r = wb.optimize(model, wb.Quantize("int8-static", format="qoperator", calibration="entropy"), data=data, **FAST)
     assert "QLinearConv" in _ops(r)
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.02
+    assert r.measurement.metric >= r.baseline.metric - 0.02
 
 
 def test_dynamic_int8_on_a_conv_net_warns_it_will_not_pay(digits_cnn):
@@ -50,8 +49,8 @@ def test_mlp_dynamic_int8_on_onnxruntime(digits_mlp):
     r = wb.optimize(model, "quant=int8", data=data, **FAST)
     assert r.backend == "onnxruntime-int8-dynamic"
     assert "MatMulInteger" in _ops(r) or "DynamicQuantizeMatMul" in _ops(r)
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
-    assert r.metrics["size_bytes"] < 0.35 * r.baseline["size_bytes"]
+    assert r.measurement.metric >= r.baseline.metric - 0.01
+    assert r.measurement.size_bytes < 0.35 * r.baseline.size_bytes
 
 
 def test_exclude_keeps_a_layer_in_fp32(digits_mlp):
@@ -60,7 +59,7 @@ def test_exclude_keeps_a_layer_in_fp32(digits_mlp):
     last_fp32 = wb.optimize(model, wb.Quantize("int8-dynamic", exclude=("5",)), data=data, **FAST)
     assert _ops(all_int8).count("MatMulInteger") == 3
     assert _ops(last_fp32).count("MatMulInteger") == 2
-    assert last_fp32.metrics["size_bytes"] > all_int8.metrics["size_bytes"]
+    assert last_fp32.measurement.size_bytes > all_int8.measurement.size_bytes
 
 
 def test_torch_backend_dynamic_int8(digits_mlp):
@@ -70,9 +69,9 @@ def test_torch_backend_dynamic_int8(digits_mlp):
 
     linears = [m for m in r.model.modules() if isinstance(m, (torch.nn.Linear, DynamicQuantizedLinear))]
     assert len(linears) == 3 and all(isinstance(m, DynamicQuantizedLinear) for m in linears)
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
-    assert r.metrics["size_bytes"] < 0.4 * r.baseline["size_bytes"]
-    assert r.metrics["macs"] == r.baseline["macs"]  # counted on the float graph it came from
+    assert r.measurement.metric >= r.baseline.metric - 0.01
+    assert r.measurement.size_bytes < 0.4 * r.baseline.size_bytes
+    assert r.measurement.macs == r.baseline.macs  # counted on the float graph it came from
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -82,9 +81,9 @@ def test_half_precision_on_torch(digits_cnn, dtype, torch_dtype):
     assert r.backend == f"torch-{dtype}"
     assert {p.dtype for p in r.model.parameters()} == {torch_dtype}
     assert r.model(data.inputs(2)).dtype == torch.float32  # callers keep float32 in and out
-    assert r.metrics["size_bytes"] == pytest.approx(0.5 * r.baseline["size_bytes"], rel=0.05)
-    assert r.metrics["metric"] >= r.baseline["metric"] - 0.01
-    assert r.metrics["macs"] == r.baseline["macs"]
+    assert r.measurement.size_bytes == pytest.approx(0.5 * r.baseline.size_bytes, rel=0.05)
+    assert r.measurement.metric >= r.baseline.metric - 0.01
+    assert r.measurement.macs == r.baseline.macs
 
 
 def test_auto_says_what_it_picked_and_why(digits_mlp):
@@ -98,5 +97,5 @@ def test_minilm_int8_dynamic_per_channel_keeps_fidelity(minilm):
     model, data = minilm
     r = wb.optimize(model, "quant=int8", data=data, **FAST)
     assert r.backend == "onnxruntime-int8-dynamic"
-    assert r.metrics["metric"] >= 0.98
-    assert r.metrics["size_bytes"] < 0.3 * r.baseline["size_bytes"]
+    assert r.measurement.metric >= 0.98
+    assert r.measurement.size_bytes < 0.3 * r.baseline.size_bytes

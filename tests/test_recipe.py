@@ -1,7 +1,7 @@
 import pytest
 
 from workbench.errors import RecipeError
-from workbench.recipe import Distill, Factorize, FineTune, Prune, Quantize, Recipe
+from workbench import Distill, Factorize, FineTune, Prune, Quantize, Recipe
 
 FULL = Recipe([Prune(0.4, structured=True, ignore=("fc",)), Distill(epochs=3), Factorize(energy=0.9),
                FineTune(2), Quantize("int8-static", calibration="entropy")], name="all-four")

@@ -4,9 +4,10 @@ import torch
 
 import workbench as wb
 from workbench.errors import ModelError
-from workbench.recipe import Recipe, Unpad, from_flags
+from workbench import Recipe, Unpad
+from workbench.recipe import from_flags
 
-from .conftest import state_bytes
+from .helpers import state_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,7 +49,7 @@ def encoder_and_data(seed=0):
 
 @pytest.mark.parametrize("left", [False, True])
 def test_packed_bert_matches_the_original_at_real_tokens(left):
-    from workbench.techniques.unpad import PackedBert
+    from workbench.techniques.packed_bert import PackedBert
 
     bert = tiny_bert()
     inputs = padded([12, 5, 3, 1], left=left)
@@ -72,7 +73,7 @@ def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
     result = wb.optimize(model, "unpad,quant=int8", data=data, study=False, batch_sizes=(1, 8))
     assert state_bytes(model) == before and type(model.encoder).__name__ == "BertModel"
     assert result.backend.startswith("onnxruntime-int8")
-    assert result.metrics["metric"] > 0.98
+    assert result.measurement.metric > 0.98
     assert any("padding" in n and "unpad" in n for n in result.notes)
     # the exported graph is not tied to the example's shape: another batch size and length, other padding
     other = padded([9, 2, 6], total=20, seed=7)
@@ -86,7 +87,7 @@ def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
 def test_unpad_alone_is_exact_on_torch_and_saves_and_reloads(tmp_path):
     model, data = encoder_and_data()
     result = wb.optimize(model, Unpad(), data=data, backend="torch", study=False, batch_sizes=(1,))
-    assert result.metrics["metric"] > 0.99999
+    assert result.measurement.metric > 0.99999
     path = result.save(tmp_path / "unpadded")
     reloaded = wb.load(path, trust_pickle=True)
     inputs = padded([4, 11], seed=3)
@@ -121,9 +122,9 @@ def test_unpad_in_recipes_and_flags():
     assert Recipe.from_yaml(Recipe.parse("unpad").to_yaml()).steps == [Unpad()]
     steps = from_flags(quant="int8", unpad=True, prune=0.3, order=["quant", "unpad", "prune"])["steps"]
     assert [s["type"] for s in steps] == ["prune", "unpad", "quantize"]  # unpad, then quantization, come last
-    from workbench.magics import _flag_order
+    from workbench.recipe import flag_order
 
-    assert _flag_order("model --unpad --quant int8") == ["unpad", "quant"]
+    assert flag_order("model --unpad --quant int8".split()) == ["unpad", "quant"]
 
 
 def test_preflight_points_at_padding():
@@ -146,7 +147,7 @@ def test_unpad_with_static_int8_and_no_files_left_in_the_cwd(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     model, data = encoder_and_data()
     result = wb.optimize(model, "unpad,quant=int8-static", data=data, study=False, batch_sizes=(1,))
-    assert result.metrics["metric"] > 0.9
+    assert result.measurement.metric > 0.9
     with pytest.raises(wb.WorkbenchError, match="use calibration='minmax'"):
         wb.optimize(model, "unpad,quant=int8-static:calibration=entropy", data=data, study=False)
     wb.optimize(model, "quant=int8", data=data, study=False, batch_sizes=(1,))
@@ -161,7 +162,7 @@ def test_bert_exports_get_onnxruntime_fusions_unless_layers_are_excluded():
     for recipe in ("quant=int8", "quant=int8:exclude=encoder.encoder.layer.0"):
         r = wb.optimize(model, recipe, data=data, study=False, batch_sizes=(1,))
         ops[recipe] = {n.op_type for n in onnx.load_from_string(r.model.onnx_bytes).graph.node}
-        assert r.metrics["metric"] > 0.98
+        assert r.measurement.metric > 0.98
     assert "QAttention" in ops["quant=int8"]  # fused attention, quantized
     assert not {"QAttention", "Attention"} & ops["quant=int8:exclude=encoder.encoder.layer.0"]  # names kept
 
@@ -183,7 +184,7 @@ def test_onnx_graphs_are_right_for_left_padding_too(recipe):
 
 def test_unpad_refuses_what_it_cannot_do():
     from workbench.errors import RecipeError
-    from workbench.techniques.unpad import PackedBert
+    from workbench.techniques.packed_bert import PackedBert
 
     with pytest.raises(RecipeError, match="comes after unpad"):
         Recipe.parse("unpad,finetune=1")
@@ -201,8 +202,8 @@ def test_unpad_refuses_what_it_cannot_do():
 def test_panel_offers_unpad_for_bert_only(digits_mlp):
     model, data = encoder_and_data()
     panel = wb.panel(model, data, study=wb.Study(), name="enc")
-    assert panel.unpad_on.value and panel.unpad_on.layout.display is None
+    assert panel.enabled["unpad"].value and panel.rows["unpad"].layout.display is None
     assert [s.kind for s in panel.recipe().steps] == ["unpad", "quantize"]
     assert "--unpad --quant int8" in panel.magic_line()
     mlp = wb.panel(digits_mlp[0], digits_mlp[1], study=wb.Study())
-    assert not mlp.unpad_on.value and mlp.unpad_on.layout.display == "none"
+    assert not mlp.enabled["unpad"].value and mlp.rows["unpad"].layout.display == "none"

@@ -43,9 +43,10 @@ recipe and call the same engine.
            "scikit-learn's handwritten digits. The card compares it with its int8 copy."),
         code("%load_ext workbench"),
         code("%optimize digits-cnn --quant int8"),
-        md("The result is in the namespace as `digits_cnn_opt`: the model, its measurements and what the engine "
-           "decided, and why."),
-        code("r = digits_cnn_opt\nprint(r.notes[0])\nr.table()[['accuracy', 'speedup (b=1)', 'size ×']]"),
+        md("The result is in the namespace as `digits_cnn_opt`: the model, its measurements, what the engine "
+           "decided and why, and the verdict. Each speedup comes with its 95% interval: baseline and candidate are "
+           "timed in interleaved rounds, and \"faster\" needs the whole interval above 1."),
+        code("r = digits_cnn_opt\nprint(r.verdict)\nfor note in r.notes:\n    print('-', note)\nr.speedups"),
         md("Techniques compose, in the order given (quantization always last):"),
         code("%optimize digits-cnn --prune 0.5 --structured --finetune 2 --quant int8 --as small"),
         md("## 2. A panel instead of code\n\nToggles, sliders, a Run button and a live Pareto chart. The panel also "
@@ -57,7 +58,8 @@ recipe and call the same engine.
         code("import workbench as wb\n\nout = wb.report('pipeline', {'model': 'digits-mlp', 'recipes': ['quant=int8'], "
              "'batch_sizes': [1]}, output='tour-report.ipynb', html='tour-report.html')\nprint('wrote', out)"),
         md("Every run above is also a row in this notebook's Study (an SQLite file, so a restart loses nothing):"),
-        code("wb.Study.default().df[['kind', 'recipe', 'metric', 'latency_p50_ms_b1', 'size_bytes']].tail()"),
+        code("wb.Study.default().df[['kind', 'recipe', 'metric', 'latency_p50_ms_b1', 'speedup_b1', 'size_bytes']]"
+             ".tail()"),
     ],
     "01_quantization": [
         md("""
@@ -70,7 +72,7 @@ are quantized too: per batch at run time (*dynamic*), or with ranges calibrated 
         code("""
 import torch
 import workbench as wb
-from workbench.layerwise import _fake_int8
+from workbench.measure.sensitivity import fake_int8
 
 model, data = wb.zoo.load("digits-cnn")
 w = model[4].weight.detach()  # a 64x32x3x3 convolution
@@ -83,7 +85,7 @@ def int8_per_tensor(w):
     return torch.round(w / scale).clamp(-127, 127) * scale
 
 err_tensor = (int8_per_tensor(w) - w).abs().mean().item()
-err_channel = (_fake_int8(w) - w).abs().mean().item()
+err_channel = (fake_int8(w) - w).abs().mean().item()
 print(f"mean |error| per-tensor {err_tensor:.2e}, per-channel {err_channel:.2e} "
       f"({err_tensor / err_channel:.1f}x larger per-tensor)")
 """),
@@ -102,14 +104,12 @@ fig
            "convolutions end to end. The table shows which one is faster here."),
         code("""
 modes = ["int8-dynamic", "int8-static"] if quick else ["int8-dynamic", "int8-static", "fp16"]
-results = [wb.optimize(model, f"quant={m}", data=data, batch_sizes=(1, 64)) for m in modes]
-import pandas as pd
-table = pd.concat([results[0].table().iloc[[0]]] + [r.table().iloc[[1]] for r in results])
-table[["accuracy", "speedup (b=1)", "speedup (b=64)", "size ×", "backend"]]
+results = wb.run_many(model, [f"quant={m}" for m in modes], data=data, batch_sizes=(1, 64))
+wb.table(results)[["accuracy", "speedup (b=1)", "speedup (b=64)", "size ×", "backend"]]
 """),
-        code("for r in results:\n    print(r.recipe, '->', r.notes[0])"),
+        code("for r in results:\n    print(r.recipe, '->', r.verdict)\n    for note in r.notes:\n        print('   -', note)"),
         md("## The trade-off chart\n\nAccuracy against latency, one point per mode, marker size = model size."),
-        code("wb.dashboards.pareto(results)"),
+        code("wb.charts.pareto(results)"),
     ],
     "02_pruning": [
         md("""
@@ -124,26 +124,25 @@ import workbench as wb
 
 model, data = wb.zoo.load("digits-cnn")
 epochs = 1 if quick else 2
-unstructured = wb.optimize(model, f"prune=0.5,finetune={epochs}", data=data, batch_sizes=(1, 64))
-structured = wb.optimize(model, f"prune=0.5:structured=true:scope=layer,finetune={epochs}", data=data,
-                         batch_sizes=(1, 64))
+unstructured, structured = wb.run_many(
+    model, [f"prune=0.5,finetune={epochs}", f"prune=0.5:structured=true:scope=layer,finetune={epochs}"], data=data,
+    batch_sizes=(1, 64))
 """),
         code("""
-import pandas as pd
-table = pd.concat([unstructured.table(), structured.table().iloc[[1]]])
-table[[c for c in table.columns if c in ("accuracy", "speedup (b=64)", "size ×", "sparse size ×", "params",
-                                         "nonzero", "MACs")]]
+table = wb.table([unstructured, structured], numeric=True)
+table[[c for c in table.columns if c in ("accuracy", "speedup (b=64)", "speedup low (b=64)", "speedup high (b=64)",
+                                         "size ×", "sparse size ×", "params", "nonzero", "MACs")]]
 """),
         md("Half the weights are zero in the unstructured model, yet its MACs and latency are unchanged: the "
            "engine says so in its notes. It only pays in storage, compressed (`sparse size ×`). The structured "
            "model has fewer MACs and runs faster."),
-        code("print(unstructured.notes[0])\nunstructured.layers"),
+        code("print(next(n for n in unstructured.notes if n.startswith('unstructured')))\nunstructured.layers"),
         code("structured.layers"),
         md("## Which layers are fragile?\n\nSensitivity: the accuracy change when only one layer loses channels."),
         code("""
 levels = [0.5] if quick else [0.25, 0.5, 0.75]
 sens = wb.sensitivity(model, data, levels=levels, structured=True)
-wb.dashboards.sensitivity_heatmap(sens)
+wb.charts.sensitivity_heatmap(sens)
 """),
         md("`Prune(..., per_layer='sensitivity')` uses this table to prune fragile layers less."),
     ],
@@ -206,16 +205,14 @@ fig
 """),
         code("""
 energies = [0.7, 0.9] if quick else [0.5, 0.7, 0.9]
-results = [wb.optimize(model, wb.Recipe([wb.Factorize(energy=e), wb.FineTune(1)]), data=data, batch_sizes=(1, 64))
-           for e in energies]
-import pandas as pd
-pd.concat([results[0].table().iloc[[0]]] + [r.table().iloc[[1]] for r in results])[
-    ["accuracy", "MACs", "params", "speedup (b=1)", "speedup (b=64)"]]
+results = wb.run_many(model, [wb.Recipe([wb.Factorize(energy=e), wb.FineTune(1)]) for e in energies], data=data,
+                      batch_sizes=(1, 64))
+wb.table(results)[["accuracy", "MACs", "speedup (b=1)", "speedup (b=64)"]]
 """),
         code("results[-1].details['factorize']"),
         md("Fewer MACs does not mean faster: on layers this small, two matrix products cost more than one. The "
-           "engine notes it when a candidate is slower than the baseline:"),
-        code("for r in results:\n    print(r.recipe, [n for n in r.notes if 'slower' in n])"),
+           "verdict says what was measured here, and the engine notes it when a candidate is reliably slower:"),
+        code("for r in results:\n    print(r.recipe, '->', r.verdict, [n for n in r.notes if 'slower' in n])"),
     ],
     "05_pipeline": [
         md("""
@@ -240,7 +237,7 @@ r = wb.optimize(model, wb.Recipe([wb.Prune(0.4, structured=True, scope="layer"),
 r.table()[["accuracy", "speedup (b=1)", "size ×", "MACs", "backend"]]
 """),
         md("The study holds every run with its recipe; it becomes a report that re-runs them:"),
-        code("path = study.to_report('pipeline-report.html')\nprint('wrote', path)"),
+        code("path = wb.reports.from_study(study, 'pipeline-report.html')\nprint('wrote', path)"),
     ],
     "06_your_model": [
         md("""

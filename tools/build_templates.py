@@ -1,4 +1,5 @@
-"""Build the papermill templates in templates/ from shared cells (the source of truth for them).
+"""Build the papermill templates in workbench/reports/templates/ (package data) from shared cells (the source of
+truth for them).
 
     python tools/build_templates.py          # rewrite templates/*.ipynb
     python tools/build_templates.py --check  # exit 1 if a committed template differs from what this builds
@@ -14,7 +15,7 @@ from pathlib import Path
 import nbtools
 from nbformat.v4 import new_code_cell, new_markdown_cell
 
-OUT = Path(__file__).resolve().parent.parent / "templates"
+OUT = Path(__file__).resolve().parent.parent / "workbench" / "reports" / "templates"  # package data
 
 COMMON_PARAMETERS = '''device: str = "auto"  # auto, cpu or cuda
 batch_sizes: list = [1, 64]  # batch sizes to time
@@ -29,22 +30,24 @@ def cells(title: str, intro: str, parameters: str, derive: str = "", extra: list
     if derive:
         out.append(new_code_cell(derive))
     out += [
-        new_code_cell("import torch\n\nimport workbench as wb\nfrom workbench import reports\n\nreports.setup()\n"
-                      "torch.manual_seed(seed)\nreports.show_parameters(model=model, recipes=recipes, device=device, "
+        new_code_cell("import workbench as wb\nfrom workbench import reports\n\n"
+                      "reports.show_parameters(model=model, recipes=recipes, device=device, "
                       "batch_sizes=batch_sizes, threads=threads, max_drop=max_drop, seed=seed)"),
         new_markdown_cell("## Environment"),
         new_code_cell("reports.environment_table(device, threads, seed)"),
-        new_markdown_cell("## Results\n\nEvery candidate is measured against one baseline measurement, in this "
-                          "process, with the same threads and inputs."),
+        new_markdown_cell("## Results\n\nEvery candidate is measured against one baseline, in this process, with the "
+                          "same threads and inputs, timed in interleaved rounds beside it; each speedup comes with "
+                          "its 95% interval."),
         new_code_cell("model_obj, data = reports.load_model(model)\n"
-                      "results = reports.run_recipes(model_obj, data, recipes, device=device, "
+                      "results = reports.run_recipes(model_obj, data, recipes, device=device, seed=seed, "
                       "batch_sizes=batch_sizes or None, threads=threads, name=model)\n"
                       "reports.comparison(results)"),
-        new_code_cell("wb.dashboards.pareto(results).show()"),
+        new_code_cell("reports.show(wb.charts.pareto(results))"),
     ]
     out += extra or []
     out += [
-        new_markdown_cell("## Verdicts\n\nWithin the metric budget? Faster at every timed batch? Smaller?"),
+        new_markdown_cell("## Verdicts\n\nWithin the metric budget? Reliably faster at every timed batch (the lower "
+                          "end of the speedup's 95% interval above 1, on a quiet machine)? Smaller?"),
         new_code_cell("reports.verdicts(results, max_drop)"),
         new_code_cell("for r in results:\n    for note in r.notes:\n        print(f'- {r.recipe}: {note}')"),
         new_code_cell("reports.headline(results, max_drop)", metadata={"tags": ["headline"]}),
@@ -76,7 +79,7 @@ TEMPLATES = {
         'if finetune else "") for s in sparsities]',
         [new_markdown_cell("## Sensitivity\n\nThe metric change when only one layer is pruned to each level."),
          new_code_cell("sens = wb.sensitivity(model_obj, data, levels=sparsities, structured=structured)\n"
-                       "wb.dashboards.sensitivity_heatmap(sens).show()")]),
+                       "reports.show(wb.charts.sensitivity_heatmap(sens))")]),
     "distillation": cells(
         "Distillation report",
         "A smaller student distilled from the model, against the same student trained on the labels alone.",

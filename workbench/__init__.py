@@ -14,32 +14,42 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    # the engine
     "optimize": ("engine", "optimize"),
+    "run_many": ("engine", "run_many"),
     "compare": ("engine", "compare"),
+    "Baseline": ("engine", "Baseline"),
     "Data": ("data", "Data"),
     "Study": ("study", "Study"),
     "Result": ("result", "Result"),
+    "table": ("tables", "table"),
     "load": ("storage", "load"),
-    "OrtModel": ("backends.ort", "OrtModel"),
     "Recipe": ("recipe", "Recipe"),
-    "Quantize": ("recipe", "Quantize"),
-    "Prune": ("recipe", "Prune"),
-    "Distill": ("recipe", "Distill"),
-    "Factorize": ("recipe", "Factorize"),
-    "FineTune": ("recipe", "FineTune"),
-    "Unpad": ("recipe", "Unpad"),
+    "Step": ("recipe", "Step"),
+    "option": ("recipe", "option"),
+    "technique": ("registry", "technique"),
+    "Quantize": ("techniques.quantize", "Quantize"),
+    "Prune": ("techniques.prune", "Prune"),
+    "Distill": ("techniques.distill", "Distill"),
+    "Factorize": ("techniques.factorize", "Factorize"),
+    "FineTune": ("techniques.finetune", "FineTune"),
+    "Unpad": ("techniques.unpad", "Unpad"),
+    "OrtModel": ("backends.onnxruntime.session", "OrtModel"),
     "WorkbenchError": ("errors", "WorkbenchError"),
-    "sensitivity": ("layerwise", "sensitivity"),
-    "sweep": ("grid", "sweep"),
-    "autotune": ("tuning", "autotune"),
+    "sensitivity": ("measure.sensitivity", "sensitivity"),
     "preflight": ("checks", "preflight"),
-    "dashboards": ("dashboards", None),
-    "reports": ("reports", None),
-    "report": ("reports", "report"),
-    "panel": ("ui.panel", "panel"),
-    "LayerMap": ("ui.layer_map", "LayerMap"),
     "zoo": ("zoo", None),
     "measure": ("measure", None),
+    # the search layer (optuna for autotune: the [search] extra)
+    "sweep": ("search.sweep", "sweep"),
+    "autotune": ("search.autotune", "autotune"),
+    # the faces
+    "charts": ("charts", None),
+    "dashboards": ("charts", None),  # the name of 0.1
+    "reports": ("reports", None),
+    "report": ("reports", "report"),
+    "panel": ("notebook.panel", "panel"),
+    "LayerMap": ("notebook.layer_map", "LayerMap"),
 }
 
 __all__ = sorted(_LAZY)
@@ -57,9 +67,9 @@ def __getattr__(name: str):
 
 def load_ipython_extension(ipython) -> None:
     """`%load_ext workbench`: registers %optimize, %%recipe, %compare and %profile (idempotent, fast)."""
-    from .magics import WorkbenchMagics
+    from .notebook import load_ipython_extension as load
 
-    ipython.register_magics(WorkbenchMagics)
+    load(ipython)
 
 
 def __dir__():

@@ -1,10 +1,13 @@
-"""The `workbench` command: reports from templates, one at a time or in batches.
+"""The `workbench` command: optimize a model, reports from templates (one at a time or in batches), autotune.
 
+    workbench optimize digits-cnn --quant int8 --save cnn-int8
     workbench templates
-    workbench report templates/quickstart.ipynb -p model digits-mlp --html out.html
+    workbench report quickstart -p model digits-mlp --html out.html
     workbench batch grid.yaml --workers 2 --out batch-reports
+    workbench autotune digits-cnn --budget 10min
 
-The CLI and the Python API (`wb.report`, `wb.reports.batch`) call the same functions.
+The CLI and the Python API (`wb.optimize`, `wb.report`, `wb.reports.batch`, `wb.autotune`) call the same functions;
+`workbench optimize` takes the same technique flags as `%optimize`, derived from the registered techniques.
 """
 from __future__ import annotations
 
@@ -40,8 +43,23 @@ def _parameters(args) -> dict:
 def main(argv=None) -> int:
     from .errors import WorkbenchError
 
-    parser = argparse.ArgumentParser(prog="workbench", description="Reproducible model-optimization reports.")
+    from .recipe import add_flags
+    from .registry import backend_names
+
+    parser = argparse.ArgumentParser(prog="workbench", description="Make PyTorch models smaller and faster, "
+                                     "measured honestly; reproducible reports.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p_opt = sub.add_parser("optimize", help="optimize a model with technique flags, print the table and verdict")
+    p_opt.add_argument("model", help="a built-in name or an import path package.module:factory -> (model, data)")
+    add_flags(p_opt)
+    p_opt.add_argument("--recipe", help="a recipe instead of flags: 'prune=0.5,quant=int8' or a YAML file")
+    p_opt.add_argument("--backend", choices=["auto", *backend_names()], default="auto")
+    p_opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p_opt.add_argument("--batch", type=int, action="append", help="batch size to time (repeatable)")
+    p_opt.add_argument("--threads", type=int, help="intra-op threads while measuring")
+    p_opt.add_argument("--save", help="directory to save the optimized model into")
+    p_opt.set_defaults(run=_optimize)
 
     p_list = sub.add_parser("templates", help="list the templates and their parameters")
     p_list.set_defaults(run=_templates)
@@ -77,15 +95,47 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return args.run(args, argv if argv is not None else sys.argv[1:])
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
-def _templates(args) -> int:
+def _optimize(args, argv) -> int:
+    from .engine import optimize
+    from .errors import RecipeError
+    from .progress import Lines
+    from .recipe import Recipe, flag_order, flags_from_args, from_flags
+    from .tables import display_table
+    from .zoo import resolve
+
+    flags = flags_from_args(args)
+    if args.recipe and flags:
+        raise RecipeError("use either --recipe or technique flags (--quant, --prune, ...), not both")
+    recipe = Recipe.parse(args.recipe) if args.recipe else Recipe.from_dict(from_flags(order=flag_order(argv),
+                                                                                      **flags))
+    model, data = resolve(args.model)
+    result = optimize(model, recipe, data=data, backend=args.backend, device=args.device, batch_sizes=args.batch,
+                      threads=args.threads, progress=Lines(), name=args.model)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(f"{result.recipe} on {result.device} ({result.backend})\n{result.verdict}")
+        print(display_table(result.table()).to_string())
+    for line in result.preflight:
+        print(f"! pre-flight: {line}")
+    for note in result.notes:
+        print(f"- {note}")
+    if args.save:
+        print(f"saved to {result.save(args.save)}")
+    return 0
+
+
+def _templates(args, argv) -> int:
     from .reports import templates
-
     for name, params in templates().items():
         print(name)
         for p, info in params.items():
@@ -94,9 +144,8 @@ def _templates(args) -> int:
     return 0
 
 
-def _report(args) -> int:
+def _report(args, argv) -> int:
     from .reports import report
-
     html = args.html
     out = report(args.template, _parameters(args), output=args.output, html=html, timeout=args.timeout,
                  kernel=args.kernel, progress=sys.stderr.isatty())
@@ -104,30 +153,28 @@ def _report(args) -> int:
     return 0
 
 
-def _autotune(args) -> int:
-    from .tuning import autotune
-    from .reports import load_model
+def _autotune(args, argv) -> int:
+    from .progress import Lines
+    from .search.autotune import autotune
+    from .tables import display_table
+    from .zoo import resolve
 
-    model, data = load_model(args.model)
-
-    def progress(message, fraction=None):
-        print(f"[{(fraction or 0):4.0%}] {message}", file=sys.stderr, flush=True)
-
+    model, data = resolve(args.model)
     tuned = autotune(model, data, max_drop=args.max_drop, objective=args.objective, budget=args.budget,
-                     batch=args.batch, storage=args.storage, study_name=args.study, progress=progress)
-    print(tuned.best.table().to_string(float_format=lambda v: f"{v:.4g}"))
+                     batch=args.batch, storage=args.storage, study_name=args.study, progress=Lines())
+    print(tuned.headline)
+    print(display_table(tuned.best.table()).to_string())
     print(f"\nPareto front of {len(tuned.results)} candidates:")
     print(tuned.front.to_string(index=False))
     if args.save:
         print(f"saved to {tuned.best.save(args.save)}")
-    return 0 if tuned.within_budget else 1
+    return 0 if tuned.within_budget and tuned.reliable else 1
 
 
-def _batch(args) -> int:
+def _batch(args, argv) -> int:
     import json
 
     from .reports import batch
-
     index = batch(args.spec, workers=args.workers, scheduler=args.scheduler, out=args.out, timeout=args.timeout)
     records = json.loads((index.parent / "index.json").read_text())
     failed = [r for r in records if r["status"] != "ok"]

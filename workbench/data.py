@@ -11,55 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable
 
-from .errors import DataError, ModelError
+from .errors import DataError
+from .tensors import batch_size_of, call_model, concat_rows, first_tensor
 
 METRICS = ("accuracy", "fidelity")
-
-
-def call_model(model: Any, inputs: Any):
-    """Run `model` on a batch's inputs (tensor, tuple of positional args, or dict of keyword args)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def first_tensor(output: Any):
-    """The tensor a metric reads from a model's output: the output itself, its first element, or logits."""
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) or hasattr(output, "keys"):
-        for key in ("logits", "sentence_embedding", "last_hidden_state"):
-            if key in output:
-                return output[key]
-        return next(iter(output.values()))
-    if isinstance(output, (tuple, list)) and output:
-        return first_tensor(output[0])
-    raise ModelError(f"the model returned {type(output).__name__}; expected a tensor (or a tuple/dict of tensors)")
-
-
-def map_tensors(inputs: Any, fn: Callable):
-    """Apply `fn` to every tensor inside a batch's inputs, keeping the structure."""
-    import torch
-
-    if isinstance(inputs, torch.Tensor):
-        return fn(inputs)
-    if isinstance(inputs, dict):
-        return {k: map_tensors(v, fn) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(map_tensors(v, fn) for v in inputs)
-    return inputs
-
-
-def batch_size_of(inputs: Any) -> int:
-    found: list[int] = []
-    map_tensors(inputs, lambda t: found.append(t.shape[0]) if t.dim() else None)
-    if not found:
-        raise DataError("cannot tell the batch size: the inputs hold no tensor with a batch dimension")
-    return found[0]
 
 
 def _split(batch: Any):
@@ -106,6 +61,10 @@ class Data:
             raise DataError("eval_fn must be a callable fn(model) -> float")
         if eval_fn is None and val is None:
             raise DataError("give a validation loader (val=...) or an eval_fn(model) -> float")
+        for split, loader in (("train", train), ("val", val)):
+            if loader is not None and iter(loader) is loader:
+                raise DataError(f"the {split} loader is a one-shot iterator (a generator?), and it is read several "
+                                "times; pass a list of batches or a DataLoader")
         self.train, self.val, self.metric, self.eval_fn = train, val, metric, eval_fn
         self._example_inputs, self.name, self.loss, self.task = example_inputs, name, loss, task
         self._references: dict[int, list] = {}
@@ -167,8 +126,8 @@ class Data:
 
     def inputs(self, batch_size: int):
         """Inputs with exactly `batch_size` rows, drawn from validation batches (repeated if too few)."""
-        import torch
-
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch size {batch_size!r}: give a positive whole number of rows")
         pieces, have = [], 0
         source = [self.example_inputs] if self.val is None else None
         while have < batch_size:
@@ -177,31 +136,22 @@ class Data:
                 have += batch_size_of(inputs)
                 if have >= batch_size:
                     break
-
-        def cat(*parts):
-            return torch.cat(parts)[:batch_size]
-
-        first = pieces[0]
-        if isinstance(first, torch.Tensor):
-            return cat(*pieces)
-        if isinstance(first, dict):
-            return {k: cat(*(p[k] for p in pieces)) for k in first}
-        return type(first)(cat(*(p[i] for p in pieces)) for i in range(len(first)))
+        return concat_rows(pieces, batch_size)
 
     # -- evaluation ------------------------------------------------------------------------------------------
-    def outputs(self, model: Any, device: str = "cpu") -> list:
-        """Model outputs on every validation batch (first tensor of each, on CPU)."""
+    def outputs(self, model: Any, target=None) -> list:
+        """Model outputs on every validation batch (first tensor of each, on CPU); inputs moved to `target`."""
         import torch
 
         outs = []
         with torch.inference_mode():
             for inputs, _ in self.val_batches():
-                inputs = map_tensors(inputs, lambda t: t.to(device))
+                inputs = target.move(inputs) if target is not None else inputs
                 outs.append(first_tensor(call_model(model, inputs)).float().cpu())
         return outs
 
-    def evaluate(self, model: Any, device: str = "cpu", reference: Any = None) -> float:
-        """The metric of `model` on the validation split (higher is better).
+    def evaluate(self, model: Any, target=None, reference: Any = None) -> float:
+        """The metric of `model` on the validation split (higher is better), inputs on `target`'s device.
 
         For `metric="fidelity"` with no targets in the loader, `reference` (the original model) gives them.
         """
@@ -211,14 +161,14 @@ class Data:
             value = self.eval_fn(model)
         else:
             metric = _METRIC_FNS.get(self.metric, self.metric) if isinstance(self.metric, str) else self.metric
-            outs = self.outputs(model, device)
+            outs = self.outputs(model, target)
             targets = [t for _, t in self.val_batches()]
             if any(t is None for t in targets):
                 if self.metric != "fidelity" or reference is None:
                     raise DataError(f"the validation batches carry no targets, which metric {self.metric_name!r} needs")
                 key = id(reference)
                 if key not in self._references:
-                    self._references = {key: self.outputs(reference, device)}
+                    self._references = {key: self.outputs(reference, target)}
                 targets = self._references[key]
             try:
                 value = metric(torch.cat(outs), torch.cat([torch.as_tensor(t) for t in targets]))
@@ -230,7 +180,8 @@ class Data:
             value = float(value)
         except (TypeError, ValueError):
             raise DataError(f"the metric returned {value!r}; it must return a number") from None
-        if math.isnan(value):
-            raise DataError(f"the metric {self.metric_name!r} returned NaN; check the model's outputs and the "
+        if not math.isfinite(value):
+            shown = "NaN" if value != value else value
+            raise DataError(f"the metric {self.metric_name!r} returned {shown}; check the model's outputs and the "
                             "metric function (an empty split or a division by zero?)")
         return value

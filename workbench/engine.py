@@ -1,9 +1,14 @@
-"""The one engine behind the magics, widgets, CLI and templates: `optimize` and `compare`.
+"""The one engine behind the magics, the panel, the CLI, the reports and the search: `optimize`, `run_many`,
+`compare`.
 
     >>> import workbench as wb
     >>> model, data = wb.zoo.load("digits-cnn")
     >>> result = wb.optimize(model, "quant=int8", data=data)
-    >>> result.table()
+    >>> results = wb.run_many(model, ["quant=int8", "prune=0.5:structured=true,quant=int8"], data=data)
+
+Every candidate is built from a copy of the user's model, then measured against one shared baseline: metric,
+size and MACs once for the baseline, and latency in interleaved rounds beside each candidate, so that a speedup
+comes with its interval. The target (backend, device, threads) is resolved once here and passed down.
 """
 from __future__ import annotations
 
@@ -11,27 +16,23 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .data import Data, call_model, map_tensors
-from .errors import DeviceError, ModelError, RecipeError, WorkbenchError
+from .data import Data
+from .errors import DataError, DeviceError, ModelError, RecipeError, WorkbenchError
 from .recipe import Recipe
-
-BACKENDS = ("auto", "torch", "onnxruntime")
-DEVICES = ("auto", "cpu", "cuda")
+from .tensors import batch_size_of, call_model, copy_model, rng_preserved
 
 
 @dataclass
 class Context:
-    """What a technique may read (data, original model, backend, device) and report (notes, progress)."""
+    """What a technique may read (data, the original model, the target, facts) and report (notes, progress)."""
 
     data: Data
     original: Any
-    backend: str
-    device: str
-    threads: int | None
+    target: Any
+    facts: Any
     on_progress: Callable | None = None
     notes: list = field(default_factory=list)
     details: dict = field(default_factory=dict)  # tables a technique leaves for the result (e.g. ranks per layer)
-    lowered: str | None = None  # set by a technique that turns the model into a runtime form (int8, ORT, fp16)
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -40,32 +41,26 @@ class Context:
         if self.on_progress is not None:
             self.on_progress(message, fraction)
 
+    def backend_for(self, precision: str, step=None):
+        """The backend that runs `precision` on the target (the named one, or the first registered for auto)."""
+        from .registry import backends, backends_for
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise DeviceError(f"device {device!r} is not known; use 'auto', 'cpu' or 'cuda'")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("CUDA was asked for but this machine has no usable GPU (torch.cuda.is_available() is "
-                          "False); use device='cpu' or device='auto'")
-    return device
-
-
-def resolve_backend(backend: str, device: str) -> str:
-    from .registry import backend_named
-
-    if backend == "auto":
-        return backend
-    impl = backend_named(backend)
-    if not impl.available(device):
-        raise DeviceError(f"backend {backend!r} cannot run on {device!r} here; use backend='auto'")
-    return backend
+        found = backends_for(precision, self.target)
+        if found:
+            return found[0]
+        where = [b.name for b in backends() if precision in b.precisions(self.target)]
+        what = f"{type(step).__name__}: " if step is not None else ""
+        if where:
+            raise RecipeError(f"{what}{precision} does not run on backend {self.target.backend!r} here; "
+                              f"use backend={where[0]!r} or 'auto'")
+        on_cpu = [b.name for b in backends() if precision in b.precisions(self.target.__class__("cpu"))]
+        raise DeviceError(f"{what}{precision} has no backend on {self.target.device} here"
+                          + (f" (on the CPU: {', '.join(on_cpu)}); use device='cpu'" if on_cpu else "")
+                          + (", or Quantize('fp16') / Quantize('bf16') on a GPU" if self.target.is_cuda else ""))
 
 
-def _check_model(model: Any) -> Any:
+def check_model(model: Any):
+    """The torch module to optimize (a Result gives its model), or one clear error."""
     import torch
 
     from .result import Result
@@ -78,45 +73,70 @@ def _check_model(model: Any) -> Any:
     return model
 
 
-def copy_model(model):
-    """copy.deepcopy, also for modules holding computed (non-leaf) tensors, e.g. torch.nn.utils.prune's `weight`
-    or weight_norm, which the forward pre-hooks recompute anyway."""
-    import torch
-
-    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
-            if isinstance(v, torch.Tensor) and not v.is_leaf}
-    return copy.deepcopy(model, memo)
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _working_copy(model, data: Data, device: str):
-    """A deep copy in eval mode on `device`, checked to run on the data's example inputs."""
+def working_copy(model, data: Data, target):
+    """A deep copy in eval mode on the target's device, checked to run on the data's example inputs."""
     try:
-        work = copy_model(model).eval().to(device)
+        work = copy_model(model).eval().to(target.device)
     except Exception as e:
         raise ModelError(f"the model cannot be copied ({e}); the workbench never changes your model in place, "
                          "so it needs copy.deepcopy(model) to work") from e
+    _check_runs(work, data, target, "the model")
+    return work
+
+
+def _check_runs(model, data: Data, target, what: str) -> None:
     import torch
 
-    inputs = map_tensors(data.example_inputs, lambda t: t.to(device))
+    from .tensors import map_tensors
+
+    inputs = target.move(data.example_inputs)
     try:
         with torch.inference_mode():
-            call_model(work, inputs)
+            call_model(model, inputs)
     except WorkbenchError:
         raise
     except Exception as e:
         shapes = map_tensors(inputs, lambda t: tuple(t.shape))
-        raise ModelError(f"the model's forward failed on the data's example inputs {shapes}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check that the data "
-                         "matches what the model expects.") from e
-    return work
+        raise ModelError(f"{what}'s forward failed on the data's example inputs {shapes}: {_first_line(e)}. "
+                         "Check that the data matches what the model expects.") from e
 
 
-def _default_batches(data: Data) -> tuple[int, ...]:
-    from .data import batch_size_of
+def _still_runs(model, step, ctx) -> None:
+    """Every technique hands back a model that runs: checked on the example inputs after each step."""
+    import torch
 
+    try:
+        with torch.inference_mode():
+            call_model(model.eval(), ctx.target.move(ctx.data.example_inputs))
+    except WorkbenchError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{step.describe()} left a model whose forward fails ({_first_line(e)}); this "
+                         "architecture is not supported by that step here, so leave the step out") from e
+
+
+def default_batches(data: Data) -> tuple[int, ...]:
+    """Batch sizes timed by default: 1 and the validation batch size."""
     first = next(iter(data.val_batches()))[0] if data.val is not None else data.example_inputs
     big = batch_size_of(first)
     return (1, big) if big > 1 else (1,)
+
+
+def _batch_sizes(batch_sizes, data: Data) -> tuple[int, ...]:
+    if batch_sizes is None or (isinstance(batch_sizes, (list, tuple)) and not batch_sizes):
+        return default_batches(data)
+    if isinstance(batch_sizes, int):
+        batch_sizes = (batch_sizes,)
+    out = []
+    for b in batch_sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise DataError(f"batch_sizes: {b!r} is not a batch size; give positive whole numbers, e.g. (1, 64)")
+        out.append(b)
+    return tuple(dict.fromkeys(out))
 
 
 def _study(study):
@@ -127,137 +147,235 @@ def _study(study):
     return Study.default() if study is None else study
 
 
+class Baseline:
+    """The user's model measured once (metric, size, MACs) on a target: what every candidate is judged against.
+
+        >>> base = Baseline(model, data, device="cpu", batch_sizes=(1, 64))
+        >>> r1 = base.run("quant=int8"); r2 = base.run("prune=0.5:structured=true")
+
+    Each `run` builds a candidate from a fresh copy of the user's model and times it beside the baseline.
+    """
+
+    def __init__(self, model, data=None, *, backend: str = "auto", device: str = "auto", batch_sizes=None,
+                 threads: int | None = None, study=None, name: str | None = None, example_inputs=None,
+                 progress: Callable | None = None, recipes=(), timing=None):
+        with rng_preserved():
+            self._measure(model, data, backend, device, batch_sizes, threads, study, name, example_inputs, progress,
+                          recipes, timing)
+
+    def _measure(self, model, data, backend, device, batch_sizes, threads, study, name, example_inputs, progress,
+                 recipes, timing) -> None:
+        from .facts import ModelFacts
+        from .measure import measure
+        from .target import resolve
+
+        self.original = check_model(model)
+        self.data = Data.coerce(data, example_inputs)
+        self.recipes = [Recipe.parse(r) for r in recipes]
+        self.target = resolve(backend, device, threads, [alts for r in self.recipes for alts in r.precisions])
+        self.batch_sizes = _batch_sizes(batch_sizes, self.data)
+        self.study, self.name, self.timing = _study(study), name or self.data.name or type(model).__name__, timing
+        self.row_id: int | None = None
+        _progress(progress, "measuring the baseline", 0.0)
+        self.model = working_copy(self.original, self.data, self.target)
+        self.facts = ModelFacts(self.model, self.data, self.target)
+        self.measurement = measure(self.model, self.data, self.target, reference=self.model)
+        self.env = self.target.environment()
+
+    def check(self, recipe) -> tuple[Recipe, list]:
+        """The recipe parsed and each step's technique, refused before any work when it cannot run here."""
+        from .registry import technique_for
+
+        recipe = Recipe.parse(recipe)
+        techniques = [technique_for(step) for step in recipe.steps]
+        for step in recipe.steps:
+            if step.needs_train and self.data.train is None:
+                raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the "
+                                  "data has no train split; build it with wb.Data(train=..., val=...)")
+        return recipe, techniques
+
+    def run(self, recipe, progress: Callable | None = None, backend: str | None = None):
+        """Apply `recipe` to a copy of the user's model, measure it beside the baseline, record it; a Result.
+
+        backend: run this candidate on another backend than the baseline's target names (autotune tries both).
+        """
+        with rng_preserved():
+            return self._run(recipe, progress, backend)
+
+    def _run(self, recipe, progress, backend):
+        import torch
+
+        from .checks import preflight_lines
+        from .measure import layer_table, measure, time_side_by_side
+        from .registry import backend_named, backend_of
+        from .result import Result
+
+        recipe, techniques = self.check(recipe)
+        target = self.target if backend is None else resolve_backend(self.target, backend)
+        checks = preflight_lines(recipe, self.facts)
+        ctx = Context(data=self.data, original=self.model, target=target, facts=self.facts, on_progress=progress)
+        total = len(recipe.steps) + 2
+        work, float_model, lowered = working_copy(self.original, self.data, self.target), None, None
+        for i, (step, tech) in enumerate(zip(recipe.steps, techniques)):
+            ctx.progress(f"step {i + 1}/{len(recipe.steps)}: {step.describe()}", (i + 1) / total)
+            if lowered:
+                raise RecipeError(f"{step.describe()}: the model was already lowered to {lowered} by an earlier "
+                                  f"step; put {step.short} before it (a model is lowered once, last)")
+            before = work
+            work = tech.apply(work, step, ctx)
+            if step.stage >= 2 or not isinstance(work, torch.nn.Module):
+                lowered, float_model = backend_of(work).label_of(work), before
+            else:
+                _still_runs(work, step, ctx)
+        if lowered is None and target.backend != "auto":
+            ctx.progress(f"lowering to {target.backend}", None)
+            float_model = work
+            work = backend_named(target.backend).lower(work, "fp32", ctx)
+        label = backend_of(work).label_of(work)
+
+        ctx.progress("measuring the optimized model", (len(recipe.steps) + 1) / total)
+        candidate = measure(work, self.data, self.target, reference=self.model, macs_model=float_model)
+        baseline = copy.deepcopy(self.measurement)
+        time_side_by_side({"baseline": (self.model, baseline), "candidate": (work, candidate)}, self.data,
+                          self.batch_sizes, self.target, baseline="baseline", plan=self.timing,
+                          progress=ctx.progress)
+        slower = [s for s in candidate.speedups.values() if s.slower]
+        if slower:
+            fewer = candidate.macs and baseline.macs and candidate.macs < 0.95 * baseline.macs
+            ctx.note(("fewer MACs, yet " if fewer else "") + "slower than the baseline here at batch "
+                     + ", ".join(f"{s.batch} ({s})" for s in slower) + "; MACs and size do not decide latency, "
+                     "the runtime's kernels do")
+        result = Result(model=work, recipe=recipe, measurement=candidate, baseline=baseline, notes=ctx.notes,
+                        preflight=checks, backend=label, target=target, env=self.env,
+                        example_inputs=self.data.example_inputs, details=ctx.details,
+                        layers=layer_table(float_model if float_model is not None else work))
+        self._record(result)
+        ctx.progress("done", 1.0)
+        return result
+
+    def _record(self, result) -> None:
+        if self.study is None:
+            return
+        if self.row_id is None:
+            self.row_id = self.study.add("baseline", result.baseline, kind="baseline", model=self.name,
+                                         env=self.env)
+        result.baseline_id = self.row_id
+        result.run_id = self.study.add(str(result.recipe), result.measurement, parent=self.row_id, model=self.name,
+                                       recipe=result.recipe, notes=result.notes, env=self.env)
+
+
+def resolve_backend(target, backend: str):
+    """The same target on another backend, checked."""
+    from .target import resolve
+
+    return resolve(backend, target.device, target.threads)
+
+
+def _progress(progress: Callable | None, message: str, fraction: float | None) -> None:
+    if progress is not None:
+        progress(message, fraction)
+
+
+def run_many(model, recipes, data=None, *, on_result: Callable | None = None, progress: Callable | None = None,
+             **options) -> list:
+    """Optimize `model` with each recipe against one shared baseline; returns the Results in order.
+
+    on_result(result) is called as each candidate finishes (a live chart adds it); `progress(message, fraction)`
+    spans all recipes. Options are `optimize`'s (backend, device, batch_sizes, threads, study, name, ...).
+    """
+    recipes = [Recipe.parse(r) for r in (recipes if isinstance(recipes, (list, tuple)) else [recipes])]
+    if not recipes:
+        raise RecipeError("run_many: no recipes given; e.g. ['quant=int8', 'prune=0.5:structured=true']")
+    base = Baseline(model, data, progress=progress, recipes=recipes, **options)
+    for recipe in recipes:
+        base.check(recipe)  # every recipe refused before any work, not after the first ran
+    results = []
+    for i, recipe in enumerate(recipes):
+        def step_progress(message, fraction=None, i=i, recipe=recipe):
+            if progress is not None:
+                label = f"[{i + 1}/{len(recipes)}] {recipe}: " if len(recipes) > 1 else ""
+                progress(label + message, None if fraction is None else (i + fraction) / len(recipes))
+
+        results.append(base.run(recipe, progress=step_progress))
+        if on_result is not None:
+            on_result(results[-1])
+    return results
+
+
 def optimize(model, recipe, data=None, *, backend: str = "auto", device: str = "auto", batch_sizes=None,
              threads: int | None = None, study=None, progress: Callable | None = None, example_inputs=None,
-             name: str | None = None, baseline=None):
+             name: str | None = None, timing=None):
     """Apply `recipe` to a copy of `model`, measure it against the original, and return a `Result`.
 
     recipe: a Recipe, steps, a dict/YAML, or the short form "prune=0.5,quant=int8".
-    data: a `wb.Data` bundle or an `eval_fn(model) -> float`.
-    backend: "auto" (ONNX Runtime for int8 on CPU, torch otherwise), "torch" or "onnxruntime".
+    data: a `wb.Data` bundle or an `eval_fn(model) -> float` (then pass `example_inputs`).
+    backend: "auto" (the first registered backend that runs each step's precision here), or a backend's name.
+    device: "auto" (CUDA when present and the recipe runs there), "cpu" or "cuda".
     batch_sizes: batch sizes to time (default: 1 and the validation batch size).
     study: where the run is recorded (default `wb.Study.default()`; False for nowhere).
     progress: `fn(message, fraction_or_None)` called as work advances.
-    baseline: an earlier Result of the same model and data whose baseline measurement (and Study row) to reuse,
-        as a sweep does.
+    timing: a `workbench.measure.TimingPlan` (rounds, seconds) instead of the defaults.
     """
-    from .measure import environment, is_torch_module, layer_table, measure
-    from .registry import technique_for
-    from .result import Result
-
-    model = _check_model(model)
-    recipe = Recipe.parse(recipe)
-    data = Data.coerce(data, example_inputs)
-    if backend not in BACKENDS:
-        raise DeviceError(f"backend {backend!r} is not known; use one of {', '.join(BACKENDS)}")
-    device = resolve_device(device)
-    backend = resolve_backend(backend, device)
-    handlers = [technique_for(step) for step in recipe.steps]  # fail on an unknown step before any work
-    for step in recipe.steps:
-        if step.needs_train and data.train is None:
-            raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the data "
-                              "has no train split; build it with wb.Data(train=..., val=...)")
-    batch_sizes = tuple(batch_sizes or (baseline.baseline["batch_sizes"].split(",") if baseline else None)
-                        or _default_batches(data))
-    batch_sizes = tuple(int(b) for b in batch_sizes)
-    ctx = Context(data=data, original=model, backend=backend, device=device, threads=threads, on_progress=progress)
-
-    ctx.progress("measuring the baseline", 0.0)
-    baseline_model = _working_copy(model, data, device)
-    from .checks import preflight
-
-    checks = preflight(baseline_model, recipe, data, device)
-    earlier = baseline
-    if earlier is not None and earlier.baseline["batch_sizes"] == ",".join(map(str, batch_sizes)):
-        baseline = earlier.baseline
-    else:
-        earlier = None
-        baseline = measure(baseline_model, data, batch_sizes, device=device, threads=threads,
-                           reference=baseline_model)
-        baseline["backend"] = "torch"
-
-    work, float_model = _working_copy(model, data, device), None
-    for i, (step, handler) in enumerate(zip(recipe.steps, handlers)):
-        ctx.progress(f"step {i + 1}/{len(recipe.steps)}: {step.describe()}", (i + 1) / (len(recipe.steps) + 2))
-        before = work
-        work = handler(work, step, ctx)
-        if ctx.lowered and float_model is None:
-            float_model = before
-    if backend == "onnxruntime" and is_torch_module(work):
-        from .backends.ort import OrtModel
-
-        ctx.progress("exporting to ONNX Runtime", None)
-        float_model = work
-        work = OrtModel.from_torch(work, data.example_inputs, device=device, threads=threads)
-        ctx.lowered = "onnxruntime-fp32"
-    backend_label = ctx.lowered or "torch"
-
-    ctx.progress("measuring the optimized model", (len(recipe.steps) + 1) / (len(recipe.steps) + 2))
-    metrics = measure(work, data, batch_sizes, device=device, threads=threads, reference=baseline_model,
-                      macs_model=float_model)
-    metrics["backend"] = backend_label
-    slower = [b for b in batch_sizes if metrics[f"latency_p50_ms_b{b}"] > 1.05 * baseline[f"latency_p50_ms_b{b}"]]
-    if slower:
-        fewer = metrics.get("macs") and baseline.get("macs") and metrics["macs"] < 0.95 * baseline["macs"]
-        ctx.note(("fewer MACs, yet " if fewer else "") + "slower than the baseline here at batch "
-                 + ", ".join(map(str, slower)) + " (measured p50); MACs and size do not decide latency, the "
-                 "runtime's kernels do")
-    env = environment(metrics["threads"], device)
-    result = Result(model=work, recipe=recipe, metrics=metrics, baseline=baseline, notes=ctx.notes, preflight=checks,
-                    backend=backend_label, device=device, env=env, example_inputs=data.example_inputs,
-                    layers=layer_table(float_model if float_model is not None else work), details=ctx.details)
-    store = _study(study)
-    if store is not None:
-        model_name = name or data.name or type(model).__name__
-        result.baseline_id = earlier.baseline_id if earlier is not None and earlier.baseline_id else store.add(
-            "baseline", baseline, kind="baseline", model=model_name, backend="torch", device=device, env=env)
-        result.run_id = store.add(str(recipe), metrics, parent=result.baseline_id, model=model_name, recipe=recipe,
-                                  backend=backend_label, device=device, notes=ctx.notes, env=env)
-    ctx.progress("done", 1.0)
-    return result
+    return run_many(model, [recipe], data, backend=backend, device=device, batch_sizes=batch_sizes,
+                    threads=threads, study=study, progress=progress, example_inputs=example_inputs, name=name,
+                    timing=timing)[0]
 
 
 def compare(models: dict, data=None, *, device: str = "auto", batch_sizes=None, threads: int | None = None,
-            baseline: str | None = None, study=None, progress: Callable | None = None, example_inputs=None):
-    """Measure several models side by side in one process; returns a DataFrame (ratios against `baseline`).
+            baseline: str | None = None, study=None, progress: Callable | None = None, example_inputs=None,
+            timing=None):
+    """Measure several models side by side in one process, timed interleaved; a DataFrame with speedups (and their
+    intervals) against `baseline` (default: the first).
 
-    models: {"fp32": model, "int8": result, ...}; values are torch modules, `OrtModel`s or `Result`s.
+    models: {"fp32": model, "int8": result, ...}; values are torch modules, models a backend made, or `Result`s.
     """
-    from .backends.ort import OrtModel
-    from .measure import environment, is_torch_module, measure
-    from .result import Result, summary_table
-
     if not isinstance(models, dict) or not models:
         raise ModelError("compare needs a non-empty dict of models, e.g. {'fp32': model, 'int8': result}")
+    with rng_preserved():
+        return _compare(models, data, device, batch_sizes, threads, baseline, study, progress, example_inputs,
+                        timing)
+
+
+def _compare(models, data, device, batch_sizes, threads, baseline, study, progress, example_inputs, timing):
+    from .measure import measure, time_side_by_side
+    from .registry import backend_of
+    from .result import Result
+    from .tables import results_table
+    from .target import resolve
+
     data = Data.coerce(data, example_inputs)
-    device = resolve_device(device)
-    batch_sizes = tuple(batch_sizes or _default_batches(data))
+    target = resolve(device=device, threads=threads)
+    batch_sizes = _batch_sizes(batch_sizes, data)
     baseline = baseline or next(iter(models))
     if baseline not in models:
         raise ModelError(f"baseline {baseline!r} is not one of the models: {', '.join(models)}")
-    prepared = {}
+    prepared, counted = {}, {}
     for label, m in models.items():
-        if isinstance(m, Result):
+        if isinstance(m, Result):  # its float model's MACs and parameters, which a runtime graph does not give
+            counted[label] = m.measurement
             m = m.model
-        if is_torch_module(m):
-            m = _working_copy(m, data, device)
-        elif not isinstance(m, OrtModel):
-            raise ModelError(f"compare: {label!r} is a {type(m).__name__}; expected a torch module, an OrtModel or "
-                             "a Result")
-        prepared[label] = m
+        try:
+            backend = backend_of(m)
+        except DeviceError:
+            raise ModelError(f"compare: {label!r} is a {type(m).__name__}; expected a torch module, a model a "
+                             "backend made, or a Result") from None
+        prepared[label] = backend.place(m, target)
+        _check_runs(prepared[label], data, target, f"compare: {label!r}")
     reference = prepared[baseline]
-    rows = {}
+    entries = {}
     for i, (label, m) in enumerate(prepared.items()):
-        if progress:
-            progress(f"measuring {label}", i / len(prepared))
-        rows[label] = measure(m, data, batch_sizes, device=device, threads=threads, reference=reference)
-        rows[label]["backend"] = "onnxruntime" if isinstance(m, OrtModel) else "torch"
+        _progress(progress, f"measuring {label}", i / (len(prepared) + 1))
+        entries[label] = (m, measure(m, data, target, reference=reference))
+        if label in counted and entries[label][1].macs is None:
+            entries[label][1].macs = counted[label].macs
+    time_side_by_side(entries, data, batch_sizes, target, baseline=baseline, plan=timing, progress=progress)
     store = _study(study)
     if store is not None:
-        env = environment(threads, device)
-        for label, row in rows.items():
-            store.add(label, row, kind="compare", model=label, backend=row["backend"], device=device, env=env)
-    return summary_table(rows, baseline)
+        env = target.environment()
+        for label, (_, row) in entries.items():
+            store.add(label, row, kind="compare", model=label, env=env)
+    _progress(progress, "done", 1.0)
+    return results_table({label: m for label, (_, m) in entries.items()}, baseline)
 
 
-__all__ = ["optimize", "compare", "Context"]
+__all__ = ["optimize", "run_many", "compare", "Baseline", "Context"]

@@ -23,3 +23,21 @@ class ExportError(WorkbenchError, RuntimeError):
 
 class DeviceError(WorkbenchError, RuntimeError):
     """The requested device or backend is not available on this machine."""
+
+
+class ReportError(WorkbenchError):
+    """A report could not be made; the message says why (the notebook and HTML are still written)."""
+
+
+class MissingExtra(WorkbenchError, ImportError):
+    """An optional part of the workbench needs a package that is not installed; the message names the extra."""
+
+
+def require(module: str, extra: str, what: str):
+    """Import `module`, or raise MissingExtra naming the extra that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{what} needs {module.split('.')[0]}: pip install 'workbench[{extra}]'") from None

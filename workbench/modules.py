@@ -1,13 +1,11 @@
-"""torch modules the workbench builds: the built-in architectures and small wrappers.
+"""The built-in architectures (the zoo's models and the students distillation builds from them).
 
 They live at module level (not inside functions) so that saved models pickle and reload.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .data import map_tensors
 
 
 def digits_mlp(width: float = 1.0) -> nn.Module:
@@ -39,18 +37,3 @@ class SentenceEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, p=2, dim=1)
-
-
-class CastInputs(nn.Module):
-    """Runs a half/bfloat16 model on float32 inputs and returns float32 outputs, so callers need not care."""
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module, self.dtype = module, dtype
-
-    def forward(self, *args, **kwargs):
-        def cast(t):
-            return t.to(self.dtype) if t.is_floating_point() else t
-
-        out = self.module(*map_tensors(args, cast), **map_tensors(kwargs, cast))
-        return map_tensors(out, lambda t: t.float() if t.is_floating_point() else t)

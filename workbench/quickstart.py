@@ -20,27 +20,29 @@ def main(argv=None) -> int:
                         help="';'-separated recipes to try")
     args = parser.parse_args(argv)
 
-    def progress(message, fraction=None):
-        print(f"  .. {message}", file=sys.stderr, flush=True)
+    from .progress import Lines
+
+    progress = Lines()
 
     print(f"loading {args.model} (trained and cached on first use)", file=sys.stderr)
     model, data = wb.zoo.load(args.model, progress=progress)
-    results = {}
-    for recipe in args.recipes.split(";"):
-        print(f"optimizing: {recipe}", file=sys.stderr)
-        results[recipe] = wb.optimize(model, recipe, data=data, threads=args.threads, progress=progress)
+    results = wb.run_many(model, args.recipes.split(";"), data=data, threads=args.threads, progress=progress)
     import pandas as pd
 
-    first = next(iter(results.values()))
-    table = pd.concat([first.table().iloc[[0]]] + [r.table().iloc[[1]] for r in results.values()])
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_columns", 30)
-    print(f"\n{args.model}: {first.env['cpu']}, {first.metrics['threads']} threads, torch {first.env['torch']}, "
-          f"onnxruntime {first.env['onnxruntime']}")
-    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    for recipe, r in results.items():
+    from .tables import table
+
+    first = results[0]
+    from .registry import backends
+
+    versions = ", ".join(f"{k} {v}" for b in backends() for k, v in b.versions().items())
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(f"\n{args.model}: {first.env['cpu']}, {first.measurement.threads} threads, torch {first.env['torch']}, "
+              f"{versions}")
+        print(table(results).to_string())
+    for r in results:
+        print(f"- {r.recipe}: {r.verdict}")
         for note in r.notes:
-            print(f"- {recipe}: {note}")
+            print(f"  - {note}")
     return 0
 
 

@@ -1,106 +1,171 @@
 """Recipes: an ordered list of small validated steps that round-trips through dict, YAML and a short string.
 
-    >>> from workbench.recipe import Recipe, Quantize, Prune
+    >>> from workbench import Recipe, Prune, Quantize
     >>> r = Recipe([Prune(0.5, structured=True), Quantize("int8")])
     >>> Recipe.parse("prune=0.5:structured=true,quant=int8") == r
     True
 
-A magic's flags, a widget's state and a papermill parameter all become the same dict (`Recipe.to_dict`).
+A step is a dataclass whose fields carry their own rules (`option(...)`): validation, the short form, the magic's
+and CLI's flags, the panel's controls and sweep grids are all derived from them, so a new technique declares its
+fields once. Steps themselves live beside their handlers in `workbench/techniques/`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from . import registry
 from .errors import RecipeError
 
-STEP_TYPES: dict[str, type["Step"]] = {}
+
+# -- fields that validate themselves ---------------------------------------------------------------------------
+def option(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False, integer: bool = False,
+           optional: bool = False, names: bool = False, module: str | None = None, flag: str | None = None,
+           ui: tuple | None = None, excludes: bool = False, help: str = ""):
+    """A step field with its rules.
+
+    choices: allowed values. low/high (open or closed), integer: a number in range; optional: None allowed too.
+    names: layer names (a string or a tuple of strings, stored as a tuple). module: a torch module, a name or None
+        (the value is a regex a string spec must match when it holds '='). flag: an extra command-line flag that
+        sets this field (e.g. '--structured'). ui: (low, high, step) for the panel's slider. excludes: layer names
+        this step leaves alone (the layer map fills them). help: one line.
+    """
+    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "integer": integer, "optional": optional, "names": names, "module": module, "flag": flag, "ui": ui,
+            "excludes": excludes, "help": help}
+    if names:
+        return field(default=tuple(default) if default is not dataclasses.MISSING else (), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _step(kind: str, short: str, main: str):
-    """Register a step class under its `type` name, its short-form key and the field the short form sets."""
+def _check_field(step: str, f, value: Any) -> Any:
+    meta = f.metadata
+    name = f"{step}.{f.name}"
+    if not meta:
+        return value
+    if meta["names"]:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{name}: expected layer names (strings), got {value!r}")
+        return tuple(value)
+    if value is None and meta["optional"]:
+        return value
+    if meta["module"] is not None:
+        if value is None or hasattr(value, "parameters"):
+            return value
+        if not isinstance(value, str):
+            raise RecipeError(f"{name}: expected a torch module, a name or None, got {type(value).__name__}")
+        if meta["module"] and "=" in value and not re.fullmatch(meta["module"], value):
+            raise RecipeError(f"{name}: {value!r} is not a spec; use e.g. 'width=0.5' or 'depth=0.5'")
+        return value
+    if meta["choices"] is not None:
+        if not any(value is c or (value == c and type(value) is type(c)) for c in meta["choices"]):
+            raise RecipeError(f"{name}: {value!r} is not allowed; choose one of "
+                              f"{', '.join(map(_fmt_choice, meta['choices']))}")
+        return value
+    if meta["low"] is not None or meta["high"] is not None or meta["integer"]:
+        kind = int if meta["integer"] else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise RecipeError(f"{name}: expected {'an integer' if meta['integer'] else 'a number'}, got {value!r}")
+        lo, hi = meta["low"], meta["high"]
+        below = lo is not None and (value <= lo if meta["low_open"] else value < lo)
+        above = hi is not None and (value >= hi if meta["high_open"] else value > hi)
+        if below or above or value != value:  # NaN is out of every range
+            interval = f"{'(' if meta['low_open'] else '['}{lo}, {hi}{')' if meta['high_open'] else ']'}"
+            raise RecipeError(f"{name}: {value!r} is out of range; allowed {interval}")
+    return value
 
-    def wrap(cls):
-        cls.kind, cls.short, cls.main_field = kind, short, main
-        STEP_TYPES[kind] = cls
-        return cls
 
-    return wrap
+def _fmt_choice(value: Any) -> str:
+    return "None" if value is None else repr(value)
 
 
-def _choice(step: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise RecipeError(f"{step}.{name}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _number(step: str, name: str, value: Any, lo: float, hi: float, *, lo_open=False, hi_open=False, integer=False):
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise RecipeError(f"{step}.{name}: expected {'an integer' if integer else 'a number'}, got {value!r}")
-    below = value <= lo if lo_open else value < lo
-    above = value >= hi if hi_open else value > hi
-    if below or above:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise RecipeError(f"{step}.{name}: {value!r} is out of range; allowed {interval}")
-
-
-def _names(step: str, name: str, value: Any) -> tuple:
-    if isinstance(value, str):
-        value = (value,)
-    if not all(isinstance(v, str) for v in value):
-        raise RecipeError(f"{step}.{name}: expected layer names (strings), got {value!r}")
-    return tuple(value)
+def spec_of(f) -> dict:
+    """The rules of a step field, for faces that build controls or flags from them."""
+    return dict(f.metadata) if f.metadata else {}
 
 
 @dataclass
 class Step:
-    """Base of all steps. `kind` is the step's type name in dicts and YAML."""
+    """Base of all steps. A subclass sets `kind` (its type in dicts and YAML), `short` (its key in the short form
+    and its flag), `main_field` (what `short=value` sets), optionally `aliases`, `stage` and `colour`.
+
+    stage orders steps that must come in a given order: 0 changes or trains the torch model, 1 rewrites it for
+    inference only, 2 lowers it to a runtime form (int8, fp16). A step may not follow one of a higher stage.
+    """
 
     kind: ClassVar[str] = ""
     short: ClassVar[str] = ""
     main_field: ClassVar[str] = ""
+    aliases: ClassVar[tuple] = ()
+    stage: ClassVar[int] = 0
+    stage_note: ClassVar[str] = ""  # why nothing of a lower stage may follow this step
+    colour: ClassVar[str | None] = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _check_field(type(self).__name__, f, getattr(self, f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules and normalisation (after each field passed its own rules)."""
 
     @property
     def needs_train(self) -> bool:
         """Whether this step reads the data's train split (calibration, gradients, training)."""
         return False
 
+    def precisions(self) -> tuple:
+        """For a step that lowers the model: the precisions any of which would do (empty for other steps)."""
+        return ()
+
     def to_dict(self) -> dict:
         out = {"type": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
+            if hasattr(value, "parameters"):  # a module given in Python is named, not serialized
+                value = f"<{type(value).__name__} module>"
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Step":
+        if not isinstance(d, dict):
+            raise RecipeError(f"a step must be a mapping with a 'type', got {d!r}")
         d = dict(d)
         kind = d.pop("type", None) or cls.kind
-        step_cls = STEP_TYPES.get(str(kind).lower())
-        if step_cls is None:
-            raise RecipeError(f"unknown step type {kind!r}; known steps: {', '.join(STEP_TYPES)}")
+        step_cls = _by_name(str(kind), "step type")
         known = {f.name for f in fields(step_cls)}
-        unknown = set(d) - known
+        unknown = set(map(str, d)) - known
         if unknown:
             raise RecipeError(
                 f"{step_cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}; "
                 f"fields are: {', '.join(sorted(known))}")
-        return step_cls(**d)
+        try:
+            return step_cls(**d)
+        except TypeError as e:  # odd constructor arguments
+            raise RecipeError(f"{step_cls.__name__}: {e}") from None
 
     def describe(self) -> str:
         """Short form of this step, e.g. 'quant=int8' or 'prune=0.5:structured=true'."""
-        main = getattr(self, self.main_field)
-        parts = [self.short if main is None else f"{self.short}={_fmt(main)}"]
+        main = getattr(self, self.main_field) if self.main_field else None
+        parts = [self.short if main is None or main is True else f"{self.short}={_fmt(main)}"]
         for f in fields(self):
             if f.name == self.main_field:
                 continue
             value = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            if value != default and _short_ok(value):
+            if value != _default(f) and _short_ok(value):
                 parts.append(f"{f.name}={_fmt(value)}")
         return ":".join(parts)
+
+
+def _default(f) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def _fmt(value: Any) -> str:
@@ -115,262 +180,20 @@ def _short_ok(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, tuple))
 
 
-QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "fp16", "bf16", "auto")
+def _by_name(name: str, what: str = "step") -> type:
+    """A step class by its type, its short name or an alias."""
+    name = name.strip().lower()
+    for cls in registry.step_types().values():
+        if name in (cls.kind, cls.short, *cls.aliases):
+            return cls
+    if what == "step type":
+        known = ", ".join(cls.kind for cls in registry.step_types().values())
+        raise RecipeError(f"unknown step type {name!r}; known steps: {known}")
+    known = ", ".join(cls.short for cls in registry.step_types().values())
+    raise RecipeError(f"unknown step {name!r}; known: {known} (e.g. 'prune=0.5,quant=int8')")
 
 
-@_step("quantize", "quant", "dtype")
-@dataclass
-class Quantize(Step):
-    """Lower precision: int8 (dynamic or static, ONNX Runtime or torch), fp16 or bf16; `auto` picks per model.
-
-    `dtype="int8-static"` is shorthand for `dtype="int8", method="static"`.
-    """
-
-    dtype: str = "int8"
-    method: str = "auto"  # auto | dynamic | static (int8 only)
-    per_channel: bool = True
-    calibration: str = "minmax"  # minmax | entropy | percentile (static only)
-    format: str = "qdq"  # qdq | qoperator (static only)
-    calibration_batches: int = 8
-    reduce_range: bool | None = None  # None: 7-bit weights where the CPU lacks VNNI (avoids u8*s8 saturation)
-    exclude: tuple = ()
-
-    def __post_init__(self):
-        _choice("Quantize", "dtype", self.dtype, QUANT_DTYPES)
-        if self.dtype in ("int8-dynamic", "int8-static"):
-            if self.method not in ("auto", self.dtype[5:]):
-                raise RecipeError(f"Quantize: dtype={self.dtype!r} conflicts with method={self.method!r}")
-            self.dtype, self.method = "int8", self.dtype[5:]
-        _choice("Quantize", "method", self.method, ("auto", "dynamic", "static"))
-        if self.method != "auto" and self.dtype not in ("int8", "auto"):
-            raise RecipeError(f"Quantize.method: {self.method!r} applies to int8 only, not dtype={self.dtype!r}")
-        _choice("Quantize", "per_channel", self.per_channel, (True, False))
-        _choice("Quantize", "reduce_range", self.reduce_range, (None, True, False))
-        _choice("Quantize", "calibration", self.calibration, ("minmax", "entropy", "percentile"))
-        _choice("Quantize", "format", self.format, ("qdq", "qoperator"))
-        _number("Quantize", "calibration_batches", self.calibration_batches, 1, 10_000, integer=True)
-        self.exclude = _names("Quantize", "exclude", self.exclude)
-
-    @property
-    def needs_train(self) -> bool:
-        return self.method == "static"
-
-    def describe(self) -> str:
-        head = f"quant={self.dtype}" + (f"-{self.method}" if self.method != "auto" else "")
-        rest = Step.describe(self).split(":")[1:]
-        return ":".join([head] + [p for p in rest if not p.startswith("method=")])
-
-
-@_step("prune", "prune", "sparsity")
-@dataclass
-class Prune(Step):
-    """Remove weights (unstructured) or whole channels/neurons/heads (structured) by importance."""
-
-    sparsity: float = 0.5
-    structured: bool = False
-    scope: str = "global"  # global | layer
-    criterion: str = "l1"  # l1 | l2 | taylor
-    schedule: str | None = None  # None (one-shot) | "iterative:N" | "cubic:N"
-    ignore: tuple = ()
-    per_layer: str = "uniform"  # uniform | sensitivity (prune less where the metric is fragile)
-
-    def __post_init__(self):
-        _number("Prune", "sparsity", self.sparsity, 0, 1, hi_open=True)
-        _choice("Prune", "per_layer", self.per_layer, ("uniform", "sensitivity"))
-        _choice("Prune", "structured", self.structured, (True, False))
-        _choice("Prune", "scope", self.scope, ("global", "layer"))
-        _choice("Prune", "criterion", self.criterion, ("l1", "l2", "taylor"))
-        if self.schedule is not None:
-            kind, _, n = str(self.schedule).partition(":")
-            if kind not in ("oneshot", "iterative", "cubic") or (kind != "oneshot" and not n.isdigit()):
-                raise RecipeError(
-                    f"Prune.schedule: {self.schedule!r} is not allowed; use None, 'oneshot', 'iterative:N' or 'cubic:N'")
-        self.ignore = _names("Prune", "ignore", self.ignore)
-
-    @property
-    def needs_train(self) -> bool:
-        return self.criterion == "taylor" or self.schedule not in (None, "oneshot")
-
-    @property
-    def steps(self) -> int:
-        """How many pruning rounds the schedule has (1 for one-shot)."""
-        return 1 if self.schedule in (None, "oneshot") else int(str(self.schedule).split(":")[1])
-
-    def ratios(self) -> list[float]:
-        """Target sparsity after each round: linear for 'iterative:N', cubic (as in GMP) for 'cubic:N'."""
-        n, s = self.steps, self.sparsity
-        if str(self.schedule).startswith("cubic"):
-            return [s * (1 - (1 - t / n) ** 3) for t in range(1, n + 1)]
-        return [s * t / n for t in range(1, n + 1)]
-
-
-def _model_ref(step: str, name: str, value: Any, spec_pattern: str | None = None) -> None:
-    """None, a string (a built-in name, 'original', or a spec), or a torch module given in Python."""
-    import re
-
-    if value is None or hasattr(value, "parameters"):
-        return
-    if not isinstance(value, str):
-        raise RecipeError(f"{step}.{name}: expected a torch module, a name or None, got {type(value).__name__}")
-    if spec_pattern and "=" in value and not re.fullmatch(spec_pattern, value):
-        raise RecipeError(f"{step}.{name}: {value!r} is not a spec; use e.g. 'width=0.5' or 'depth=0.5'")
-
-
-@_step("distill", "distill", "epochs")
-@dataclass
-class Distill(Step):
-    """Train the model (student) to match a teacher's softened outputs (Hinton et al.), or its embeddings.
-
-    teacher: None (the original model), a built-in name, or a torch module.
-    student: None (the model coming out of the previous steps), a spec like 'width=0.5' (built-in families) or
-        'depth=0.5' (keep every other transformer layer), or a torch module.
-    features: hidden states to match too, as 'layer' or 'student_layer:teacher_layer' names (MSE, with a learned
-        projection when widths differ).
-    """
-
-    epochs: int = 3
-    teacher: Any = None
-    student: Any = None
-    temperature: float = 4.0
-    alpha: float = 0.9
-    lr: float = 1e-3
-    features: tuple = ()
-    patience: int | None = 2
-
-    def __post_init__(self):
-        _number("Distill", "epochs", self.epochs, 1, 10_000, integer=True)
-        _model_ref("Distill", "teacher", self.teacher)
-        _model_ref("Distill", "student", self.student, r"(width|depth)=(\d*\.)?\d+")
-        _number("Distill", "temperature", self.temperature, 0, 1e6, lo_open=True)
-        _number("Distill", "alpha", self.alpha, 0, 1)
-        _number("Distill", "lr", self.lr, 0, 10, lo_open=True)
-        self.features = _names("Distill", "features", self.features)
-        if self.patience is not None:
-            _number("Distill", "patience", self.patience, 1, 10_000, integer=True)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        for name in ("teacher", "student"):  # a module given in Python is named, not serialized
-            if hasattr(out[name], "parameters"):
-                out[name] = f"<{type(out[name]).__name__} module>"
-        return out
-
-    @property
-    def needs_train(self) -> bool:
-        return True
-
-
-@_step("factorize", "factorize", "rank_ratio")
-@dataclass
-class Factorize(Step):
-    """Replace Linear/Conv layers by low-rank products where that saves MACs (truncated SVD / Tucker-2)."""
-
-    rank_ratio: float | None = None
-    energy: float | None = None
-    layers: str = "auto"
-
-    def __post_init__(self):
-        if (self.rank_ratio is None) == (self.energy is None):
-            raise RecipeError("Factorize: give exactly one of rank_ratio (0, 1] or energy (0, 1]")
-        if self.rank_ratio is not None:
-            _number("Factorize", "rank_ratio", self.rank_ratio, 0, 1, lo_open=True)
-        if self.energy is not None:
-            _number("Factorize", "energy", self.energy, 0, 1, lo_open=True)
-
-
-@_step("finetune", "finetune", "epochs")
-@dataclass
-class FineTune(Step):
-    """Train the model on the data's train split to recover accuracy after a lossy step."""
-
-    epochs: int = 1
-    lr: float = 1e-3
-
-    def __post_init__(self):
-        _number("FineTune", "epochs", self.epochs, 1, 10_000, integer=True)
-        _number("FineTune", "lr", self.lr, 0, 10, lo_open=True)
-
-    @property
-    def needs_train(self) -> bool:
-        return True
-
-
-@_step("unpad", "unpad", "enabled")
-@dataclass
-class Unpad(Step):
-    """Run a BERT-family encoder's dense layers on the real tokens only, skipping padding (same outputs)."""
-
-    enabled: bool = True
-
-    def __post_init__(self):
-        _choice("Unpad", "enabled", self.enabled, (True,))
-
-    def describe(self) -> str:
-        return "unpad"
-
-
-def _step_line(text: str, message: str) -> int | None:
-    """1-based YAML line of the field (or else the step) named in `message` ('recipe step N: Step.field: ...')."""
-    import re
-
-    import yaml
-
-    found = re.match(r"recipe step (\d+):", message)
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    if isinstance(root, yaml.MappingNode):
-        root = next((v for k, v in root.value if k.value == "steps"), None)
-    if not found or not isinstance(root, yaml.SequenceNode):
-        return None
-    step = root.value[int(found.group(1)) - 1]
-    field_name = re.match(r"recipe step \d+: \w+\.(\w+):", message)
-    if field_name and isinstance(step, yaml.MappingNode):
-        for key, _ in step.value:
-            if key.value == field_name.group(1):
-                return key.start_mark.line + 1
-    return step.start_mark.line + 1
-
-
-def from_flags(quant: str | None = None, prune: float | None = None, structured: bool = False,
-               distill: bool = False, teacher: str | None = None, epochs: int | None = None,
-               factorize: float | None = None, finetune: int | None = None, unpad: bool = False,
-               order: list[str] | None = None) -> dict:
-    """The recipe dict for command-line style flags (used by `%optimize`, the CLI and the panel).
-
-    Steps follow `order` (the order the flags were given), except that unpad and quantization always come last
-    (in that order): nothing can change the model after it is lowered to int8/fp16, and training steps expect the
-    original module layout.
-    """
-    if structured and prune is None:
-        raise RecipeError("--structured needs --prune S (the share of channels to remove)")
-    if not distill and (teacher is not None or epochs is not None):
-        raise RecipeError("--teacher and --epochs go with --distill")
-    steps: dict[str, dict] = {}
-    if prune is not None:
-        steps["prune"] = Prune(prune, structured=structured).to_dict()
-    if factorize is not None:
-        steps["factorize"] = Factorize(rank_ratio=factorize).to_dict()
-    if distill:
-        kwargs = {"teacher": teacher} if teacher else {}
-        steps["distill"] = Distill(**({"epochs": epochs} if epochs else {}), **kwargs).to_dict()
-    if finetune is not None:
-        steps["finetune"] = FineTune(finetune).to_dict()
-    if unpad:
-        steps["unpad"] = Unpad().to_dict()
-    if quant is not None:
-        steps["quant"] = Quantize(quant).to_dict()
-    default = ["prune", "factorize", "distill", "finetune", "unpad", "quant"]
-    last = ("unpad", "quant")
-    order = [k for k in (order or []) if k in steps] + [k for k in default if k not in (order or [])]
-    order = [k for k in order if k not in last and k in steps] + [k for k in last if k in steps]
-    if not order:
-        raise RecipeError("nothing to do: give at least one of --quant, --prune, --distill, --factorize, "
-                          "--finetune, --unpad, or --recipe")
-    return {"steps": [steps[k] for k in order]}
-
-
+# -- the short form ---------------------------------------------------------------------------------------------
 def _parse_scalar(text: str) -> Any:
     low = text.lower()
     if low in ("true", "yes"):
@@ -389,30 +212,166 @@ def _parse_scalar(text: str) -> Any:
     return text
 
 
+def parse_step(item: str) -> Step:
+    """One step from its short form: 'quant=int8-static:calibration=entropy', 'unpad', 'prune=0.5'."""
+    head, *options = item.strip().split(":")
+    key, eq, value = head.partition("=")
+    try:
+        cls = _by_name(key)
+    except RecipeError:
+        known = ", ".join(c.short for c in registry.step_types().values())
+        raise RecipeError(f"unknown step {key.strip().lower()!r} in {item!r}; known: {known} "
+                          "(e.g. 'prune=0.5,quant=int8')") from None
+    kwargs: dict[str, Any] = {}
+    if eq:
+        if not cls.main_field:
+            raise RecipeError(f"{cls.__name__} takes no value: write {cls.short!r}")
+        kwargs[cls.main_field] = _parse_scalar(value.strip())
+    for opt in options:
+        name, eq2, val = opt.partition("=")
+        if not eq2:
+            raise RecipeError(f"{cls.__name__}: option {opt!r} in {item!r} should look like name=value")
+        kwargs[name.strip()] = _parse_scalar(val.strip())
+    return Step.from_dict({"type": cls.kind, **kwargs})
+
+
 def _parse_short(text: str) -> list[Step]:
-    by_short = {cls.short: cls for cls in STEP_TYPES.values()}
-    aliases = {"quantize": "quant", "q": "quant", "fine-tune": "finetune", "factor": "factorize"}
-    steps = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        head, *options = item.split(":")
-        key, eq, value = head.partition("=")
-        key = aliases.get(key.strip().lower(), key.strip().lower())
-        cls = by_short.get(key)
-        if cls is None:
-            raise RecipeError(
-                f"unknown step {key!r} in {text!r}; known: {', '.join(by_short)} (e.g. 'prune=0.5,quant=int8')")
-        kwargs: dict[str, Any] = {}
-        if eq:
-            kwargs[cls.main_field] = _parse_scalar(value.strip())
-        for opt in options:
-            name, eq2, val = opt.partition("=")
-            if not eq2:
-                raise RecipeError(f"{cls.__name__}: option {opt!r} in {text!r} should look like name=value")
-            kwargs[name.strip()] = _parse_scalar(val.strip())
-        steps.append(Step.from_dict({"type": cls.kind, **kwargs}))
+    steps = [parse_step(item) for item in text.split(",") if item.strip()]
     if not steps:
         raise RecipeError(f"empty recipe {text!r}; e.g. 'quant=int8' or 'prune=0.5,quant=int8'")
     return steps
+
+
+# -- flags: what %optimize, the CLI, the panel and sweep grids set ---------------------------------------------
+def flag_fields() -> dict[str, tuple[type, Any]]:
+    """{flag key: (Step class, field)} for every extra flag a step field declares (e.g. 'structured')."""
+    out = {}
+    for cls in registry.step_types().values():
+        for f in fields(cls):
+            flag = f.metadata.get("flag") if f.metadata else None
+            if flag:
+                out[flag.lstrip("-").replace("-", "_")] = (cls, f)
+    return out
+
+
+def flag_keys() -> list[str]:
+    """Every key `from_flags` and sweep grids take: each technique's short name, then the extra flags."""
+    return [cls.short for cls in registry.step_types().values()] + list(flag_fields())
+
+
+def from_flags(order: list[str] | None = None, **flags: Any) -> dict:
+    """The recipe dict for command-line style flags (`%optimize`, the CLI, the panel, sweep grids).
+
+    A technique's key (`quant="int8"`, `prune=0.5`, `unpad=True`) adds its step: True for the defaults, a value
+    for its main field, or a value with options ('int8-static:calibration=entropy'); None or False leaves it out.
+    Extra flags (`structured=True`, `epochs=4`) set a field of their technique's step, which must be there.
+    Steps follow `order` (the order the flags were given), then their stage: inference rewrites and
+    quantization come last, whatever the order.
+    """
+    types = {cls.short: cls for cls in registry.step_types().values()}
+    extras = flag_fields()
+    unknown = [k for k in flags if k not in types and k not in extras]
+    if unknown:
+        raise RecipeError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags are: {', '.join(flag_keys())}")
+    steps: dict[str, Step] = {}
+    given = [k for k in (order or []) if k in types] + [k for k in types if k not in (order or [])]
+    for key in given:
+        value = flags.get(key)
+        if value is None or value is False:
+            continue
+        steps[key] = parse_step(key if value is True else f"{key}={value}")
+    for key, (cls, f) in extras.items():
+        value = flags.get(key)
+        if value is None or value is False:
+            continue
+        if cls.short not in steps:
+            raise RecipeError(f"--{key.replace('_', '-')} needs --{cls.short}")
+        steps[cls.short] = dataclasses.replace(steps[cls.short], **{f.name: value})
+    if not steps:
+        raise RecipeError("nothing to do: give at least one of "
+                          + ", ".join(f"--{k}" for k in types) + ", or --recipe")
+    ordered = sorted(steps.values(), key=lambda s: s.stage)  # stable: the given order within a stage
+    return {"steps": [s.to_dict() | _modules(s) for s in ordered]}
+
+
+def _describe_field(f) -> str:
+    meta = f.metadata or {}
+    if meta.get("choices") and meta["choices"] != (True, False):
+        return ", ".join(map(_fmt_choice, meta["choices"]))
+    if meta.get("low") is not None or meta.get("high") is not None:
+        lo = "(" if meta["low_open"] else "["
+        hi = ")" if meta["high_open"] else "]"
+        return f"{'an integer' if meta['integer'] else 'a number'} in {lo}{meta['low']}, {meta['high']}{hi}"
+    return ""
+
+
+def add_flags(parser) -> None:
+    """The technique flags on an argparse parser, from the registered steps' fields: `--SHORT [VALUE]` per
+    technique (VALUE sets its main field, options may follow as in the short form: 'int8-static:calibration=
+    entropy'), and each field's own `flag` (e.g. --structured). `%optimize` and the CLI share this."""
+    for cls in registry.step_types().values():
+        main = next((f for f in fields(cls) if f.name == cls.main_field), None)
+        doc = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
+        if main is None or (main.metadata or {}).get("choices") == (True,):
+            parser.add_argument(f"--{cls.short}", action="store_true", default=None, help=doc)
+            continue
+        values = _describe_field(main)
+        default = _default(main)
+        parser.add_argument(f"--{cls.short}", nargs="?", const=True, default=None, metavar=main.name.upper(),
+                            help=f"{doc}; {main.name}: {values + ', ' if values else ''}default {_fmt(default)}")
+    for key, (cls, f) in flag_fields().items():
+        bool_field = (f.metadata or {}).get("choices") == (True, False)
+        help_text = f"{f.metadata.get('help') or f.name} (with --{cls.short})"
+        if bool_field:
+            parser.add_argument(f"--{key.replace('_', '-')}", dest=key, action="store_true", default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def flags_from_args(args) -> dict:
+    """{flag key: value} of the technique flags argparse parsed (`add_flags`), values typed as in the short form."""
+    out = {}
+    for key in flag_keys():
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = _parse_scalar(value) if isinstance(value, str) and key in flag_fields() else value
+    return out
+
+
+def flag_order(tokens: list[str]) -> list[str]:
+    """Technique keys in the order their flags appear on a command line (that order becomes the recipe's)."""
+    shorts = {f"--{cls.short}": cls.short for cls in registry.step_types().values()}
+    return [shorts[t.split("=")[0]] for t in tokens if t.split("=")[0] in shorts]
+
+
+def _modules(step: Step) -> dict:
+    """Fields holding a torch module keep the module itself (a dict for the engine, not for YAML)."""
+    return {f.name: getattr(step, f.name) for f in fields(step) if hasattr(getattr(step, f.name), "parameters")}
+
+
+# -- recipes ---------------------------------------------------------------------------------------------------
+def _step_line(text: str, message: str) -> int | None:
+    """1-based YAML line of the field (or else the step) named in `message` ('recipe step N: Step.field: ...')."""
+    import yaml
+
+    found = re.match(r"recipe step (\d+):", message)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(root, yaml.MappingNode):
+        root = next((v for k, v in root.value if k.value == "steps"), None)
+    if not found or not isinstance(root, yaml.SequenceNode) or int(found.group(1)) > len(root.value):
+        return None
+    step = root.value[int(found.group(1)) - 1]
+    field_name = re.match(r"recipe step \d+: \w+\.(\w+):", message)
+    if field_name and isinstance(step, yaml.MappingNode):
+        for key, _ in step.value:
+            if key.value == field_name.group(1):
+                return key.start_mark.line + 1
+    return step.start_mark.line + 1
 
 
 @dataclass
@@ -428,14 +387,15 @@ class Recipe:
         self.steps = list(self.steps)
         for s in self.steps:
             if not isinstance(s, Step):
-                raise RecipeError(f"Recipe: {s!r} is not a step; use Quantize(...), Prune(...), Distill(...), "
-                                  "Factorize(...), FineTune(...) or Unpad()")
-        unpad = next((i for i, s in enumerate(self.steps) if isinstance(s, Unpad)), None)
-        later = [s for s in self.steps[unpad + 1:] if not isinstance(s, Quantize)] if unpad is not None else []
-        if later:
-            raise RecipeError(f"Recipe: {later[0].describe()} comes after unpad, which swaps the encoder for an "
-                              "inference-only packed one; put unpad after the steps that train, prune or factorize "
-                              "(only quantization may follow it)")
+                names = ", ".join(f"{c.__name__}(...)" for c in registry.step_types().values())
+                raise RecipeError(f"Recipe: {s!r} is not a step; use {names}")
+        for i, earlier in enumerate(self.steps):
+            later = next((s for s in self.steps[i + 1:] if s.stage < earlier.stage), None)
+            if later is not None:
+                raise RecipeError(f"Recipe: {later.describe()} comes after {earlier.describe()}, which "
+                                  f"{earlier.stage_note}; put {later.short} before it")
+        if self.name is not None and not isinstance(self.name, str):
+            raise RecipeError(f"Recipe: name must be a string, got {self.name!r}")
 
     # -- conversions -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -450,18 +410,22 @@ class Recipe:
             d = {"steps": d}
         if not isinstance(d, dict) or "steps" not in d:
             raise RecipeError(f"a recipe dict needs a 'steps' list, got {d!r}")
-        extra = set(d) - {"steps", "name"}
+        extra = set(map(str, d)) - {"steps", "name"}
         if extra:
             raise RecipeError(f"Recipe: unknown key(s) {', '.join(sorted(extra))}; keys are 'name' and 'steps'")
+        raw = d["steps"] if d["steps"] is not None else []
+        if not isinstance(raw, (list, tuple)):
+            raise RecipeError(f"Recipe: 'steps' must be a list of steps, got {type(raw).__name__} {raw!r}")
         steps = []
-        for i, s in enumerate(d["steps"] or []):
+        for i, s in enumerate(raw):
             if not isinstance(s, dict):
                 raise RecipeError(f"recipe step {i + 1}: expected a mapping with a 'type', got {s!r}")
             try:
                 steps.append(Step.from_dict(s))
-            except (RecipeError, TypeError) as e:  # TypeError: missing/odd constructor arguments
+            except RecipeError as e:
                 raise RecipeError(f"recipe step {i + 1}: {e}") from None
-        return cls(steps, name=d.get("name"))
+        name = d.get("name")
+        return cls(steps, name=None if name is None else str(name))
 
     def to_yaml(self) -> str:
         import yaml
@@ -476,7 +440,7 @@ class Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise RecipeError(f"recipe YAML does not parse: {e}") from None
+            raise RecipeError(f"recipe YAML does not parse: {' '.join(str(e).split())}") from None
         try:
             return cls.from_dict(data)
         except RecipeError as e:
@@ -493,6 +457,12 @@ class Recipe:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @property
+    def precisions(self) -> list[tuple]:
+        """Per lowering step, the precisions that would do ('int8-dynamic', 'int8-static', 'fp16' ...): what the
+        target must be able to run."""
+        return [alternatives for s in self.steps for alternatives in [s.precisions()] if alternatives]
+
     @classmethod
     def parse(cls, spec: Any) -> "Recipe":
         """Accept a Recipe, a Step, a list of steps, a dict, YAML text, a .yaml path or the short string form."""
@@ -505,6 +475,8 @@ class Recipe:
         if isinstance(spec, (list, tuple)):
             if all(isinstance(s, Step) for s in spec):
                 return cls(list(spec))
+            if all(isinstance(s, str) for s in spec):
+                return cls([s for text in spec for s in _parse_short(text)])
             return cls.from_dict({"steps": list(spec)})
         if isinstance(spec, str):
             text = spec.strip()
@@ -512,7 +484,7 @@ class Recipe:
                 from pathlib import Path
 
                 path = Path(text).expanduser()
-                if not path.exists():
+                if not path.is_file():
                     raise RecipeError(f"recipe file {text!r} does not exist")
                 return cls.from_yaml(path.read_text())
             if "\n" in text or text.startswith(("steps:", "name:", "{", "[")):
@@ -520,3 +492,6 @@ class Recipe:
             return cls(_parse_short(text))
         raise RecipeError(f"cannot make a recipe from {type(spec).__name__}; pass a Recipe, a dict, YAML or "
                           "a string like 'prune=0.5,quant=int8'")
+
+
+__all__ = ["Recipe", "Step", "option", "from_flags", "flag_keys", "parse_step", "add_flags", "flags_from_args"]

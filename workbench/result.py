@@ -1,4 +1,4 @@
-"""Result of `optimize`: the optimized model, its measurements next to the baseline's, and how it was made."""
+"""Result of `optimize`: the optimized model, its measurements beside the baseline's, and how it was made."""
 from __future__ import annotations
 
 import json
@@ -7,87 +7,79 @@ from pathlib import Path
 from typing import Any
 
 from .recipe import Recipe
-
-
-def summary_table(rows: dict[str, dict], baseline: str | None = None):
-    """A comparison DataFrame, one row per model: metric, latency p50/p95 per batch size, speedup, size, params, MACs.
-
-    Ratios (speedup, size x) are against `baseline` (default: the first row).
-    """
-    import pandas as pd
-
-    if not rows:
-        return pd.DataFrame()
-    names = list(rows)
-    base = rows[baseline or names[0]]
-    batches = [int(b) for b in str(base.get("batch_sizes", "1")).split(",") if b]
-    metric_name = base.get("metric_name", "metric")
-    table = {}
-    for name in names:
-        r = rows[name]
-        out: dict[str, Any] = {metric_name: r["metric"], f"Δ {metric_name}": r["metric"] - base["metric"]}
-        for b in batches:
-            p50 = r.get(f"latency_p50_ms_b{b}")
-            out[f"p50 ms (b={b})"] = p50
-            out[f"p95 ms (b={b})"] = r.get(f"latency_p95_ms_b{b}")
-            out[f"speedup (b={b})"] = base[f"latency_p50_ms_b{b}"] / p50 if p50 else None
-        out["size MB"] = r["size_bytes"] / 1e6
-        out["size ×"] = r["size_bytes"] / base["size_bytes"]
-        sparse = r.get("sparse_size_bytes")
-        if sparse and sparse < 0.9 * r["size_bytes"]:  # only where zeros make compression pay
-            out["sparse MB"] = sparse / 1e6
-            out["sparse size ×"] = sparse / base["size_bytes"]
-        out["params"] = r.get("params")
-        out["nonzero"] = r.get("nonzero_params")
-        out["MACs"] = r.get("macs")
-        out["backend"] = r.get("backend")
-        table[name] = out
-    df = pd.DataFrame.from_dict(table, orient="index")
-    df.index.name = "model"
-    return df
+from .verdict import DEFAULT_MAX_DROP
 
 
 @dataclass
 class Result:
     """What `wb.optimize` returns.
 
-    model: the optimized model (a torch module, or an `OrtModel` callable like one).
-    metrics / baseline: measurement rows (see `workbench.measure.measure`).
+    model: the optimized model (a torch module, or a backend's model callable like one).
+    measurement / baseline: `Measurement`s of the optimized model and of the original, timed side by side.
     notes: what the engine decided and why, and honest warnings (e.g. "no speedup expected here").
+    preflight: "will this be faster here?", checked before any work.
     """
 
     model: Any
     recipe: Recipe
-    metrics: dict
-    baseline: dict
+    measurement: Any
+    baseline: Any
     notes: list = field(default_factory=list)
     backend: str = "torch"
-    device: str = "cpu"
+    target: Any = None
     run_id: int | None = None
     baseline_id: int | None = None
     env: dict = field(default_factory=dict)
     example_inputs: Any = field(default=None, repr=False)
     layers: Any = field(default=None, repr=False)  # per-layer shapes and sparsity of the (last float) torch model
     details: dict = field(default_factory=dict, repr=False)  # per-technique tables, e.g. details["factorize"]
-    preflight: list = field(default_factory=list)  # "will this be faster here?", checked before any work
+    preflight: list = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return str(self.recipe)
 
+    @property
+    def device(self) -> str:
+        return self.measurement.device
+
     def table(self):
-        """Baseline and optimized model side by side, as a pandas DataFrame."""
-        return summary_table({"baseline": self.baseline, self.name: self.metrics}, "baseline")
+        """Baseline and optimized model side by side, as a numeric pandas DataFrame."""
+        from .tables import results_table
+
+        return results_table({"baseline": self.baseline, self.name: self.measurement}, "baseline")
+
+    @property
+    def speedups(self):
+        """One row per timed batch size: batch, ratio, low, high (the 95% interval), stable."""
+        import pandas as pd
+
+        rows = [{"batch": s.batch, "ratio": s.ratio, "low": s.low, "high": s.high, "stable": s.stable}
+                for _, s in sorted(self.measurement.speedups.items())]
+        return pd.DataFrame(rows, columns=["batch", "ratio", "low", "high", "stable"])
+
+    def judge(self, max_drop: float = DEFAULT_MAX_DROP):
+        """The `workbench.verdict.Verdict` on this candidate for a metric budget."""
+        from .verdict import judge
+
+        return judge(self.baseline, self.measurement, max_drop)
+
+    @property
+    def verdict(self) -> str:
+        """The one-line verdict (metric budget 0.01): faster only when the interval's lower bound is above 1."""
+        return self.judge().text
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:
-        m, b = self.metrics, self.baseline
-        return (f"Result({self.name!r}: {m['metric_name']} {b['metric']:.4f} -> {m['metric']:.4f}, "
-                f"size {b['size_bytes'] / 1e6:.2f} -> {m['size_bytes'] / 1e6:.2f} MB, backend={self.backend!r})")
+        m, b = self.measurement, self.baseline
+        return (f"Result({self.name!r}: {m.metric_name} {b.metric:.4g} -> {m.metric:.4g}, "
+                f"size {b.size_bytes / 1e6:.3g} -> {m.size_bytes / 1e6:.3g} MB, backend={self.backend!r})")
 
     def _repr_html_(self) -> str:
+        from .notebook.card import Card  # rendering is the notebook layer's; imported only when a notebook asks
+
         return Card(self)._repr_html_()
 
     # -- persistence -----------------------------------------------------------------------------------------
@@ -101,34 +93,7 @@ class Result:
         model_file = save_model(self.model, self.example_inputs, path)
         (path / "recipe.yaml").write_text(self.recipe.to_yaml())
         (path / "result.json").write_text(json.dumps(
-            {"model_file": model_file.name, "metrics": self.metrics, "baseline": self.baseline, "notes": self.notes,
-             "backend": self.backend, "device": self.device, "env": self.env}, indent=2, default=str))
+            {"model_file": model_file.name, "measurement": self.measurement.to_row(),
+             "baseline": self.baseline.to_row(), "notes": self.notes, "backend": self.backend, "env": self.env},
+            indent=2, default=str))
         return path
-
-
-class Card:
-    """The result card a notebook shows: the comparison table and the engine's notes (text or HTML)."""
-
-    def __init__(self, result: Result, name: str | None = None):
-        self.result, self.name = result, name
-
-    def _title(self) -> str:
-        r = self.result
-        where = f" -> {self.name}" if self.name else ""
-        return f"{r.name} on {r.device} ({r.backend}){where}"
-
-    def __repr__(self) -> str:
-        table = self.result.table().to_string(float_format=lambda v: f"{v:.4g}")
-        checks = "".join(f"\n! pre-flight: {n}" for n in self.result.preflight)
-        notes = "".join(f"\n- {n}" for n in self.result.notes)
-        return f"{self._title()}\n{table}{checks}{notes}"
-
-    def _repr_html_(self) -> str:
-        import html
-
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.notes)
-        checks = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.preflight)
-        checks = f"<p><b>pre-flight</b> (will this be faster here?)</p><ul>{checks}</ul>" if checks else ""
-        table = self.result.table().to_html(float_format=lambda v: f"{v:.4g}")
-        return (f"<div><b>{html.escape(self._title())}</b>{table}{checks}"
-                f"{f'<ul>{notes}</ul>' if notes else ''}</div>")

@@ -1,157 +1,48 @@
 """Saving and loading optimized models so that they reload without the user's code, and safely.
 
-Trust model:
-- `model.onnx` (ONNX Runtime) and `model.pt2` (a `torch.export` program: graph + weights, no pickled code) load
-  without running code from the file. Pruned models (smaller layers) reload as they are: the graph holds the shapes.
-- `model.pt` is a Python pickle, written only for models `torch.export` cannot capture (torch.ao dynamic int8).
-  Unpickling can run arbitrary code, so `load` refuses it unless `trust_pickle=True`: load only files you trust.
-- `weights.sparse.pt` (written when most weights are zero) stores them as a bitmask plus non-zero values; it loads
-  with `torch.load(weights_only=True)` through `load_sparse_state`.
+Each backend writes its own form (`Backend.save` / `Backend.load`): ONNX Runtime a `model.onnx`, torch a
+`torch.export` program (`model.pt2`: graph and weights, no pickled code) or, only for models torch.export cannot
+capture, a pickled `model.pt` that `load` refuses unless `trust_pickle=True` (unpickling can run code).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .data import map_tensors
 from .errors import WorkbenchError
 
 
-def _exported_cls():
-    from torch import nn
-
-    class ExportedModel(nn.Module):
-        """A reloaded `torch.export` program, callable like the original. Exported graphs are frozen in eval
-        mode, so `train()`/`eval()` only set this wrapper's flag."""
-
-        def __init__(self, graph):
-            super().__init__()
-            self.graph = graph
-
-        def train(self, mode: bool = True):
-            self.training = mode
-            return self
-
-        def forward(self, *args, **kwargs):
-            return self.graph(*args, **kwargs)
-
-    return ExportedModel
-
-
-def export_program(model, example_inputs: Any, path: Path) -> None:
-    """Save `model` as a torch.export program with a dynamic batch dimension on every input (and sequence length
-    on token inputs)."""
-    import torch
-
-    model = model.eval()
-    unsafe = [type(m).__name__ for m in model.modules() if getattr(m, "torch_export_safe", True) is False]
-    if unsafe:
-        raise NotImplementedError(f"{unsafe[0]} has data-dependent shapes that torch.export does not keep general")
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-
-    def two_rows(t):  # torch.export specialises a dimension of size 1, so trace with a batch of 2
-        return t.repeat(2, *[1] * (t.dim() - 1)) if t.shape[0] == 1 else t
-
-    example_inputs = map_tensors(example_inputs, two_rows)
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
-    else:
-        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        kwargs = None
-    shapes = torch.export.ShapesCollection()  # batch dimension dynamic, whatever the forward's signature
-
-    def dynamic(t):  # and the sequence axis of token inputs (2-D integer tensors), where the model allows it
-        token = t.dim() == 2 and not t.is_floating_point()
-        shapes[t] = {0: batch, 1: torch.export.Dim.AUTO} if token else {0: batch}
-
-    map_tensors((args, kwargs), dynamic)
-    program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
-    torch.export.save(program, str(path))
-
-
 def save_model(model, example_inputs: Any, directory: Path) -> Path:
-    """Write the model into `directory` in the safest format that holds it; returns the file written."""
-    import torch
+    """Write the model into `directory` in its backend's safest format; returns the file written."""
+    from .registry import backend_of
 
-    from .backends.ort import OrtModel
-
-    if isinstance(model, OrtModel):
-        return model.save(directory / "model.onnx")
-    target = directory / "model.pt2"
-    try:
-        export_program(model, example_inputs, target)
-    except Exception:
-        target.unlink(missing_ok=True)
-        target = directory / "model.pt"  # see the trust model above
-        torch.save(model, target)
-    if _mostly_sparse(model):
-        save_sparse_state(model, directory / "weights.sparse.pt")
-    return target
+    return backend_of(model).save(model, example_inputs, Path(directory))
 
 
 def load(path, device: str = "cpu", trust_pickle: bool = False):
-    """Load a model saved by `Result.save` (its directory) or a .onnx / .pt2 / .pt file."""
-    import torch
+    """Load a model saved by `Result.save` (its directory) or one model file (.onnx, .pt2, .pt)."""
+    from .registry import backend_for_file, backends
+    from .target import resolve
 
     path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"{path} does not exist; give the directory Result.save wrote, or a model file")
     if path.is_dir():
-        found = [path / f for f in ("model.onnx", "model.pt2", "model.pt") if (path / f).exists()]
+        names = [name for b in backends() for name in b.files]
+        found = [path / name for name in names if (path / name).exists()]
         if not found:
-            raise FileNotFoundError(f"{path} holds no model.onnx, model.pt2 or model.pt; was it written by "
-                                    "Result.save?")
+            raise WorkbenchError(f"{path} holds no {', '.join(names)}; was it written by Result.save?")
         path = found[0]
-    if path.suffix == ".onnx":
-        from .backends.ort import OrtModel
-
-        return OrtModel.load(path, device=device)
-    if path.suffix == ".pt2":
-        return _exported_cls()(torch.export.load(str(path)).module()).to(device)
-    if not trust_pickle:
-        raise WorkbenchError(f"{path.name} is a Python pickle, and loading a pickle can run code from the file; "
-                             "if you trust where it came from, use wb.load(path, trust_pickle=True)")
-    return torch.load(path, map_location=device, weights_only=False).eval()
-
-
-# -- compressed sparse weights ---------------------------------------------------------------------------------
-def _mostly_sparse(model) -> bool:
-    from .measure import serialized_size, sparse_size
-
-    sparse = sparse_size(model)
-    return sparse is not None and sparse < 0.9 * serialized_size(model)
-
-
-def save_sparse_state(model, path: Path) -> int:
-    """Write the state dict with mostly-zero float tensors as (bitmask, values); returns the bytes written."""
-    import numpy as np
-    import torch
-
-    state = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu()
-        if t.is_floating_point() and (t.numel() + 7) // 8 + int(t.count_nonzero()) * t.element_size() < \
-                t.numel() * t.element_size():
-            mask = (t != 0).flatten()
-            state[name] = {"shape": list(t.shape), "bits": torch.from_numpy(np.packbits(mask.numpy())),
-                           "values": t.flatten()[mask].clone()}
-        else:
-            state[name] = t
-    torch.save(state, path)
-    return path.stat().st_size
+    backend = backend_for_file(path) or next((b for b in backends() for f in b.files
+                                              if Path(f).suffix == path.suffix), None)
+    if backend is None:
+        raise WorkbenchError(f"{path.name}: not a model file the workbench knows (expected one of "
+                             f"{', '.join(sorted({Path(f).suffix for b in backends() for f in b.files}))})")
+    return backend.load(path, resolve(device=device), trust_pickle=trust_pickle)
 
 
 def load_sparse_state(path) -> dict:
-    """The dense state dict from a `weights.sparse.pt` file (loaded with weights_only=True)."""
-    import numpy as np
-    import torch
+    """The dense state dict from a `weights.sparse.pt` file (weights stored as bitmask + non-zeros)."""
+    from .backends.torch_eager.storage import load_sparse_state as load_state
 
-    out = {}
-    for name, v in torch.load(path, weights_only=True).items():
-        if isinstance(v, dict):
-            n = int(np.prod(v["shape"])) if v["shape"] else 1
-            mask = torch.from_numpy(np.unpackbits(v["bits"].numpy())[:n].astype(bool))
-            dense = torch.zeros(n, dtype=v["values"].dtype)
-            dense[mask] = v["values"]
-            out[name] = dense.reshape(v["shape"])
-        else:
-            out[name] = v
-    return out
+    return load_state(path)

@@ -1,10 +1,11 @@
 """Study: every optimize/compare run as a row, with its recipe and parent, kept in an embedded SQLite file.
 
-    >>> study = wb.Study("my-study.sqlite")      # or wb.Study.default(): .workbench/study.sqlite in the cwd
+    >>> study = wb.Study("my-study.sqlite")      # or wb.Study.default(), in the user's data directory
     >>> r = wb.optimize(model, "quant=int8", data=data, study=study)
-    >>> study.df[["name", "recipe", "metric", "latency_p50_ms_b1", "size_bytes"]]
+    >>> study.df[["name", "recipe", "metric", "latency_p50_ms_b1", "speedup_b1", "size_bytes"]]
 
-Rows survive a kernel restart: open the same file again and `study.df` has them.
+A row is a `Measurement` (`Measurement.to_row`), its recipe, lineage, notes and environment; `study.measurement(id)`
+gives the Measurement back. Rows survive a kernel restart: open the same file again and `study.df` has them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PATH = Path(".workbench") / "study.sqlite"
+DEFAULT_NAME = "study.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -53,17 +54,20 @@ class Study:
 
     @classmethod
     def default(cls) -> "Study":
-        """The study `optimize`/`compare` write to unless told otherwise: `$WORKBENCH_STUDY` or
-        `.workbench/study.sqlite` under the current directory."""
-        path = Path(os.environ.get("WORKBENCH_STUDY", DEFAULT_PATH)).resolve()
+        """The study `optimize`/`compare` write to unless told otherwise: `$WORKBENCH_STUDY`, or `study.sqlite`
+        in the workbench's data directory (`workbench.paths.data_dir`), never the working directory."""
+        from .paths import data_dir
+
+        path = Path(os.environ.get("WORKBENCH_STUDY") or data_dir() / DEFAULT_NAME).expanduser().resolve()
         if cls._default is None or cls._default.path != path:
             cls._default = cls(path)
         return cls._default
 
-    def add(self, name: str, metrics: dict, *, kind: str = "optimize", parent: int | None = None,
-            model: str | None = None, recipe: Any = None, backend: str | None = None, device: str | None = None,
-            notes: list | None = None, env: dict | None = None) -> int:
-        """Store one run; returns its id (use it as a later run's `parent`)."""
+    def add(self, name: str, measurement, *, kind: str = "optimize", parent: int | None = None,
+            model: str | None = None, recipe: Any = None, notes: list | None = None, env: dict | None = None) -> int:
+        """Store one run (a Measurement, or its row); returns its id (use it as a later run's `parent`)."""
+        metrics = measurement.to_row() if hasattr(measurement, "to_row") else dict(measurement)
+        backend, device = metrics.get("backend"), metrics.get("device")
         recipe_json = recipe.to_json() if hasattr(recipe, "to_json") else json.dumps(recipe) if recipe else None
         with self._conn:
             cur = self._conn.execute(
@@ -113,27 +117,14 @@ class Study:
             current = found[0]
         return chain[::-1]
 
-    def to_report(self, path, model: str | None = None, timeout: int = 1800) -> Path:
-        """Write the pipeline report for the recipes explored on `model` (default: the latest run's model), with
-        the same batch sizes and device, so someone else can re-run it. `path` is the HTML; the executed notebook
-        goes beside it. The model must be a built-in name or an import path 'package.module:factory'."""
-        from .reports import report
+    def measurement(self, run_id: int):
+        """The Measurement of run `run_id`."""
+        from .measure.measurement import Measurement
 
-        df = self.df
-        runs = df[df["kind"] == "optimize"]
-        if runs.empty:
-            from .errors import WorkbenchError
-
-            raise WorkbenchError("the study has no optimize runs to report on")
-        model = model or runs["model"].iloc[-1]
-        runs = runs[runs["model"] == model]
-        recipes = list(dict.fromkeys(runs["recipe"]))
-        path = Path(path)
-        batch_sizes = [int(b) for b in str(runs["batch_sizes"].iloc[-1]).split(",") if b]
-        params = {"model": model, "recipes": recipes, "batch_sizes": batch_sizes,
-                  "device": str(runs["device"].iloc[-1])}
-        report("pipeline", params, output=path.with_suffix(".ipynb"), html=path, timeout=timeout)
-        return path
+        found = self._conn.execute("SELECT metrics FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if found is None:
+            raise KeyError(f"no run {run_id} in {self!r}")
+        return Measurement.from_row(json.loads(found[0]))
 
     def close(self) -> None:
         self._conn.close()

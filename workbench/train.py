@@ -8,8 +8,9 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from .data import Data, call_model, first_tensor, map_tensors
+from .data import Data
 from .errors import DataError, RecipeError
+from .tensors import call_model, first_tensor, seeded
 
 SEED = 0
 
@@ -42,16 +43,9 @@ def task_loss(data: Data, reference: Any = None) -> Callable:
                       "wb.Data(..., loss=fn(outputs, targets) -> tensor)")
 
 
-def _device_of(model) -> str:
-    try:
-        return str(next(model.parameters()).device)
-    except StopIteration:
-        return "cpu"
-
-
 def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None, progress: Callable | None = None,
         keep_best: bool = True, reference: Any = None, label: str = "training", max_batches: int | None = None,
-        patience: int | None = None, extra_params=(), start_from_scratch: bool = False):
+        patience: int | None = None, extra_params=(), start_from_scratch: bool = False, target=None):
     """Train `model` in place on the train split with Adam; returns (model, history).
 
     keep_best: evaluate on the validation split before and after each epoch and restore the best state
@@ -60,28 +54,44 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
     extra_params: more parameters to train alongside (e.g. distillation's feature projections).
     On CUDA the forward and loss run under autocast (bf16 where supported, else fp16 with loss scaling).
     history: list of {"epoch", "loss", "metric"}; epoch 0 is the starting point.
+    Seeded (the same batches in the same order, whatever ran before); torch's global random state and the
+    loader's own generator are restored afterwards.
     """
     import torch
 
-    loss = loss or task_loss(data, reference)
-    device = _device_of(model)
-    torch.manual_seed(SEED)
+    from .target import of_model
+
+    target = target or of_model(model)
     shuffle = getattr(data.train, "generator", None) or getattr(getattr(data.train, "loader", None), "generator", None)
-    if isinstance(shuffle, torch.Generator):  # the same batches in the same order, whatever ran before
-        shuffle.manual_seed(SEED)
+    shuffle = shuffle if isinstance(shuffle, torch.Generator) else None
+    saved = shuffle.get_state() if shuffle is not None else None
+    try:
+        with seeded(SEED):
+            if shuffle is not None:
+                shuffle.manual_seed(SEED)
+            return _fit(model, data, epochs, lr, loss or task_loss(data, reference), progress, keep_best, reference,
+                        label, max_batches, patience, extra_params, start_from_scratch, target)
+    finally:
+        if shuffle is not None:
+            shuffle.set_state(saved)
+
+
+def _fit(model, data, epochs, lr, loss, progress, keep_best, reference, label, max_batches, patience, extra_params,
+         start_from_scratch, target):
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RecipeError(f"{label}: the model has no trainable parameters")
     opt = torch.optim.Adam(params + list(extra_params), lr=lr)
-    on_cuda = device.startswith("cuda")
-    amp_dtype = (torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else None
+    amp_dtype = target.autocast_dtype()
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     # pruned weights stay pruned: entries that are exactly zero in a weight matrix are held at zero
     masks = [(p, p != 0) for p in params if p.dim() > 1 and bool((p == 0).any())]
     history = []
     best_state, best_metric = None, None
     if keep_best:
-        start = data.evaluate(model.eval(), device=device, reference=reference)
+        start = data.evaluate(model.eval(), target, reference=reference)
         history.append({"epoch": 0, "loss": None, "metric": start})
         if not start_from_scratch:
             best_metric, best_state = start, copy.deepcopy(model.state_dict())
@@ -90,8 +100,8 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
         model.train()
         total, count = 0.0, 0
         for inputs, targets in data.train_batches(limit=max_batches):
-            inputs = map_tensors(inputs, lambda t: t.to(device))
-            targets = targets.to(device) if targets is not None else None
+            inputs = target.move(inputs)
+            targets = target.move(targets) if targets is not None else None
             opt.zero_grad()
             with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
                 value = loss(model, inputs, targets)
@@ -105,7 +115,7 @@ def fit(model, data: Data, epochs: int, lr: float, loss: Callable | None = None,
         model.eval()
         row = {"epoch": epoch, "loss": total / max(count, 1)}
         if keep_best:
-            row["metric"] = data.evaluate(model, device=device, reference=reference)
+            row["metric"] = data.evaluate(model, target, reference=reference)
             if best_metric is None or row["metric"] > best_metric:
                 best_metric, best_state, stale = row["metric"], copy.deepcopy(model.state_dict()), 0
             else:

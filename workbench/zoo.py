@@ -16,15 +16,11 @@ from pathlib import Path
 
 from .data import Data
 from .errors import WorkbenchError
+from .paths import cache_dir
+from .tensors import seeded
 
 SEED = 0
 DIGITS_BATCH = 64
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -75,10 +71,14 @@ def _loaders(x_train, y_train, x_val, y_val, batch_size=DIGITS_BATCH):
 
 def train_classifier(model, train, epochs: int, lr: float, progress=None):
     """Seeded Adam + cross-entropy training; returns the model in eval mode."""
+    with seeded(SEED):
+        return _train_classifier(model, train, epochs, lr, progress)
+
+
+def _train_classifier(model, train, epochs: int, lr: float, progress=None):
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(SEED)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(train))
     model.train()
@@ -99,10 +99,10 @@ def _load_digits(name: str, progress=None):
     spec = _DIGITS[name]
     x_train, y_train, x_val, y_val = _digits_tensors(spec["image_size"])
     train, val = _loaders(x_train, y_train, x_val, y_val)
-    torch.manual_seed(SEED)
     from . import modules
 
-    model = getattr(modules, spec["builder"])()
+    with seeded(SEED):
+        model = getattr(modules, spec["builder"])()
     model.workbench_family = spec["builder"]  # lets Distill(student="width=0.5") build a narrower sibling
     key = hashlib.sha256(repr((name, spec["epochs"], spec["lr"], str(model), SEED)).encode()).hexdigest()[:12]
     path = cache_dir() / f"{name}-{key}.pt"
@@ -155,17 +155,13 @@ def _load_minilm(progress=None):
     from torch.utils.data import DataLoader, TensorDataset
 
     model_dir = _minilm_dir()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from .modules import SentenceEncoder
 
-    hf_logging.disable_progress_bar()
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoder = AutoModel.from_pretrained(model_dir).eval()
+    # a local directory, read without asking the hub (no process-wide offline switch needed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    encoder = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     model = SentenceEncoder(encoder).eval()
 
     sentences = real_sentences(limit=1280)
@@ -251,3 +247,23 @@ def load(name: str, progress=None):
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise WorkbenchError(f"no built-in model {name!r}{hint} Built-ins: {', '.join(_MODELS)}")
     return _MODELS[name](progress)
+
+
+def resolve(spec: str):
+    """(model, data) from a built-in name or an import path 'package.module:factory' returning (model, data)."""
+    import importlib
+
+    if spec in _MODELS:
+        return load(spec)
+    module_name, _, attr = str(spec).partition(":")
+    if not attr:
+        raise WorkbenchError(f"model {spec!r} is neither a built-in ({', '.join(_MODELS)}) nor an import path "
+                             "like 'my_package.models:build' (a function returning (model, data))")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise WorkbenchError(f"model import path {spec!r} failed: {type(e).__name__}: {e}") from None
+    built = factory()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise WorkbenchError(f"{spec} must return (model, data), got {type(built).__name__}")
+    return built

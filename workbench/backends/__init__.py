@@ -1,2 +1,82 @@
-"""Backends that run a model: torch eager and ONNX Runtime. Each registers itself on import."""
-from . import ort, torch_eager  # noqa: F401
+"""Backends: what runs a model. Each is one package with one object implementing `Backend`, registered on import.
+
+The engine and the techniques never ask which backend they have: they ask the registry for one that runs a
+precision on the target (`registry.backends_for`), and the model's own backend for its size, its saved form, and
+so on (`registry.backend_of`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..tensors import call_model
+
+
+class Backend:
+    """The interface every backend implements.
+
+    name: registry key (`backend=` in the API, `--backend` on the command line).
+    files: the file names its saved models use (`storage.load` picks the backend by them).
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    files: ClassVar[tuple] = ()
+
+    def available(self, target) -> bool:
+        """Whether it can run on the target's device on this machine."""
+        raise NotImplementedError
+
+    def precisions(self, target) -> tuple:
+        """What `lower` can produce on the target: 'fp32', 'fp16', 'bf16', 'int8-dynamic', 'int8-static'."""
+        raise NotImplementedError
+
+    def accepts(self, model: Any) -> bool:
+        """Whether `model` is this backend's runtime form."""
+        raise NotImplementedError
+
+    def lower(self, model, precision: str, ctx, **options) -> Any:
+        """The torch `model` in this backend's runtime form at `precision` (a new object; `model` is not changed).
+        ctx: the engine's Context (target, data for calibration, notes)."""
+        raise NotImplementedError
+
+    def place(self, model, target) -> Any:
+        """A fresh instance of `model` ready to run on the target (a copy, a new session), the caller's object
+        unchanged: timing spreads its rounds over several instances."""
+        return model
+
+    def run(self, model, inputs) -> Any:
+        """Outputs for a batch of inputs (a tensor, tuple or dict), like the torch model's."""
+        return call_model(model, inputs)
+
+    def label_of(self, model) -> str:
+        """What the result card calls this runtime form, e.g. 'onnxruntime-int8-dynamic'."""
+        return self.name
+
+    def size_bytes(self, model) -> int:
+        raise NotImplementedError
+
+    def sparse_size_bytes(self, model) -> int | None:
+        return None
+
+    def count_params(self, model) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def save(self, model, example_inputs, directory: Path) -> Path:
+        """Write the model into `directory`; returns the file written (one of `files`)."""
+        raise NotImplementedError
+
+    def load(self, path: Path, target, trust_pickle: bool = False) -> Any:
+        raise NotImplementedError
+
+    def versions(self) -> dict:
+        """Library versions for the environment record."""
+        return {}
+
+
+def _load_builtins() -> None:
+    # registration order is the order `backend="auto"` prefers for a precision both run
+    from . import onnxruntime, torch_eager  # noqa: F401
+
+
+_load_builtins()

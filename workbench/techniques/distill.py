@@ -12,12 +12,45 @@ never leaves a student worse than the one it started from.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
-from ..backends.ort import OrtModel
-from ..data import call_model, first_tensor, map_tensors
 from ..errors import ModelError, RecipeError
-from ..recipe import Distill
+from ..recipe import Step, option
 from ..registry import technique
+from ..tensors import call_model, first_tensor, seeded
+
+STUDENT_SPEC = r"(width|depth)=(\d*\.)?\d+"
+
+
+@dataclass
+class Distill(Step):
+    """Train the model (student) to match a teacher's softened outputs (Hinton et al.), or its embeddings.
+
+    teacher: None (the original model), a built-in name, or a torch module.
+    student: None (the model coming out of the previous steps), a spec like 'width=0.5' (built-in families) or
+        'depth=0.5' (keep every other transformer layer), or a torch module.
+    features: hidden states to match too, as 'layer' or 'student_layer:teacher_layer' names (MSE, with a learned
+        projection when widths differ).
+    """
+
+    kind = "distill"
+    short = "distill"
+    main_field = "epochs"
+    colour = "#2ca02c"
+
+    epochs: int = option(3, low=1, high=10_000, integer=True, flag="--epochs", ui=(1, 20, 1))
+    teacher: Any = option(None, module="", flag="--teacher", help="the original (None), a built-in or a module")
+    student: Any = option(None, module=STUDENT_SPEC, help="None, 'width=W', 'depth=D' or a module")
+    temperature: float = option(4.0, low=0, high=1e6, low_open=True)
+    alpha: float = option(0.9, low=0, high=1)
+    lr: float = option(1e-3, low=0, high=10, low_open=True)
+    features: tuple = option((), names=True)
+    patience: int | None = option(2, low=1, high=10_000, integer=True, optional=True)
+
+    @property
+    def needs_train(self) -> bool:
+        return True
 
 
 def _resolve_teacher(step: Distill, ctx):
@@ -52,8 +85,8 @@ def build_student(spec: str, teacher):
                               "(digits-mlp, digits-cnn); pass your own smaller module as student=")
         from .. import modules
 
-        torch.manual_seed(0)
-        student = getattr(modules, family)(width=factor)
+        with seeded(0):
+            student = getattr(modules, family)(width=factor)
         student.workbench_family = family
         return student
     layers = _layer_list(teacher)
@@ -132,20 +165,18 @@ def distill(model, step: Distill, ctx):
 
     from ..train import fit, task_loss
 
-    if isinstance(model, OrtModel):
-        raise RecipeError("Distill: the model is already an ONNX Runtime graph; put Distill before Quantize")
-    teacher = copy.deepcopy(_resolve_teacher(step, ctx)).eval().to(ctx.device)
+    teacher = copy.deepcopy(_resolve_teacher(step, ctx)).eval().to(ctx.target.device)
     if isinstance(step.student, str) and step.student != "original":
         student = build_student(step.student, teacher)
     elif step.student is not None and hasattr(step.student, "parameters"):
         student = copy.deepcopy(step.student)
     else:
         student = model
-    student = student.to(ctx.device)
+    student = student.to(ctx.target.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    example = map_tensors(ctx.data.example_inputs, lambda t: t.to(ctx.device))
+    example = ctx.target.move(ctx.data.example_inputs)
     with torch.no_grad():
         t_out = first_tensor(call_model(teacher, example))
         try:
@@ -167,7 +198,7 @@ def distill(model, step: Distill, ctx):
         for s_name, t_name in pairs:
             proj = _projection(s_cap.out[s_name], t_cap.out[t_name])
             if proj is not None:
-                projections[s_name] = proj.to(ctx.device)
+                projections[s_name] = proj.to(ctx.target.device)
 
     embedding = ctx.data.metric == "fidelity"
     task = None if embedding else task_loss(ctx.data, reference=teacher)
@@ -195,7 +226,8 @@ def distill(model, step: Distill, ctx):
     fresh = isinstance(step.student, str) and step.student.startswith("width")
     try:
         student, history = fit(student, ctx.data, epochs=step.epochs, lr=step.lr, loss=loss, progress=ctx.progress,
-                               reference=teacher, label="distilling", patience=step.patience, extra_params=extra,
+                               reference=teacher, target=ctx.target, label="distilling", patience=step.patience,
+                               extra_params=extra,
                                start_from_scratch=fresh)
     finally:
         s_cap.remove()

@@ -11,11 +11,36 @@ from __future__ import annotations
 
 import warnings
 
-from ..backends.ort import OrtModel
-from ..data import call_model, map_tensors
+from dataclasses import dataclass
+
+from ..architectures import head_layer
 from ..errors import RecipeError
-from ..recipe import Factorize
+from ..recipe import Step, option
 from ..registry import technique
+from ..tensors import call_model
+
+
+@dataclass
+class Factorize(Step):
+    """Replace Linear/Conv layers by low-rank products where that saves MACs (truncated SVD / Tucker-2)."""
+
+    kind = "factorize"
+    short = "factorize"
+    main_field = "rank_ratio"
+    aliases = ("factor",)
+    colour = "#9467bd"
+
+    rank_ratio: float | None = option(None, low=0, high=1, low_open=True, optional=True, ui=(0.05, 1.0, 0.05),
+                                      help="rank as a share of the full rank")
+    energy: float | None = option(None, low=0, high=1, low_open=True, optional=True,
+                                  help="or: the smallest rank keeping this share of the singular values' energy")
+    layers: str = option("auto", help="auto (all but the output head), all, or comma-separated layer names")
+
+    def check(self):
+        if (self.rank_ratio is None) == (self.energy is None):
+            raise RecipeError("Factorize: give exactly one of rank_ratio (0, 1] or energy (0, 1]")
+        if not isinstance(self.layers, str):
+            raise RecipeError(f"Factorize.layers: expected 'auto', 'all' or layer names, got {self.layers!r}")
 
 
 def choose_rank(singular_values, rank_ratio: float | None, energy: float | None) -> int:
@@ -27,7 +52,8 @@ def choose_rank(singular_values, rank_ratio: float | None, energy: float | None)
         return max(1, min(full, round(rank_ratio * full)))
     sq = singular_values.double() ** 2
     kept = torch.cumsum(sq, 0) / sq.sum().clamp(min=1e-30)
-    return max(1, min(full, int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item()) + 1))
+    wanted = torch.tensor(energy, dtype=kept.dtype, device=kept.device)
+    return max(1, min(full, int(torch.searchsorted(kept, wanted).item()) + 1))
 
 
 def factorize_linear(layer, rank: int):
@@ -99,8 +125,6 @@ def _positions(model, inputs, names) -> dict:
 def _candidates(model, step: Factorize):
     from torch import nn
 
-    from .prune import head_layer
-
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
     if step.layers == "auto":
@@ -115,15 +139,25 @@ def _candidates(model, step: Factorize):
     return {n: layers[n] for n in wanted}
 
 
-@technique(Factorize)
+def search(trial, facts) -> list[str]:
+    """Truncated SVD of Linear-heavy models (on conv nets Tucker-2 measured slower here)."""
+    if facts.conv_heavy:
+        return []
+    energy = trial.suggest_categorical("factorize_energy", [0.0, 0.9, 0.95])
+    return [f"factorize:energy={energy}"] if energy else []
+
+
+def seeds(facts) -> list[dict]:
+    return [] if facts.conv_heavy else [{"factorize_energy": 0.0}]
+
+
+@technique(Factorize, search=search, seeds=seeds)
 def factorize(model, step: Factorize, ctx):
     import pandas as pd
     import torch
 
-    if isinstance(model, OrtModel):
-        raise RecipeError("Factorize: the model is already an ONNX Runtime graph; put Factorize before Quantize")
     layers = _candidates(model, step)
-    inputs = map_tensors(ctx.data.inputs(1), lambda t: t.to(ctx.device))
+    inputs = ctx.target.move(ctx.data.inputs(1))
     positions = _positions(model, inputs, [n for n, m in layers.items() if isinstance(m, torch.nn.Conv2d)])
     rows, replaced = [], 0
     for name, layer in layers.items():

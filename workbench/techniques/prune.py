@@ -6,44 +6,62 @@ result's notes say which one happened and what to expect.
 """
 from __future__ import annotations
 
-from ..backends.ort import OrtModel
-from ..data import call_model, map_tensors
+from dataclasses import dataclass
+
+from ..architectures import attention_modules, head_layer, prunable_layers
 from ..errors import ModelError, RecipeError
-from ..recipe import Prune
+from ..recipe import Step, option
 from ..registry import technique
+from ..tensors import call_model
 
 TAYLOR_BATCHES = 4
 MAX_LAYER_RATIO = 0.9  # never remove a whole layer
 
 
-def _nn():
-    from torch import nn
+@dataclass
+class Prune(Step):
+    """Remove weights (unstructured) or whole channels/neurons/heads (structured) by importance."""
 
-    return nn
+    kind = "prune"
+    short = "prune"
+    main_field = "sparsity"
+    colour = "#d62728"
 
+    sparsity: float = option(0.5, low=0, high=1, high_open=True, ui=(0.05, 0.95, 0.05),
+                             help="share of weights (or channels, structured) to remove")
+    structured: bool = option(False, choices=(True, False), flag="--structured",
+                              help="remove whole channels/neurons/heads (the kind that runs faster)")
+    scope: str = option("global", choices=("global", "layer"))
+    criterion: str = option("l1", choices=("l1", "l2", "taylor"))
+    schedule: str | None = option(None, optional=True, help="None (one-shot), 'iterative:N' or 'cubic:N'")
+    ignore: tuple = option((), names=True, excludes=True, help="layers left alone")
+    per_layer: str = option("uniform", choices=("uniform", "sensitivity"),
+                            help="sensitivity: prune less where the metric is fragile")
 
-def prunable_layers(model) -> dict:
-    """Linear and Conv layers by name: what pruning and sensitivity analysis act on."""
-    nn = _nn()
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    def check(self):
+        if self.schedule is not None:
+            kind, _, n = str(self.schedule).partition(":")
+            if kind not in ("oneshot", "iterative", "cubic") or (kind != "oneshot" and not n.isdigit()) or \
+                    (n.isdigit() and int(n) < 1):
+                raise RecipeError(
+                    f"Prune.schedule: {self.schedule!r} is not allowed; use None, 'oneshot', 'iterative:N' or "
+                    "'cubic:N'")
 
+    @property
+    def needs_train(self) -> bool:
+        return self.criterion == "taylor" or self.schedule not in (None, "oneshot")
 
-def head_layer(model) -> str | None:
-    """The layer that produces the model's outputs (the classifier head), ignored by default: it is the last
-    prunable layer when nothing but activations follows it."""
-    layers = list(prunable_layers(model))
-    if not layers:
-        return None
-    last = layers[-1]
-    # a transformer's last Linear (e.g. its pooler or last FFN) is not an output head; those models keep width
-    return None if _attention_modules(model) else last
+    @property
+    def steps(self) -> int:
+        """How many pruning rounds the schedule has (1 for one-shot)."""
+        return 1 if self.schedule in (None, "oneshot") else int(str(self.schedule).split(":")[1])
 
-
-def _attention_modules(model) -> list:
-    """BERT-family self-attention blocks: modules with query/key/value Linears and a head count."""
-    nn = _nn()
-    return [m for m in model.modules() if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
-            and hasattr(m, "num_attention_heads")]
+    def ratios(self) -> list[float]:
+        """Target sparsity after each round: linear for 'iterative:N', cubic (as in GMP) for 'cubic:N'."""
+        n, s = self.steps, self.sparsity
+        if str(self.schedule).startswith("cubic"):
+            return [s * (1 - (1 - t / n) ** 3) for t in range(1, n + 1)]
+        return [s * t / n for t in range(1, n + 1)]
 
 
 def _resolve_ignored(model, step: Prune) -> tuple[dict, list[str]]:
@@ -67,10 +85,8 @@ def _taylor_grads(model, ctx) -> None:
     loss = task_loss(ctx.data, reference=ctx.original)
     model.zero_grad()
     model.train()
-    device = ctx.device
     for inputs, targets in ctx.data.train_batches(limit=TAYLOR_BATCHES):
-        inputs = map_tensors(inputs, lambda t: t.to(device))
-        loss(model, inputs, targets.to(device) if targets is not None else None).backward()
+        loss(model, ctx.target.move(inputs), ctx.target.move(targets) if targets is not None else None).backward()
     model.eval()
 
 
@@ -78,7 +94,7 @@ def _recover_between_rounds(model, ctx, round_index: int, rounds: int) -> None:
     if round_index < rounds - 1:
         from ..train import fit
 
-        fit(model, ctx.data, epochs=1, lr=1e-3, progress=ctx.progress, reference=ctx.original,
+        fit(model, ctx.data, epochs=1, lr=1e-3, progress=ctx.progress, reference=ctx.original, target=ctx.target,
             label=f"recovery after pruning round {round_index + 1}/{rounds}")
 
 
@@ -137,7 +153,8 @@ SUPPORTED = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTra
 def _check_supported(model, ignored: dict) -> None:
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
-        if own and type(m).__name__ not in SUPPORTED and not any(name == i or name.startswith(i + ".") for i in ignored):
+        left_out = any(name == i or name.startswith(i + ".") for i in ignored)
+        if own and type(m).__name__ not in SUPPORTED and not left_out:
             raise RecipeError(
                 f"Prune(structured=True): layer {name!r} ({type(m).__name__}) has its own weights and is a type "
                 f"Torch-Pruning cannot prune consistently; leave it out with Prune(..., ignore=({name!r},)) "
@@ -150,12 +167,13 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
 
     ignored, _ = _resolve_ignored(model, step)
     _check_supported(model, ignored)
-    attention = _attention_modules(model)
+    attention = attention_modules(model)
     ignored_modules = list(ignored.values())
     num_heads = {}
     if attention:  # keep the hidden size: prune heads and FFN neurons only
         hidden = {m.query.in_features for m in attention}
-        nn = _nn()
+        from torch import nn
+
         for m in attention:
             for lin in (m.query, m.key, m.value):
                 num_heads[lin] = m.num_attention_heads
@@ -171,7 +189,7 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     if layer_ratios:
         modules = dict(model.named_modules())
         ratio_dict = {modules[n]: r for n, r in layer_ratios.items() if n in modules}
-    example = map_tensors(ctx.data.example_inputs, lambda t: t.to(ctx.device))
+    example = ctx.target.move(ctx.data.example_inputs)
     try:
         pruner = tp.pruner.MetaPruner(
             model, example, importance=importance, pruning_ratio=step.sparsity, pruning_ratio_dict=ratio_dict,
@@ -207,19 +225,39 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     return model
 
 
-@technique(Prune)
+def preflight(steps: list, facts) -> list[str]:
+    if any(not step.structured for step in steps):
+        return ["unstructured sparsity: dense runtimes (torch eager, ONNX Runtime) skip no work for zeros, so expect "
+                "a smaller compressed size and no speedup; structured=True removes whole channels"]
+    return []
+
+
+def search(trial, facts) -> list[str]:
+    """Structured pruning with a recovery (fine-tuning or distillation from the original)."""
+    prune = trial.suggest_categorical("prune", [0.0, 0.25, 0.4, 0.5])
+    if not prune:
+        return []
+    recovery = trial.suggest_categorical("recovery", ["finetune", "distill"])
+    epochs = trial.suggest_int("recovery_epochs", 1, 3)
+    return [f"prune={prune}:structured=true:scope=layer", f"{recovery}={epochs}"]
+
+
+def seeds(facts) -> list[dict]:
+    return [{"prune": 0.0}, {"prune": 0.5, "recovery": "finetune", "recovery_epochs": 2}]
+
+
+@technique(Prune, preflight=preflight, search=search, seeds=seeds)
 def prune_step(model, step: Prune, ctx):
-    if isinstance(model, OrtModel):
-        raise RecipeError("Prune: the model is already an ONNX Runtime graph; put Prune before Quantize")
     if step.sparsity == 0:
         ctx.note("Prune(sparsity=0): nothing to prune")
         return model
     layer_ratios = None
     if step.per_layer == "sensitivity":
-        from ..layerwise import allocate_ratios
+        from ..measure.sensitivity import allocate_ratios
 
         ctx.progress("sensitivity analysis for per-layer ratios", None)
-        layer_ratios = allocate_ratios(model, ctx.data, step, device=ctx.device, reference=ctx.original)
+        layer_ratios = allocate_ratios(model, ctx.data, step, ctx.target, reference=ctx.original,
+                                       ignored=_resolve_ignored(model, step)[0])
         ctx.note("per-layer ratios from sensitivity: " + ", ".join(f"{n} {r:.0%}" for n, r in layer_ratios.items()))
-    model = model.to(ctx.device)
+    model = model.to(ctx.target.device)
     return (structured if step.structured else unstructured)(model, step, ctx, layer_ratios)

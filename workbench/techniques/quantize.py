@@ -1,64 +1,108 @@
-"""Quantize: int8 (dynamic or static) through ONNX Runtime or torch.ao, fp16/bf16 through torch.
+"""Quantize: int8 (dynamic or static), fp16 or bf16, on whichever registered backend runs that precision here.
 
 What `auto` picks, and why, is written into the result's notes:
-- on CUDA: fp16 (tensor cores; int8 kernels here are CPU-only).
-- on CPU, convolutions carry most MACs and a train split exists: static int8, QDQ, per-channel, calibrated
-  (dynamic int8 convolutions run as ConvInteger, which is slow in ONNX Runtime).
-- on CPU otherwise: dynamic int8, per-channel weights (no calibration data needed; on all-MiniLM-L6-v2 it keeps
+- on CUDA: fp16 (tensor cores).
+- on CPU, when convolutions carry most MACs and a train split exists: static int8, calibrated (dynamic int8
+  convolutions are slow or left in fp32).
+- on CPU otherwise: dynamic int8 with per-channel weights (no calibration data needed; on all-MiniLM-L6-v2 it keeps
   cosine fidelity ~0.99 where per-tensor gives ~0.96).
 """
 from __future__ import annotations
 
-from ..backends.ort import OrtModel, quantize_dynamic, quantize_static
-from ..backends.torch_eager import dynamic_int8, to_dtype
-from ..errors import DeviceError, RecipeError
-from ..measure import conv_share, cpu_info
-from ..recipe import Quantize
+from dataclasses import dataclass
+
+from ..errors import RecipeError
+from ..recipe import Step, option
 from ..registry import technique
 
-CONV_HEAVY = 0.5
+QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "fp16", "bf16", "auto")
 
 
-def plan(step: Quantize, model, ctx) -> tuple[str, str, list[str]]:
-    """(dtype, method, reasons) after resolving `auto` for this model, backend and device."""
-    dtype, method, why = step.dtype, step.method, []
+@dataclass
+class Quantize(Step):
+    """Lower precision: int8 (dynamic or static), fp16 or bf16; `auto` picks per model and device.
+
+    `dtype="int8-static"` is shorthand for `dtype="int8", method="static"`.
+    """
+
+    kind = "quantize"
+    short = "quant"
+    main_field = "dtype"
+    aliases = ("q",)
+    stage = 2
+    stage_note = "lowers the model to its runtime form (quantize last, once)"
+    colour = "#1f77b4"
+
+    dtype: str = option("int8", choices=QUANT_DTYPES, help="int8 picks static for conv nets, dynamic otherwise")
+    method: str = option("auto", choices=("auto", "dynamic", "static"), help="int8 only")
+    per_channel: bool = option(True, choices=(True, False), help="a weight scale per output channel")
+    calibration: str = option("minmax", choices=("minmax", "entropy", "percentile"), help="static int8 only")
+    format: str = option("qdq", choices=("qdq", "qoperator"), help="static int8 graph format")
+    calibration_batches: int = option(8, low=1, high=10_000, integer=True, ui=(1, 64, 1))
+    reduce_range: bool | None = option(None, choices=(None, True, False),
+                                       help="7-bit weights; None: where the CPU lacks VNNI (avoids u8*s8 saturation)")
+    exclude: tuple = option((), names=True, excludes=True, help="layers kept in full precision")
+
+    def check(self):
+        if self.dtype in ("int8-dynamic", "int8-static"):
+            if self.method not in ("auto", self.dtype[5:]):
+                raise RecipeError(f"Quantize: dtype={self.dtype!r} conflicts with method={self.method!r}")
+            self.dtype, self.method = "int8", self.dtype[5:]
+        if self.method != "auto" and self.dtype not in ("int8", "auto"):
+            raise RecipeError(f"Quantize.method: {self.method!r} applies to int8 only, not dtype={self.dtype!r}")
+
+    @property
+    def needs_train(self) -> bool:
+        return self.method == "static"
+
+    def precisions(self) -> tuple:
+        if self.dtype == "int8":
+            return ("int8-dynamic", "int8-static") if self.method == "auto" else (f"int8-{self.method}",)
+        return () if self.dtype == "auto" else (self.dtype,)
+
+    def describe(self) -> str:
+        head = f"quant={self.dtype}" + (f"-{self.method}" if self.method != "auto" else "")
+        rest = Step.describe(self).split(":")[1:]
+        return ":".join([head] + [p for p in rest if not p.startswith("method=")])
+
+
+def plan(step: Quantize, ctx) -> tuple[str, list[str]]:
+    """(precision, reasons) after resolving `auto` for this model, data and target."""
+    from ..target import runs_somewhere
+
+    target, facts, why = ctx.target, ctx.facts, []
+    dtype, method = step.dtype, step.method
     if dtype == "auto":
-        dtype = "fp16" if ctx.device.startswith("cuda") else "int8"
+        dtype = "fp16" if target.is_cuda else "int8"
         why.append("auto: fp16 on CUDA (tensor cores run it at several times fp32's rate)" if dtype == "fp16"
                    else "auto: int8 on CPU")
     if dtype != "int8":
-        return dtype, method, why
-    share = conv_share(model, ctx.data.inputs(1))
-    conv_heavy = share > CONV_HEAVY
+        return dtype, why
+    share = facts.conv_share
     if method == "auto":
-        if conv_heavy and ctx.data.train is not None and ctx.backend != "torch":
+        if facts.conv_heavy and facts.has_train and runs_somewhere("int8-static", target):
             method = "static"
-            why.append(f"static int8: convolutions carry {share:.0%} of the MACs and static QDQ runs them as "
-                       f"int8 QLinearConv, calibrated on {step.calibration_batches} train batches")
+            why.append(f"static int8: convolutions carry {share:.0%} of the MACs and static int8 runs them as "
+                       f"integer convolutions end to end, calibrated on {step.calibration_batches} train batches")
         else:
             method = "dynamic"
-            if not conv_heavy:
+            if not facts.conv_heavy:
                 why.append("dynamic int8: Linear/MatMul layers carry the MACs; weights int8 per-channel, "
                            "activations quantized per batch, no calibration data needed")
-            elif ctx.data.train is None:
+            elif not facts.has_train:
                 why.append("dynamic int8, not static: there is no train split to calibrate static int8 on")
-    if method == "dynamic" and conv_heavy:
-        where = ("torch.ao dynamic int8 leaves convolutions in fp32" if ctx.backend == "torch"
-                 else "ONNX Runtime runs dynamic int8 convolutions as ConvInteger, often slower than fp32")
-        why.append(f"dynamic int8 on a conv net: convolutions carry {share:.0%} of the MACs and {where}; "
-                   "static int8 (with a train split to calibrate on, backend onnxruntime) is the one that pays")
-    if method == "static" and not conv_heavy:
+    if method == "dynamic" and facts.conv_heavy:
+        why.append(f"dynamic int8 on a conv net: convolutions carry {share:.0%} of the MACs, and dynamic int8 "
+                   "convolutions run slowly (ONNX Runtime's ConvInteger) or stay in fp32 (torch.ao); static int8 "
+                   "(with a train split to calibrate on) is the one that pays")
+    if method == "static" and not facts.conv_heavy:
         why.append("static int8 on a model whose MACs are in Linear/MatMul layers: transformers' activations have "
                    "outliers that static ranges clip (all-MiniLM-L6-v2 measured here: fidelity 0.81 static vs "
                    "0.99 dynamic); check the metric, or use dtype='int8-dynamic'")
-    return dtype, method, why
+    return f"int8-{method}", why
 
 
-@technique(Quantize)
-def quantize(model, step: Quantize, ctx):
-    if isinstance(model, OrtModel):
-        raise RecipeError("Quantize: the model is already an ONNX Runtime graph; put Quantize after the steps "
-                          "that train or change the torch model, and only once")
+def _check_exclude(model, step: Quantize) -> None:
     modules = dict(model.named_modules())
     unknown = [name for name in step.exclude if name not in modules]
     if unknown:
@@ -67,53 +111,64 @@ def quantize(model, step: Quantize, ctx):
         close = difflib.get_close_matches(unknown[0], modules, n=1)
         raise RecipeError(f"Quantize.exclude: the model has no layer named {unknown[0]!r}"
                           + (f"; did you mean {close[0]!r}?" if close else "; names are as in model.named_modules()"))
-    dtype, method, why = plan(step, model, ctx)
+
+
+def preflight(steps: list, facts) -> list[str]:
+    target, lines = facts.target, []
+    for step in steps:
+        int8 = step.dtype in ("int8", "auto") and not target.is_cuda
+        if int8 and not target.cpu.vnni:
+            lines.append(f"int8 on a CPU without VNNI ({target.cpu.describe()}): int8 matrix products take AVX2's "
+                         "u8 x s8 path with 7-bit weights, short of the 4x int8 ceiling; how much is left depends on "
+                         "the model, so measure it")
+        if int8 and step.method == "dynamic" and facts.conv_heavy:
+            lines.append(f"dynamic int8 of convolutions ({facts.conv_share:.0%} of the MACs): ONNX Runtime runs "
+                         "them as ConvInteger, often slower than fp32; static int8 is the one that pays")
+        if step.dtype in ("fp16", "bf16") and not target.native(step.dtype):
+            lines.append(f"{step.dtype} on this CPU has no native matrix units: expect it slower than fp32 "
+                         "(it halves the size)")
+    return lines
+
+
+def _options(facts) -> list[str]:
+    """The precisions worth searching here: those some backend runs, that have what they need, that can pay."""
+    from ..target import runs_somewhere
+
+    target = facts.target
+    wanted = [p for p in ("int8-static", "int8-dynamic") if runs_somewhere(p, target)
+              and (p != "int8-static" or facts.has_train)]
+    wanted += [p for p in ("fp16", "bf16") if target.native(p) and runs_somewhere(p, target)]
+    return wanted + ["none"]
+
+
+def search(trial, facts) -> list[str]:
+    quant = trial.suggest_categorical("quant", _options(facts))
+    if quant == "none":
+        return []
+    if not quant.startswith("int8"):
+        return [f"quant={quant}"]
+    per_channel = trial.suggest_categorical("per_channel", [True, False])
+    part = f"quant={quant}:per_channel={'true' if per_channel else 'false'}"
+    if quant == "int8-static":  # after unpad, ONNX Runtime's histogram calibrators fail on varying token counts
+        part += ":calibration=" + ("minmax" if trial.params.get("unpad") else
+                                   trial.suggest_categorical("calibration", ["minmax", "entropy", "percentile"]))
+    return [part]
+
+
+def seeds(facts) -> list[dict]:
+    options = _options(facts)
+    first = "int8-static" if facts.conv_heavy and "int8-static" in options else \
+        "int8-dynamic" if "int8-dynamic" in options else options[0]
+    return [{"quant": first, "per_channel": True, "calibration": "minmax"}]
+
+
+@technique(Quantize, preflight=preflight, search=search, seeds=seeds, suggested=lambda facts: True)
+def quantize(model, step: Quantize, ctx):
+    _check_exclude(model, step)
+    precision, why = plan(step, ctx)
     for reason in why:
         ctx.note(reason)
-    if dtype in ("fp16", "bf16"):
-        if ctx.backend == "onnxruntime":
-            raise RecipeError(f"Quantize: {dtype} runs on the torch backend here; use backend='torch' or 'auto'")
-        if not ctx.device.startswith("cuda"):
-            flags = cpu_info()["cpu_flags"].split()
-            fast = "avx512_bf16" in flags or "amx_tile" in flags
-            if dtype == "fp16" or not fast:
-                ctx.note(f"{dtype} on this CPU ({cpu_info()['cpu']}): no native {dtype} matrix units "
-                         f"(flags: {' '.join(flags) or 'none'}), so expect it to be slower than fp32; "
-                         "it halves the size")
-        ctx.lowered = f"torch-{dtype}"
-        return to_dtype(model, dtype).to(ctx.device)
-
-    if ctx.device.startswith("cuda"):
-        raise DeviceError("int8 quantization here runs on CPU kernels (ONNX Runtime, torch.ao); on CUDA use "
-                          "Quantize('fp16') or Quantize('bf16'), or device='cpu'")
-    reduce_range = step.reduce_range
-    if reduce_range is None:
-        flags = cpu_info()["cpu_flags"].split()
-        reduce_range = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
-        if reduce_range and ctx.backend != "torch":
-            ctx.note("weights use 7 bits (reduce_range): this CPU has no VNNI, and AVX2's u8 x s8 multiply-add "
-                     "saturates with full 8-bit weights (measured on digits-cnn: -1.9 points without it)")
-    if method == "static":
-        if ctx.backend == "torch":
-            raise RecipeError("Quantize: static int8 runs through ONNX Runtime; use backend='onnxruntime' or 'auto'")
-        from .unpad import PackedBert
-
-        if step.calibration != "minmax" and any(isinstance(m, PackedBert) for m in model.modules()):
-            raise RecipeError(f"Quantize: calibration={step.calibration!r} collects histograms that ONNX Runtime "
-                              "needs equally shaped across batches, and after unpad the token count varies per "
-                              "batch; use calibration='minmax' (or quantize dynamically)")
-        ctx.progress(f"calibrating static int8 on {step.calibration_batches} batches", None)
-        ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads,
-                                    fuse=not step.exclude)
-        ctx.lowered = f"onnxruntime-int8-static-{step.format}"
-        return quantize_static(ort_model, ctx.data.train_batches(limit=step.calibration_batches),
-                               per_channel=step.per_channel, reduce_range=reduce_range,
-                               calibration=step.calibration, fmt=step.format,
-                               exclude=step.exclude)
-    if ctx.backend == "torch":
-        ctx.lowered = "torch-int8-dynamic"
-        return dynamic_int8(model, exclude=step.exclude, per_channel=step.per_channel)
-    ort_model = OrtModel.from_torch(model, ctx.data.example_inputs, device=ctx.device, threads=ctx.threads,
-                                    fuse=not step.exclude)
-    ctx.lowered = "onnxruntime-int8-dynamic"
-    return quantize_dynamic(ort_model, per_channel=step.per_channel, reduce_range=reduce_range, exclude=step.exclude)
+    backend = ctx.backend_for(precision, step)
+    return backend.lower(model, precision, ctx, per_channel=step.per_channel, reduce_range=step.reduce_range,
+                         calibration=step.calibration, format=step.format, exclude=step.exclude,
+                         calibration_batches=step.calibration_batches)

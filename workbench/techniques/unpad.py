@@ -17,23 +17,26 @@ ONNX (NonZero, Gather, CumSum), so ONNX Runtime's int8 quantization applies to i
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
 
+from ..architectures import bert_encoders, set_submodule
 from ..errors import ModelError
-from ..recipe import Unpad
+from ..recipe import Step, option
 from ..registry import technique
 
 
-def _is_bert(module) -> bool:
-    config = getattr(module, "config", None)
-    return (type(module).__name__ == "BertModel" and getattr(config, "model_type", None) == "bert"
-            and hasattr(module, "embeddings") and hasattr(module, "encoder"))
+@dataclass
+class Unpad(Step):
+    """Run a BERT-family encoder's dense layers on the real tokens only, skipping padding (same outputs)."""
 
+    kind = "unpad"
+    short = "unpad"
+    main_field = "enabled"
+    stage = 1
+    stage_note = "swaps the encoder for an inference-only packed one (only quantization may follow it)"
+    colour = "#e377c2"
 
-def supported(model) -> list[str]:
-    """Names of the submodules `unpad` would replace (empty when the model has no BERT encoder)."""
-    return [name for name, m in model.named_modules() if _is_bert(m)]
+    enabled: bool = option(True, choices=(True,))
 
 
 def _why_not(bert) -> str | None:
@@ -45,127 +48,35 @@ def _why_not(bert) -> str | None:
     return None
 
 
-def _slots(keep):
-    """For each position, its index among the kept ones; the count of kept ones (a spare zero row) where not kept."""
-    counts = keep.long().cumsum(0)
-    return torch.where(keep, counts - 1, counts[-1:])
+def preflight(steps: list, facts) -> list[str]:
+    padding = facts.padding_share
+    if padding is not None and padding > 0.2 and not steps:
+        return [f"padding: {padding:.0%} of the validation inputs' token slots are padding, which the encoder's dense "
+                "layers compute like real tokens; add unpad (--unpad) to skip them"]
+    if padding is not None and padding < 0.05 and steps:
+        return [f"padding: only {padding:.0%} of the token slots are padding, so unpad has little to skip"]
+    return []
 
 
-def _gather_rows(x, index):
-    return x.index_select(0, index)
+def search(trial, facts) -> list[str]:
+    """Tried only when a BERT encoder is fed padded batches."""
+    return ["unpad"] if facts.padded and trial.suggest_categorical("unpad", [True, False]) else []
 
 
-class _Concat(nn.Module):
-    def __init__(self, *parts):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self, x):
-        return torch.cat([p(x) for p in self.parts], -1)
+def seeds(facts) -> list[dict]:
+    return [{"unpad": True}] if facts.padded else []
 
 
-class PackedLayer(nn.Module):
-    """One BertLayer on packed tokens; Q, K and V fused into one Linear."""
-
-    def __init__(self, layer):
-        super().__init__()
-        attn = layer.attention.self
-        self.heads, self.head_size = attn.num_attention_heads, attn.attention_head_size
-        q, k, v = attn.query, attn.key, attn.value
-        if all(type(m) is nn.Linear and m.bias is not None for m in (q, k, v)):
-            self.qkv = nn.Linear(q.in_features, q.out_features * 3, bias=True, device=q.weight.device,
-                                 dtype=q.weight.dtype)
-            with torch.no_grad():
-                self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-                self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-        else:  # e.g. factorized projections: keep them, run them side by side
-            self.qkv = _Concat(q, k, v)
-        self.attn_out, self.attn_norm = layer.attention.output.dense, layer.attention.output.LayerNorm
-        self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
-        self.ffn_out, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
-
-    def forward(self, h, slots, tokens, mask_bias, batch: int, length: int):
-        # h: [1, T, hidden] packed real tokens; slots: [B*L] row of each padded position in h (T: a zero row)
-        if self.heads == 0:  # every head pruned: the attention block adds only its output bias
-            context = torch.zeros(h.shape[:-1] + (0,), dtype=h.dtype, device=h.device)
-        else:
-            qkv = self.qkv(h)[0]
-            qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])
-            qkv = _gather_rows(qkv, slots).view(batch, length, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5) + mask_bias
-            context = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(batch * length,
-                                                                                 self.heads * self.head_size)
-            context = _gather_rows(context, tokens).unsqueeze(0)
-        a = self.attn_norm(self.attn_out(context) + h)
-        return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(a))) + a)
-
-
-class PackedBert(nn.Module):
-    """A Hugging Face BertModel's inference forward that skips padding; same weights, same outputs at real tokens.
-
-    Returns a `BaseModelOutputWithPooling` like the original (`last_hidden_state`, and `pooler_output` when the
-    original has a pooler). The pooler reads the first position: with left padding that position is padding,
-    zeros here, so `pooler_output` differs there (the original pools a padding token's state).
-    """
-
-    # torch.export captures this forward, but its program then asserts the traced token counts on other inputs;
-    # storage therefore pickles it (ONNX export, which int8 uses, stays general)
-    torch_export_safe = False
-
-    def __init__(self, bert):
-        super().__init__()
-        self.config = bert.config
-        self.embeddings = bert.embeddings
-        self.layers = nn.ModuleList(PackedLayer(layer) for layer in bert.encoder.layer)
-        self.pooler = getattr(bert, "pooler", None)
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **options):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        if input_ids is None:
-            raise ModelError("PackedBert needs input_ids (inputs_embeds is not supported)")
-        asked = sorted(k for k, v in options.items() if v is not None and v is not False and k != "return_dict")
-        if asked:
-            raise ModelError(f"PackedBert (unpad) computes last_hidden_state and pooler_output only; it cannot "
-                             f"honour {', '.join(asked)}. Leave unpad out for that.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
-        batch, width = input_ids.shape[0], x.shape[-1]
-        real = attention_mask.bool()
-        used = real.any(0)
-        columns = used.nonzero().squeeze(1)  # columns with a real token in some row
-        real = real.index_select(1, columns)
-        length = columns.shape[0]
-        flat = real.reshape(-1)
-        tokens = flat.nonzero().squeeze(1)  # padded position of each real token
-        slots = _slots(flat)
-        mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
-        h = _gather_rows(x.index_select(1, columns).reshape(batch * length, width), tokens).unsqueeze(0)
-        for layer in self.layers:
-            h = layer(h, slots, tokens, mask_bias, batch, length)
-        # back to [batch, full, hidden], zeros at padding
-        h = torch.cat([h[0], h.new_zeros(1, h.shape[-1])])
-        column_of = _slots(used)
-        padded = _gather_rows(h, slots).view(batch, length, width)
-        padded = torch.cat([padded, padded.new_zeros(batch, 1, width)], 1)
-        hidden = padded.index_select(1, column_of)
-        pooled = self.pooler(hidden) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
-
-
-def _replace(model, name: str, new) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-@technique(Unpad)
+@technique(Unpad, preflight=preflight, search=search, seeds=seeds, applies=lambda facts: bool(facts.bert_encoders),
+           suggested=lambda facts: facts.padded)
 def apply_unpad(model, step: Unpad, ctx):
+    from torch import nn
+
+    from .packed_bert import PackedBert
+
     if not isinstance(model, nn.Module):
         raise ModelError("unpad works on a torch model; put it before quantization in the recipe")
-    names = supported(model)  # "" when the model itself is a BertModel
+    names = bert_encoders(model)  # "" when the model itself is a BertModel
     if not names:
         raise ModelError("unpad: this model has no Hugging Face BERT encoder (BertModel) to run without padding; "
                          "leave the step out")
@@ -177,27 +88,9 @@ def apply_unpad(model, step: Unpad, ctx):
         if name == "":
             model = PackedBert(bert)
         else:
-            _replace(model, name, PackedBert(bert))
-    share = padding_share(ctx.data)
+            set_submodule(model, name, PackedBert(bert))
+    share = ctx.facts.padding_share
     if share is not None:
         ctx.note(f"unpad: dense layers skip padding; {share:.0%} of the validation batches' token slots are "
                  "padding, so that is the most this step can save (nothing on unpadded inputs)")
     return model
-
-
-def padding_share(data) -> float | None:
-    """Share of padded token slots in the validation batches (None when they carry no attention_mask)."""
-    from ..data import Data
-    from ..errors import DataError
-
-    total = real = 0
-    try:
-        for inputs, _ in Data.coerce(data).val_batches():
-            if not isinstance(inputs, dict) or "attention_mask" not in inputs:
-                return None
-            mask = inputs["attention_mask"]
-            total += mask.numel()
-            real += int(mask.sum())
-    except DataError:
-        return None
-    return 1 - real / total if total else None

@@ -1,0 +1,109 @@
+"""One real-browser check: JupyterLab + headless Chromium (Playwright) render the panel, its chart and the layer
+map, and a click on Run adds a point. The screenshot is kept in test-artifacts/ for a person to look at."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("WORKBENCH_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
+
+CELLS = [
+    "import workbench as wb\npanel = wb.panel('digits-mlp')\npanel",
+    "layers = wb.LayerMap.from_model(panel.model, title='digits-mlp layer map')\nlayers",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _notebook(path: Path) -> None:
+    cells = [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": src}
+             for src in CELLS]
+    path.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}))
+
+
+@pytest.fixture
+def lab(tmp_path):
+    pytest.importorskip("jupyterlab")
+    port = _free_port()
+    env = dict(os.environ, WORKBENCH_STUDY=str(tmp_path / "study.sqlite"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    _notebook(tmp_path / "panel.ipynb")
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+                             f"--ServerApp.port={port}", "--IdentityProvider.token=", "--allow-root",
+                             "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={tmp_path}",
+                             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/status", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"JupyterLab exited: {(tmp_path / 'lab.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"JupyterLab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.mark.slow
+def test_panel_chart_and_layer_map_render_and_run_adds_a_point(lab):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        try:
+            page.goto(f"{lab}/lab/tree/panel.ipynb", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+            page.wait_for_selector("#jp-main-statusbar >> text=/Python 3.*\\| Idle/", timeout=90_000)
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+            page.wait_for_selector(".widget-slider", timeout=120_000)  # the sparsity slider
+            page.wait_for_selector(".js-plotly-plot", timeout=60_000)  # the live Pareto FigureWidget
+            page.wait_for_selector(".wb-layer-map .wb-layer", timeout=60_000)  # the custom widget
+            assert page.locator(".wb-layer-map").count() == 2  # in the panel and on its own
+
+            cell = page.locator(".wb-layer-map").nth(1).locator(".wb-layer", has_text="Linear").first
+            cell.click()
+            page.wait_for_selector(".wb-layer-map >> nth=1 >> .wb-excluded", timeout=10_000)
+
+            page.locator("button.jupyter-button", has_text="Run").first.click()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.js-plotly-plot')].some(p => (p.data || [])"
+                ".some(t => t.name === 'quant' && t.x && t.x.length > 0))", timeout=180_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "browser-panel.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser-panel-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

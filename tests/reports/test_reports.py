@@ -1,0 +1,124 @@
+"""Reports: every template through papermill with tiny parameters, bad input, batches on dask, the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import workbench as wb
+from workbench import reports
+from workbench.reports import ReportError
+
+TINY = {"model": "digits-mlp", "batch_sizes": [1]}
+TEMPLATE_RUNS = {
+    "quickstart": {"recipes": ["quant=int8", "prune=0.5:structured=true,finetune=1"]},
+    "quantization": {"modes": ["int8", "fp16"]},
+    "pruning": {"sparsities": [0.5], "finetune": 0},
+    "distillation": {"epochs": 1},
+    "pipeline": {"recipes": ["quant=int8"]},
+}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATE_RUNS))
+@pytest.mark.slow
+def test_each_template_runs_with_tiny_parameters(template, tmp_path):
+    notebook = wb.report(template, {**TINY, **TEMPLATE_RUNS[template]}, output=tmp_path / "r.ipynb",
+                         html=tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "Environment" in page and "onnxruntime" in page and "plotly" in page.lower()
+    assert "Verdicts" in page and "import workbench" not in page  # code hidden
+    head = reports.read_headline(notebook)
+    assert head["metric_name"] == "accuracy" and head["candidates"] >= 1
+    if template == "pruning":
+        assert "per-layer sensitivity" in page
+
+
+def test_templates_are_built_from_the_shared_cells():
+    out = subprocess.run([sys.executable, "tools/build_templates.py", "--check"], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stdout
+
+
+def test_template_listing_reads_every_parameter():
+    listing = reports.templates()
+    assert set(listing) == set(TEMPLATE_RUNS)
+    quick = listing["quickstart"]
+    assert quick["recipes"]["type"] == "list" and "quant=int8" in quick["recipes"]["default"]
+    assert quick["threads"]["type"] == "int" and quick["device"]["help"] == "auto, cpu or cuda"
+
+
+@pytest.mark.parametrize("template, params, message", [
+    ("nope", {}, r"no template 'nope'; templates: distillation, pipeline, pruning, quantization, quickstart"),
+    ("pruning", {"sparsity": 0.5}, r"no parameter 'sparsity'; its parameters are: model, sparsities, structured"),
+    ("pruning", {"finetune": "two"}, r"parameter 'finetune' of 'pruning' takes an int \(default 1\), got str"),
+    ("pipeline", {"recipes": "quant=int8"}, r"takes a list"),
+])
+def test_bad_parameters(template, params, message, tmp_path):
+    with pytest.raises(ReportError, match=message):
+        wb.report(template, params, output=tmp_path / "r.ipynb")
+    assert not (tmp_path / "r.ipynb").exists()  # refused before running anything
+
+
+@pytest.mark.slow
+def test_a_failing_report_still_writes_notebook_and_html_with_the_error_escaped(tmp_path):
+    bad_model = "no_such_pkg.<b>models</b>:build"
+    with pytest.raises(ReportError, match=r"report failed in cell .*ReportError"):
+        wb.report("pipeline", {**TINY, "model": bad_model}, output=tmp_path / "r.ipynb", html=tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "model import path" in page and "ModuleNotFoundError" in page
+    assert "<b>models</b>" not in page and "&lt;b&gt;models&lt;/b&gt;" in page
+
+
+@pytest.mark.slow
+def test_cli_report_and_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "workbench.cli", "report", "pipeline", "-p", "model", "digits-mlp",
+                         "-p", "batch_sizes", "[1]", "-p", "recipes", "[quant=fp16]", "-o", str(tmp_path / "a.ipynb"),
+                         "--html", str(tmp_path / "a.html")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "a.html").exists() and "wrote" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "workbench.cli", "report", "pipeline", "-p", "model", "nope:x",
+                          "-o", str(tmp_path / "b.ipynb"), "--html", str(tmp_path / "b.html")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "error: pipeline report failed" in bad.stderr
+    assert (tmp_path / "b.ipynb").exists() and (tmp_path / "b.html").exists()
+
+
+@pytest.mark.slow
+def test_batch_on_dask_two_workers_four_reports_then_a_broken_entry(tmp_path):
+    spec = {"template": "pipeline", "parameters": {"batch_sizes": [1]},
+            "grid": {"model": ["digits-mlp"], "recipes": [["quant=int8"], ["quant=fp16"], ["quant=int8-dynamic"],
+                                                          ["prune=0.5:structured=true"]]}}
+    index = reports.batch(spec, workers=2, out=tmp_path / "one", progress=False)
+    records = json.loads((index.parent / "index.json").read_text())
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert all((tmp_path / "one" / r["dir"] / "report.html").exists() for r in records)
+    page = index.read_text()
+    assert "4 of 4 reports" in page and page.count('href="run-') == 4 and "faster" in page
+
+    broken = {"template": "pipeline", "parameters": {"batch_sizes": [1], "model": "digits-mlp"},
+              "runs": [{"recipes": ["quant=int8"]}, {"recipes": ["quant=int4"]}, "not a mapping"]}
+    index = reports.batch(broken, workers=2, out=tmp_path / "two", progress=False)
+    records = json.loads((index.parent / "index.json").read_text())
+    assert [r["status"] for r in records] == ["ok", "failed", "failed"]
+    assert "Quantize.dtype: 'int4' is not allowed" in records[1]["error"]
+    assert "malformed batch entry" in records[2]["error"]
+    assert "1 of 3 reports" in index.read_text()
+
+
+def test_index_escapes_user_strings(tmp_path):
+    records = [{"dir": "run-000", "parameters": {"model": "<script>alert(1)</script>"}, "status": "failed",
+                "error": "ReportError: <img src=x>", "headline": None}]
+    page = reports.write_index(records, tmp_path).read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;" in page and "<img" not in page
+
+
+@pytest.mark.slow
+def test_study_to_report_re_runs_the_explored_recipes(digits_mlp, tmp_path):
+    model, data = digits_mlp
+    study = wb.Study(tmp_path / "s.sqlite")
+    wb.optimize(model, "quant=int8", data=data, batch_sizes=(1,), study=study, name="digits-mlp")
+    wb.optimize(model, "quant=fp16", data=data, batch_sizes=(1,), study=study, name="digits-mlp")
+    path = wb.reports.from_study(study, tmp_path / "explored.html")
+    head = reports.read_headline(path.with_suffix(".ipynb"))
+    assert head["candidates"] == 2 and "quant=fp16" in path.read_text()

@@ -1,0 +1,91 @@
+"""Autotune: a budgeted, accuracy-constrained search that always ends with a candidate; the pre-flight check."""
+import time
+
+import pytest
+
+import workbench as wb
+from workbench.search.autotune import parse_budget
+
+
+def test_budget_parsing():
+    assert parse_budget(90) == 90 and parse_budget("90s") == 90 and parse_budget("2min") == 120
+    assert parse_budget("1.5h") == 5400
+    for bad in ("soon", "-5s", 0):
+        with pytest.raises(wb.WorkbenchError):
+            parse_budget(bad)
+
+
+@pytest.mark.slow
+def test_autotune_respects_the_time_budget_and_the_metric_budget(digits_cnn, tmp_path):
+    model, data = digits_cnn
+    study = wb.Study()
+    seen = []
+    started = time.time()
+    tuned = wb.autotune(model, data, max_drop=0.01, budget="40s", storage=f"sqlite:///{tmp_path / 'a.sqlite'}",
+                        study=study, on_result=seen.append, study_name="t")
+    assert time.time() - started < 40 + 15  # a trial that started in time may finish a little after
+    assert tuned.within_budget and tuned.best.baseline.metric - tuned.best.measurement.metric <= 0.01
+    assert tuned.best.measurement.p50(64) < tuned.best.baseline.p50(64)
+    assert len(seen) == len(tuned.results) >= 2 and len(study) == len(tuned.results) + 1  # one baseline row
+    assert {"recipe", "metric", "within budget"} <= set(tuned.front.columns) and len(tuned.front) >= 1
+    names = [t.name for t in tuned.figure.data]
+    assert "baseline" in names and "Pareto front" in names
+    trials = tuned.optuna_study.trials
+    assert all("recipe" in t.user_attrs for t in trials if t.state.name == "COMPLETE")
+
+
+def test_autotune_shares_an_optuna_storage(digits_mlp, tmp_path):
+    model, data = digits_mlp
+    storage = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    first = wb.autotune(model, data, budget="8s", storage=storage, study_name="shared", study=False, trials=2)
+    after_first = len(first.optuna_study.trials)
+    second = wb.autotune(model, data, budget="8s", storage=storage, study_name="shared", study=False, trials=2)
+    assert len(second.optuna_study.trials) > after_first >= 2  # one search, continued by a second session
+
+
+def test_impossible_budget_still_returns_the_best_found(digits_mlp):
+    model, data = digits_mlp
+    tuned = wb.autotune(model, data, max_drop=0.0, objective="size", budget="10s", study=False, trials=3,
+                        storage="sqlite:///:memory:")
+    assert tuned.best is not None and len(tuned.results) >= 1
+
+
+def test_preflight_names_what_will_not_pay(digits_cnn):
+    model, data = digits_cnn
+    lines = wb.preflight(model, "prune=0.5,quant=int8-dynamic", data)
+    assert any(line.startswith("unstructured sparsity") for line in lines)
+    assert any("dynamic int8 of convolutions (98% of the MACs)" in line for line in lines)
+    assert not wb.preflight(model, "prune=0.5:structured=true", data)
+    mlp = wb.zoo.load("digits-mlp")
+    assert any(line.startswith("tiny model") for line in wb.preflight(*mlp[:1], "quant=int8", mlp[1]))
+
+
+def test_every_card_carries_the_preflight(digits_cnn):
+    from workbench.notebook.card import Card
+
+    model, data = digits_cnn
+    r = wb.optimize(model, "quant=int8-dynamic", data=data, batch_sizes=(1,), study=False)
+    assert any("ConvInteger" in line for line in r.preflight)
+    assert "pre-flight" in repr(Card(r)) and "pre-flight" in Card(r)._repr_html_()
+
+
+def test_a_failing_candidate_does_not_end_the_search(digits_mlp, tmp_path, monkeypatch):
+    from workbench.engine import Baseline
+
+    model, data = digits_mlp
+    real = Baseline.run
+
+    def flaky(self, recipe, **kwargs):  # the first candidate hits a library limit, the rest work
+        if not flaky.calls:
+            flaky.calls.append(recipe)
+            raise ValueError("setting an array element with a sequence")
+        return real(self, recipe, **kwargs)
+
+    flaky.calls = []
+    monkeypatch.setattr(Baseline, "run", flaky)
+    seen = []
+    tuned = wb.autotune(model, data, budget="60s", trials=3, study=False, storage=f"sqlite:///{tmp_path}/a.sqlite",
+                        progress=lambda m, f: seen.append(m))
+    assert len(tuned.failed) == 1 and "ValueError: setting an array element" in tuned.failed[0][2]
+    assert tuned.results and tuned.best is not None
+    assert any("failed: ValueError" in m for m in seen)

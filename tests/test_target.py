@@ -1,0 +1,70 @@
+"""The target, resolved once: devices, backends, threads and the CPU probe, whose two int8 paths (VNNI, AVX2 only)
+are forced here so that both branches run on any machine."""
+import pytest
+
+import workbench as wb
+from workbench.errors import DeviceError
+from workbench.target import FORCED, Target, cpu_info, resolve
+
+from .helpers import FAST
+
+
+@pytest.fixture(params=["vnni", "avx2"])
+def forced_cpu(request, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CPU", request.param)
+    return request.param
+
+
+def test_the_cpu_probe_can_be_forced(forced_cpu):
+    cpu = cpu_info()
+    assert cpu.forced == forced_cpu and cpu.flags == FORCED[forced_cpu]
+    assert cpu.vnni == (forced_cpu == "vnni")
+    assert f"(forced: {forced_cpu})" in cpu.describe()
+
+
+def test_an_unknown_forced_cpu_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CPU", "avx9000")
+    with pytest.raises(DeviceError, match="WORKBENCH_CPU='avx9000' is not known; use one of vnni, avx2"):
+        cpu_info()
+
+
+def test_int8_weights_use_7_bits_only_without_vnni(forced_cpu, digits_mlp):
+    model, data = digits_mlp
+    r = wb.optimize(model, "quant=int8", data=data, **FAST)
+    seven_bits = any("7 bits (reduce_range)" in n for n in r.notes)
+    assert seven_bits == (forced_cpu == "avx2")
+    without_vnni = any(line.startswith("int8 on a CPU without VNNI") for line in r.preflight)
+    assert without_vnni == (forced_cpu == "avx2")
+    assert r.env["cpu_forced"] == forced_cpu
+    assert r.measurement.metric >= r.baseline.metric - 0.01  # both paths keep the accuracy
+
+
+def test_half_precision_notes_follow_the_cpus_units(forced_cpu, digits_mlp):
+    model, data = digits_mlp
+    r = wb.optimize(model, "quant=bf16", data=data, **FAST)
+    assert any("no native bf16" in n for n in r.notes)  # neither forced probe has AVX-512 BF16 or AMX
+
+
+def test_resolve_checks_once_and_picks_a_device_that_runs_the_recipe():
+    target = resolve("auto", "cpu", threads=2)
+    assert target == Target("cpu", "auto", 2) and not target.is_cuda
+    with pytest.raises(DeviceError, match="device 'tpu' is not known"):
+        resolve(device="tpu")
+    with pytest.raises(DeviceError, match="backend 'tensorrt' is not known"):
+        resolve("tensorrt")
+    with pytest.raises(DeviceError, match="threads=0: give a positive number"):
+        resolve(threads=0)
+
+
+def test_device_auto_never_picks_a_device_where_the_recipe_cannot_run(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, as far as resolve knows
+    assert resolve(device="auto", precisions=[("fp16",)]).device == "cuda"
+    assert resolve(device="auto", precisions=[("int8-dynamic", "int8-static")]).device == "cpu"  # no GPU int8 here
+    assert resolve(device="auto").device == "cuda"
+
+
+def test_the_result_records_the_target_it_ran_on(digits_mlp):
+    r = wb.optimize(digits_mlp[0], "quant=fp16", data=digits_mlp[1], device="cpu", **FAST)
+    assert r.target.device == "cpu" and r.device == "cpu" and r.env["device"] == "cpu"

@@ -1,0 +1,111 @@
+"""ONNX Runtime: export (export.py), BERT fusions (fusion.py), the session (session.py) and ONNX Runtime's int8
+quantizers (quantize.py), behind the one Backend interface. Models are `OrtModel`s, saved as `model.onnx`.
+
+Importing this package stays light: onnx and onnxruntime load when a model is lowered, run or saved.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import RecipeError
+from ...registry import register_backend
+from .. import Backend
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    title = "ONNX Runtime"
+    files = ("model.onnx",)
+
+    def available(self, target) -> bool:
+        from .session import provider_for
+
+        ort = _ort()
+        return ort is not None and provider_for(target.device) in ort.get_available_providers()
+
+    def precisions(self, target) -> tuple:
+        if not self.available(target):
+            return ()
+        return ("fp32",) if target.is_cuda else ("fp32", "int8-dynamic", "int8-static")
+
+    def accepts(self, model: Any) -> bool:
+        from .session import OrtModel
+
+        return isinstance(model, OrtModel)
+
+    def place(self, model, target):
+        return model.replace(model.onnx_bytes, model.label)  # a fresh inference session on the same graph
+
+    def lower(self, model, precision: str, ctx, per_channel: bool = True, reduce_range: bool | None = None,
+              calibration: str = "minmax", format: str = "qdq", exclude: tuple = (), calibration_batches: int = 8,
+              **options):
+        from .quantize import quantize_dynamic, quantize_static
+        from .session import OrtModel
+
+        target = ctx.target
+        if precision == "int8-static" and calibration != "minmax" and \
+                any(getattr(m, "packs_tokens", False) for m in model.modules()):
+            raise RecipeError(f"Quantize: calibration={calibration!r} collects histograms that ONNX Runtime needs "
+                              "equally shaped across batches, and after unpad the token count varies per batch; "
+                              "use calibration='minmax' (or quantize dynamically)")
+        if precision.startswith("int8") and reduce_range is None:
+            reduce_range = not target.cpu.vnni
+            if reduce_range:
+                ctx.note("weights use 7 bits (reduce_range): this CPU has no VNNI, and AVX2's u8 x s8 multiply-add "
+                         "saturates with full 8-bit weights (measured on digits-cnn: -1.9 points without it)")
+        if precision == "int8-static":
+            ctx.progress(f"calibrating static int8 on {calibration_batches} batches", None)
+        fp32 = OrtModel.from_torch(model, ctx.data.example_inputs, device=target.device, threads=target.threads,
+                                   fuse=not exclude)
+        if precision == "fp32":
+            return fp32
+        if precision == "int8-dynamic":
+            return quantize_dynamic(fp32, per_channel=per_channel, reduce_range=reduce_range, exclude=exclude)
+        if precision == "int8-static":
+            return quantize_static(fp32, ctx.data.train_batches(limit=calibration_batches), per_channel=per_channel,
+                                   reduce_range=reduce_range, calibration=calibration, fmt=format, exclude=exclude)
+        raise ValueError(f"ONNX Runtime does not lower to {precision}")
+
+    def label_of(self, model) -> str:
+        return f"{self.name}-{model.label}"
+
+    def size_bytes(self, model) -> int:
+        return model.serialized_size()
+
+    def count_params(self, model) -> tuple[int, int]:
+        return model.count_params()
+
+    def save(self, model, example_inputs, directory: Path) -> Path:
+        return model.save(directory / "model.onnx")
+
+    def load(self, path: Path, target, trust_pickle: bool = False):
+        from .session import OrtModel
+
+        return OrtModel.load(path, device=target.device, threads=target.threads)
+
+    def versions(self) -> dict:
+        out = {}
+        for module in ("onnxruntime", "onnx"):
+            try:
+                out[module] = __import__(module).__version__
+            except ImportError:
+                out[module] = None
+        return out
+
+
+def __getattr__(name: str):  # OrtModel without importing onnx at package import
+    if name == "OrtModel":
+        from .session import OrtModel
+
+        return OrtModel
+    raise AttributeError(name)

@@ -1,0 +1,162 @@
+"""OrtModel: an ONNX Runtime inference session, callable with the same inputs as the torch model it came from.
+
+    >>> ort_model = OrtModel.from_torch(model, example_inputs)
+    >>> ort_model.save("model.onnx"); OrtModel.load("model.onnx")
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ...errors import DeviceError, ExportError
+from ...tensors import call_model, first_tensor, map_tensors
+from .export import export_onnx, input_layout
+from .fusion import fuse_bert
+
+# ONNX Runtime 1.32's CPU SkipLayerNormalization kernel measured slower than the Add + LayerNormalization it
+# replaces (see fusion.py), so CPU sessions skip that fusion too
+CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion"]
+# ONNX Runtime's intra-op workers spin 2^20 pause instructions (~50 ms here) after each run by default; in one process
+# with torch, that slowed torch's OpenMP threads 2-4x right after an ONNX Runtime call (digits-cnn, 2 threads).
+# A 1 ms spin kept ONNX Runtime's own latency (0.066 ms at batch 1 either way) and ended the interference.
+SPIN_US = "1000"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def provider_for(device: str) -> str:
+    return PROVIDERS["cuda" if device.startswith("cuda") else "cpu"]
+
+
+class OrtModel:
+    """An ONNX Runtime inference session, callable like the torch model it came from."""
+
+    def __init__(self, onnx_bytes: bytes, input_kind: str, input_names: list[str], device: str = "cpu",
+                 threads: int | None = None, label: str = "fp32"):
+        self.onnx_bytes, self.input_kind, self.input_names = onnx_bytes, input_kind, list(input_names)
+        self.device, self.threads, self.label = device, threads, label
+        self._session = None
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, model, example_inputs, device: str = "cpu", threads: int | None = None, check: bool = True,
+                   fuse: bool = True) -> "OrtModel":
+        """Export `model` and check the graph against it. With `fuse`, BERT encoders get ONNX Runtime's
+        transformer fusions instead, kept where they match the torch model; fused nodes lose the per-layer names
+        that quantization `exclude=` matches. The plain export is made only when no fused graph is kept."""
+        fused = fuse_bert(model, example_inputs, on_cpu=provider_for(device) == PROVIDERS["cpu"]) if fuse else None
+        if fused is not None:
+            candidate = cls(fused, *input_layout(example_inputs), device=device, threads=threads)
+            try:
+                candidate.check_parity(model, example_inputs)
+                return candidate
+            except Exception as e:  # the fusion is an optional extra: fall back to the plain graph, say why in the log
+                logging.getLogger(__name__).info("unfused ONNX graph kept: %s", e)
+        onnx_bytes, kind, names = export_onnx(model, example_inputs)
+        ort_model = cls(onnx_bytes, kind, names, device=device, threads=threads)
+        if check:
+            ort_model.check_parity(model, example_inputs)
+        return ort_model
+
+    def replace(self, onnx_bytes: bytes, label: str) -> "OrtModel":
+        return OrtModel(onnx_bytes, self.input_kind, self.input_names, self.device, self.threads, label)
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            provider = provider_for(self.device)
+            if provider not in ort.get_available_providers():
+                raise DeviceError(f"ONNX Runtime here has no {provider}; install onnxruntime-gpu for CUDA, "
+                                  "or use device='cpu'")
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.spin_duration_us", SPIN_US)
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            disabled = CPU_DISABLED_FUSIONS if provider == PROVIDERS["cpu"] else []
+            self._session = ort.InferenceSession(self.onnx_bytes, opts, providers=[provider],
+                                                 disabled_optimizers=disabled)
+        return self._session
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        values = [kwargs[n] for n in self.input_names] if self.input_kind == "dict" else list(args)
+        out_device = values[0].device if isinstance(values[0], torch.Tensor) else "cpu"
+        feed = {n: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+                for n, v in zip(self.input_names, values)}
+        result = torch.from_numpy(self.session.run(None, feed)[0])
+        return result.to(out_device) if str(out_device) != "cpu" else result
+
+    def eval(self) -> "OrtModel":
+        return self
+
+    def check_parity(self, model, example_inputs, rtol: float = 1e-3) -> float:
+        """Max abs difference between this graph and the torch model on `example_inputs`; raises if too far."""
+        import torch
+
+        with torch.inference_mode():
+            expected = first_tensor(call_model(model, example_inputs)).float().cpu()
+        got = call_model(self, map_tensors(example_inputs, lambda t: t.cpu())).float()
+        if got.shape != expected.shape:
+            raise ExportError(f"the exported graph returns shape {tuple(got.shape)}, torch returns "
+                              f"{tuple(expected.shape)}")
+        diff = (got - expected).abs().max().item()
+        if diff > rtol * max(1.0, expected.abs().max().item()):
+            raise ExportError(f"the exported ONNX graph disagrees with the torch model (max abs diff {diff:.3g} "
+                              f"on the example inputs); use backend='torch' for this model")
+        return diff
+
+    # -- properties ------------------------------------------------------------------------------------------
+    def serialized_size(self) -> int:
+        return len(self.onnx_bytes)
+
+    def count_params(self) -> tuple[int, int]:
+        """Elements and non-zeros of the graph's weight initializers (scales and zero points left out)."""
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        total = nonzero = 0
+        for init in onnx.load_from_string(self.onnx_bytes).graph.initializer:
+            if init.name.endswith(("_scale", "_zero_point")) or len(init.dims) < 1:
+                continue
+            arr = numpy_helper.to_array(init)
+            total += arr.size
+            nonzero += int(np.count_nonzero(arr))
+        return total, nonzero
+
+    def __repr__(self) -> str:
+        return f"OrtModel({self.label}, {len(self.onnx_bytes) / 1e6:.2f} MB, device={self.device!r})"
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_session"] = None
+        return state
+
+    def save(self, path) -> Path:
+        """Write the .onnx file plus a small sidecar with the input layout, so `OrtModel.load` restores it."""
+        path = Path(path)
+        path.write_bytes(self.onnx_bytes)
+        path.with_suffix(".json").write_text(json.dumps(
+            {"input_kind": self.input_kind, "input_names": self.input_names, "label": self.label}))
+        return path
+
+    @classmethod
+    def load(cls, path, device: str = "cpu", threads: int | None = None) -> "OrtModel":
+        path = Path(path)
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        data = path.read_bytes()
+        if meta is None:
+            import onnx
+
+            names = [i.name for i in onnx.load_from_string(data).graph.input]
+            meta = {"input_kind": "tensor" if len(names) == 1 else "tuple", "input_names": names, "label": "onnx"}
+        return cls(data, meta["input_kind"], meta["input_names"], device, threads, meta.get("label", "onnx"))

@@ -1,0 +1,86 @@
+"""Torch eager: the model stays a torch module. fp16/bf16 as casts (float32 in and out), int8 through torch.ao's
+dynamic quantization (CPU kernels), and `torch.export` programs as the saved form.
+
+Importing this package stays light: torch loads when a model is lowered, measured or saved.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...registry import register_backend
+from .. import Backend
+
+
+@register_backend
+class TorchBackend(Backend):
+    name = "torch"
+    title = "torch eager"
+    files = ("model.pt2", "model.pt")
+
+    def available(self, target) -> bool:
+        import torch
+
+        return not target.is_cuda or torch.cuda.is_available()
+
+    def precisions(self, target) -> tuple:
+        return ("fp32", "fp16", "bf16") if target.is_cuda else ("fp32", "fp16", "bf16", "int8-dynamic")
+
+    def accepts(self, model: Any) -> bool:
+        import torch
+
+        return isinstance(model, torch.nn.Module)
+
+    def place(self, model, target):
+        from ...tensors import copy_model
+
+        return copy_model(model).eval().to(target.device)
+
+    def lower(self, model, precision: str, ctx, exclude: tuple = (), per_channel: bool = True, **options):
+        from .lowering import dynamic_int8, to_dtype
+
+        target = ctx.target
+        if precision == "fp32":
+            return model.to(target.device).eval()
+        if precision in ("fp16", "bf16"):
+            if not target.native(precision):
+                ctx.note(f"{precision} on this CPU ({target.cpu.describe()}): no native {precision} matrix units, "
+                         "so expect it to be slower than fp32; it halves the size")
+            return to_dtype(model, precision).to(target.device)
+        if precision == "int8-dynamic":
+            return dynamic_int8(model, exclude=exclude, per_channel=per_channel)
+        raise ValueError(f"torch eager does not lower to {precision}")
+
+    def label_of(self, model) -> str:
+        from .lowering import CastInputs
+
+        if isinstance(model, CastInputs):
+            return f"torch-{'fp16' if str(model.dtype) == 'torch.float16' else 'bf16'}"
+        if any(hasattr(m, "_packed_params") for m in model.modules()):
+            return "torch-int8-dynamic"
+        return "torch"
+
+    def size_bytes(self, model) -> int:
+        from ...measure.counts import serialized_size
+
+        return serialized_size(model)
+
+    def sparse_size_bytes(self, model) -> int | None:
+        from ...measure.counts import sparse_size
+
+        return sparse_size(model)
+
+    def count_params(self, model) -> tuple[int, int]:
+        from ...measure.counts import count_params
+
+        return count_params(model)
+
+    def save(self, model, example_inputs, directory: Path) -> Path:
+        from .storage import save
+
+        return save(model, example_inputs, directory)
+
+    def load(self, path: Path, target, trust_pickle: bool = False):
+        from .storage import load
+
+        return load(path, target.device, trust_pickle)

@@ -1,0 +1,53 @@
+"""Torch eager precisions: fp16/bf16 copies that take and return float32, and torch.ao dynamic int8."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from ...tensors import map_tensors
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CastInputs(nn.Module):
+    """Runs a half/bfloat16 model on float32 inputs and returns float32 outputs, so callers need not care."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args, **kwargs):
+        def cast(t):
+            return t.to(self.dtype) if t.is_floating_point() else t
+
+        out = self.module(*map_tensors(args, cast), **map_tensors(kwargs, cast))
+        return map_tensors(out, lambda t: t.float() if t.is_floating_point() else t)
+
+
+def to_dtype(model: nn.Module, dtype_name: str) -> nn.Module:
+    """A half-precision copy (`fp16` or `bf16`) wrapped to accept and return float32 tensors."""
+    dtype = DTYPES[dtype_name]
+    return CastInputs(copy.deepcopy(model).to(dtype), dtype).eval()
+
+
+def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True) -> nn.Module:
+    """torch.ao dynamic quantization of Linear/LSTM/GRU layers (weights int8, activations per batch).
+
+    `exclude` names layers (or their parents) to keep in fp32.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+        spec = {}
+        for name, mod in model.named_modules():
+            if any(name == e or name.startswith(e + ".") for e in exclude):
+                continue
+            if isinstance(mod, nn.Linear):
+                spec[name] = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+            elif isinstance(mod, (nn.LSTM, nn.GRU)):
+                spec[name] = default_dynamic_qconfig
+        return quantize_dynamic(copy.deepcopy(model), spec)

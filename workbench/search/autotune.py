@@ -1,0 +1,250 @@
+"""Autotune: an accuracy-budgeted search across techniques with optuna, that honours a time budget and always
+returns the best candidate found so far plus the whole Pareto front.
+
+    >>> tuned = wb.autotune(model, data, max_drop=0.01, objective="latency", budget="5min")
+    >>> tuned.best.table(); tuned.front; tuned.figure; tuned.headline
+
+The search space is the registered techniques' own (`search` hooks: structured pruning with its recovery,
+factorization, skipping padding, quantization modes) plus, for float candidates, the backends that run fp32 here;
+it starts from what usually wins (`seeds` hooks). Candidates are ranked by the lower bound of their speedup's 95%
+interval, not by a single median, and "best" is only ever a candidate that is reliably faster.
+
+Several machines can share one search: give each the same `storage` (any SQL URL optuna accepts) and study
+name, e.g. `workbench autotune digits-cnn --storage postgresql://host/db --study cnn` on each.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import WorkbenchError, require
+from ..verdict import judge
+
+
+def parse_budget(budget: Any) -> float:
+    """Seconds from 120, "90s", "2min", "1.5h"."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        seconds = float(budget)
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hours?)?\s*", str(budget))
+        if not found:
+            raise WorkbenchError(f"budget {budget!r} is not a duration; use e.g. 120, '90s', '5min' or '1h'")
+        unit = (found.group(2) or "s")[0]
+        seconds = float(found.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+    if not seconds > 0:
+        raise WorkbenchError(f"budget must be positive, got {budget!r}")
+    return seconds
+
+
+@dataclass
+class Tuned:
+    """What autotune returns.
+
+    best: the candidate within the metric budget that is reliably fastest (highest lower bound of its speedup), or
+        smallest for objective="size"; when none qualifies, the closest one, and `reliable` is False.
+    results: every trial's Result; front: the Pareto front as a DataFrame; headline: the one-line verdict;
+    failed: (recipe, backend, error line, full traceback) of candidates that raised.
+    """
+
+    best: Any
+    results: list
+    front: Any
+    within_budget: bool
+    reliable: bool
+    headline: str
+    seconds: float
+    failed: list = field(default_factory=list)
+    optuna_study: Any = field(repr=False, default=None)
+
+    def table(self):
+        return self.best.table()
+
+    @property
+    def figure(self):
+        from .. import charts
+
+        batch = self.best.measurement.batch_sizes[0]
+        return charts.pareto(self.results, batch=batch,
+                             title=f"autotune: {len(self.results)} candidates, {self.best.recipe} chosen")
+
+
+def _seeds(facts) -> list[dict]:
+    """Trial parameters to start from: the i-th seed of every technique that has seeds, merged."""
+    from ..registry import techniques
+
+    lists = [t.seeds(facts) for t in techniques() if t.seeds is not None]
+    lists = [seeds for seeds in lists if seeds]
+    return [{k: v for seeds in lists for k, v in seeds[min(i, len(seeds) - 1)].items()}
+            for i in range(max((len(s) for s in lists), default=0))]
+
+
+def _suggest(trial, facts, backend: str) -> tuple[str, str | None]:
+    """One candidate: short-form steps from every technique's search, and the backend for a float model."""
+    from ..recipe import Recipe
+    from ..registry import backends, techniques
+
+    steps = [s for t in techniques() if t.search is not None for s in t.search(trial, facts)]
+    recipe = ",".join(steps)
+    lowered = recipe and any(s.stage >= 2 for s in Recipe.parse(recipe).steps)
+    runtime = None
+    if not lowered and backend == "auto":  # a float model: which runtime runs fp32 fastest here
+        floats = [b.name for b in backends() if b.available(facts.target) and "fp32" in b.precisions(facts.target)]
+        if len(floats) > 1:
+            runtime = trial.suggest_categorical("backend", floats)
+    return recipe, runtime
+
+
+def _cost(result, objective: str) -> float:
+    """What optuna minimizes: for latency, the baseline-relative time at the interval's pessimistic end (1 / the
+    lower bound of the speedup), so a noisy gain does not win; for size, bytes."""
+    if objective == "size":
+        return float(result.measurement.size_bytes)
+    speedups = list(result.measurement.speedups.values())
+    return 1 / min(s.low for s in speedups) if speedups else float("inf")
+
+
+def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", batch: int | None = None,
+             budget: Any = "10min", backend: str = "auto", device: str = "auto", storage: str | None = None,
+             study_name: str | None = None, trials: int | None = None, study=None,
+             progress: Callable | None = None, on_result: Callable | None = None, seed: int = 0,
+             threads: int | None = None, timing=None) -> Tuned:
+    """Search recipes for the fastest (or smallest) model whose metric drops at most `max_drop` below the
+    baseline on the validation split, within `budget` of wall time.
+
+    batch: the batch size latency is optimized for (default 64 for conv nets, else 1).
+    storage: an optuna storage URL shared by several processes or machines (default: an SQLite file in the
+        workbench's data directory); study_name: the search's name in it.
+    """
+    optuna = require("optuna", "search", "autotune")
+    from ..engine import Baseline
+    from ..paths import data_dir
+    from ..scoped import logger_level
+
+    if objective not in ("latency", "size"):
+        raise WorkbenchError(f"objective {objective!r} is not known; use 'latency' or 'size'")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < 1:
+        raise WorkbenchError(f"max_drop {max_drop!r} must be a number in [0, 1)")
+    seconds = parse_budget(budget)
+    started = time.time()
+    base = Baseline(model, data, backend=backend, device=device, study=study, threads=threads, timing=timing,
+                    progress=progress)
+    facts = base.facts
+    batch = batch or (64 if facts.conv_heavy else 1)
+    base.batch_sizes = (batch,)
+    storage = storage or f"sqlite:///{data_dir() / 'autotune.sqlite'}"
+    name = study_name or f"autotune-{base.name}-{objective}-{int(started)}"
+
+    results: list = []
+    failed: list = []  # (recipe, backend, error, traceback) of candidates that raised
+    durations: list = []
+    by_recipe: dict = {}
+
+    def report(message: str) -> None:
+        if progress:
+            progress(message, min((time.time() - started) / seconds, 0.99))
+
+    def run_trial(trial) -> tuple[float, float]:
+        t0 = time.time()
+        recipe, runtime = _suggest(trial, facts, backend)
+        if (recipe, runtime) in by_recipe:  # the same candidate again: reuse, do not re-measure
+            r = by_recipe[recipe, runtime]
+        elif not recipe and runtime in (None, base.target.backend, "torch"):
+            raise optuna.TrialPruned("the baseline itself")
+        else:
+            try:
+                r = base.run(recipe or [], backend=runtime)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one candidate failing (a library limit, a bad export) does not end the search
+                durations.append(time.time() - t0)
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                failed.append((recipe, runtime, error, traceback.format_exc()))
+                report(f"trial {len(durations)}: {recipe} [{runtime or 'auto'}] failed: {error}")
+                trial.set_user_attr("error", error)
+                raise optuna.TrialPruned(error) from None
+            results.append(r)
+            by_recipe[recipe, runtime] = r
+            if on_result:
+                on_result(r)
+        drop = r.baseline.metric - r.measurement.metric
+        trial.set_constraint("metric_drop", drop - max_drop)  # feasible when <= 0
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("backend", r.backend)
+        cost = _cost(r, objective)
+        durations.append(time.time() - t0)
+        speed = r.measurement.speedups.get(batch)
+        report(f"trial {len(durations)}: {recipe or '(no steps)'} [{r.backend}]: {r.measurement.metric_name} "
+               f"{r.measurement.metric:.4g}, " + (f"{speed} at batch {batch}" if objective == "latency" and speed
+                                                  else f"{r.measurement.size_bytes / 1e6:.3g} MB"))
+        return r.measurement.metric, cost
+
+    wrap_up = min(5.0, 0.05 * seconds)  # time kept for choosing the best and drawing the chart
+
+    def stop_in_time(st, trial) -> None:
+        spent = time.time() - started
+        longest = max(durations) if durations else 0  # do not start a trial that may not finish in time
+        if spent + longest + wrap_up > seconds or (trials is not None and len(durations) >= trials):
+            st.stop()
+
+    interrupted = False
+    with logger_level("optuna", logging.WARNING):
+        ostudy = optuna.create_study(
+            study_name=name, storage=storage, load_if_exists=True, directions=["maximize", "minimize"],
+            sampler=optuna.samplers.TPESampler(seed=seed))
+        for params in _seeds(facts):  # what usually works first, so even a short budget ends with a candidate
+            ostudy.enqueue_trial(params, skip_if_exists=True)
+        try:
+            ostudy.optimize(run_trial, timeout=max(seconds - wrap_up - (time.time() - started), 1.0),
+                            callbacks=[stop_in_time], n_trials=None)
+        except KeyboardInterrupt:
+            interrupted = True  # keep what was found so far
+    if not results:
+        why = f"; {len(failed)} failed, the first with {failed[0][2]}" if failed else ""
+        if interrupted:
+            raise WorkbenchError(f"autotune was interrupted before a trial finished{why}")
+        raise WorkbenchError(f"autotune finished no trial within {seconds:.0f} s{why}; give a larger budget")
+    return _tuned(results, failed, max_drop, objective, batch, time.time() - started, ostudy)
+
+
+def _tuned(results, failed, max_drop, objective, batch, seconds, ostudy) -> Tuned:
+    import pandas as pd
+
+    from ..tables import pareto_front
+
+    verdicts = [judge(r.baseline, r.measurement, max_drop) for r in results]
+    feasible = [(r, v) for r, v in zip(results, verdicts) if v.within_budget]
+    if objective == "size":
+        good = feasible
+        best = min(good, key=lambda rv: rv[0].measurement.size_bytes)[0] if good else None
+    else:
+        good = [(r, v) for r, v in feasible if v.faster]
+        best = max(good, key=lambda rv: rv[1].worst.low)[0] if good else None
+    reliable = best is not None
+    if best is None:  # the closest: within the budget with the best lower bound, else the most accurate
+        pool = feasible or list(zip(results, verdicts))
+        best = max(pool, key=lambda rv: (rv[1].within_budget, -_cost(rv[0], objective)
+                                         if feasible else rv[0].measurement.metric))[0]
+    verdict = judge(best.baseline, best.measurement, max_drop)
+    if reliable:
+        headline = f"best within a {max_drop:g} metric budget: {best.recipe} [{best.backend}]: {verdict.text}"
+    elif feasible:
+        headline = (f"no candidate is reliably faster here within a {max_drop:g} metric budget; the closest: "
+                    f"{best.recipe} [{best.backend}]: {verdict.text}")
+    else:
+        headline = f"none stayed within a {max_drop:g} metric drop; the most accurate: {best.recipe} [{best.backend}]"
+    rows = pd.DataFrame([{"recipe": str(r.recipe), "backend": r.backend, "metric": r.measurement.metric,
+                          "speedup": getattr(r.measurement.speedups.get(batch), "ratio", None),
+                          "speedup low": getattr(r.measurement.speedups.get(batch), "low", None),
+                          "size_bytes": r.measurement.size_bytes, "within budget": v.within_budget,
+                          "verdict": v.text} for r, v in zip(results, verdicts)])
+    cost = "size_bytes" if objective == "size" else "relative latency (pessimistic)"
+    if objective != "size":
+        rows[cost] = [_cost(r, objective) for r in results]
+    front = rows.loc[pareto_front(rows, "metric", cost)].sort_values(cost)
+    return Tuned(best=best, results=results, front=front, within_budget=verdict.within_budget, reliable=reliable,
+                 headline=headline, seconds=seconds, failed=failed, optuna_study=ostudy)

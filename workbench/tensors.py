@@ -1,0 +1,104 @@
+"""Batches as the user's model takes them (a tensor, a tuple of positional arguments or a dict of keyword
+arguments) and copies of modules: pure helpers shared by every layer; nothing here knows devices or backends.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+from .errors import DataError, ModelError
+
+
+def call_model(model: Any, inputs: Any):
+    """Run `model` on a batch's inputs (tensor, tuple of positional args, or dict of keyword args)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def map_tensors(inputs: Any, fn: Callable):
+    """Apply `fn` to every tensor inside a batch's inputs, keeping the structure."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, dict):
+        return {k: map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(v, fn) for v in inputs)
+    return inputs
+
+
+def first_tensor(output: Any):
+    """The tensor a metric reads from a model's output: the output itself, its first element, or logits."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        for key in ("logits", "sentence_embedding", "last_hidden_state"):
+            if key in output:
+                return output[key]
+        return next(iter(output.values()))
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor(output[0])
+    raise ModelError(f"the model returned {type(output).__name__}; expected a tensor (or a tuple/dict of tensors)")
+
+
+def batch_size_of(inputs: Any) -> int:
+    """Rows in a batch: the first dimension of its first tensor."""
+    found: list[int] = []
+    map_tensors(inputs, lambda t: found.append(t.shape[0]) if t.dim() else None)
+    if not found:
+        raise DataError("cannot tell the batch size: the inputs hold no tensor with a batch dimension")
+    return found[0]
+
+
+def concat_rows(pieces: list, rows: int):
+    """The first `rows` rows of several batches of the same structure, concatenated."""
+    import torch
+
+    def cat(*parts):
+        return torch.cat(parts)[:rows]
+
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return cat(*pieces)
+    if isinstance(first, dict):
+        return {k: cat(*(p[k] for p in pieces)) for k in first}
+    return type(first)(cat(*(p[i] for p in pieces)) for i in range(len(first)))
+
+
+def copy_model(model):
+    """copy.deepcopy, also for modules holding computed (non-leaf) tensors, e.g. torch.nn.utils.prune's `weight`
+    or weight_norm, which the forward pre-hooks recompute anyway."""
+    import copy
+
+    import torch
+
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """torch's random state restored after the block: iterating a DataLoader (even unshuffled) draws from it, so
+    measuring the user's model would otherwise change the random numbers their next cell gets."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0):
+    """torch's random generators seeded for the block and restored after it: reproducible, and the user's own
+    random state is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

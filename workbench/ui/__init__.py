@@ -1,1 +1,0 @@
-"""The Python side of the workbench's notebook UI: the control panel and the per-layer map widget."""
