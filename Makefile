@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean chromium
+.PHONY: setup demo test bench clean chromium postgresql
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,18 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null) || echo "chromium could not be installed: the browser test will skip"
 
+# Debian's PostgreSQL for the test of an autotune study shared across machines (the test starts its own server)
+postgresql:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+		echo "postgresql could not be installed: the shared-study test will skip"
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/workbench report quickstart -o reports-out/quickstart.ipynb --html reports-out/quickstart.html
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium postgresql
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -114,6 +114,7 @@ def test_no_factorizable_layer_warns_and_returns_the_model_unchanged(digits_mlp)
             wb.optimize(model, wb.Factorize(rank_ratio=1.0, layers="all"), data=data, **FAST)
 
 
+@pytest.mark.slow
 def test_all_four_techniques_in_one_recipe(digits_cnn):
     model, data = digits_cnn
     recipe = wb.Recipe([wb.Prune(0.4, structured=True, scope="layer"), wb.Distill(epochs=2),

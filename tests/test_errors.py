@@ -149,3 +149,54 @@ def test_parity_check_catches_a_graph_that_disagrees(digits_mlp):
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(ExportError, match="disagrees with the torch model"):
         ort_model.check_parity(other, data.example_inputs)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: 5", r"'steps' must be a list of steps, got int 5"),
+    ("steps:\n  - 3", r"recipe step 1: expected a mapping with a 'type', got 3 \(YAML line 2\)"),
+    ("- type: quantize\n  dtype: int9", r"Quantize.dtype: 'int9' is not allowed"),
+    ("steps:\n  - type: prune\n    sparsity: {a: 1}", r"Prune.sparsity: expected a number, got \{'a': 1\}"),
+])
+def test_odd_yaml_is_one_recipe_error(text, message):
+    with pytest.raises(RecipeError, match=message):
+        wb.Recipe.from_yaml(text)
+
+
+@pytest.mark.parametrize("batch_sizes", [[0], [-1], [1.5], ["64"]])
+def test_bad_batch_sizes_are_refused_before_any_work(digits_mlp, batch_sizes):
+    model, data = digits_mlp
+    with pytest.raises(DataError, match=r"batch_sizes: .* is not a batch size; give positive whole numbers"):
+        wb.optimize(model, "quant=int8", data=data, batch_sizes=batch_sizes, study=False)
+
+
+def test_a_metric_returning_inf_and_a_one_shot_loader_are_refused():
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8).long()), batch_size=4)
+    with pytest.raises(DataError, match="returned inf"):
+        wb.optimize(nn.Linear(4, 2), "quant=int8", data=wb.Data(val=loader, metric=lambda o, t: float("inf")), **FAST)
+    with pytest.raises(DataError, match=r"the val loader is a one-shot iterator \(a generator\?\)"):
+        wb.Data(val=(b for b in loader))
+
+
+def test_a_report_the_disk_refuses_is_one_line_and_leaves_nothing(tmp_path):
+    from workbench.errors import ReportError
+
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(ReportError, match=r"cannot write .*a-file"):
+        wb.report("pipeline", {"model": "digits-mlp", "recipes": ["quant=int8"]},
+                  output=tmp_path / "a-file" / "r.ipynb")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+class UsesRfft(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.fft.rfft(x.flatten(1), n=126).abs())
+
+
+def test_a_lowering_that_breaks_the_model_names_the_step_not_the_data(digits_mlp):
+    _, data = digits_mlp
+    with pytest.raises(ModelError, match=r"quant=fp16 left a model whose forward fails"):
+        wb.optimize(UsesRfft(), "quant=fp16", data=data, **FAST)

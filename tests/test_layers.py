@@ -147,3 +147,29 @@ def test_the_wheel_carries_the_templates_and_widget_assets(tmp_path):
     for template in ("quickstart", "quantization", "pruning", "distillation", "pipeline"):
         assert f"workbench/reports/templates/{template}.ipynb" in names
     assert {"workbench/notebook/widgets/layer_map.js", "workbench/notebook/widgets/layer_map.css"} <= set(names)
+
+
+def test_quiet_scopes_of_two_threads_may_end_in_any_order():
+    import sys as _sys
+    import threading
+    import warnings
+
+    from workbench.scoped import quiet
+
+    real_stdout, real_show = _sys.stdout, warnings.showwarning
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with quiet():
+            entered.set()
+            release.wait(5)
+
+    with quiet():
+        t = threading.Thread(target=other)
+        t.start()
+        entered.wait(5)
+    # the main thread left first; the other is still quiet, yet the main thread prints again
+    assert _sys.stdout is not real_stdout and _sys.stdout.write("visible\n") == len("visible\n")
+    release.set()
+    t.join()
+    assert _sys.stdout is real_stdout and warnings.showwarning is real_show

@@ -115,6 +115,7 @@ def test_minilm_heads_and_ffn_pruned_hidden_size_kept(minilm):
     assert 0 < r.measurement.metric < 1  # fidelity before recovery, reported
 
 
+@pytest.mark.slow
 def test_iterative_schedule_prunes_in_rounds_with_recovery(digits_cnn):
     model, data = digits_cnn
     seen = []

@@ -60,3 +60,9 @@ def test_parse_accepts_yaml_text_and_files(tmp_path):
 def test_bad_values_name_step_field_and_what_is_allowed(make, message):
     with pytest.raises(RecipeError, match=message):
         make()
+
+
+def test_schedules_survive_the_short_form():
+    r = Recipe([Prune(0.5, schedule="iterative:3")])
+    assert str(r) == "prune=0.5:schedule=iterative-3"
+    assert Recipe.parse(str(r)) == r and Recipe.parse(str(r)).steps[0].steps == 3

@@ -68,3 +68,11 @@ def test_device_auto_never_picks_a_device_where_the_recipe_cannot_run(monkeypatc
 def test_the_result_records_the_target_it_ran_on(digits_mlp):
     r = wb.optimize(digits_mlp[0], "quant=fp16", data=digits_mlp[1], device="cpu", **FAST)
     assert r.target.device == "cpu" and r.device == "cpu" and r.env["device"] == "cpu"
+
+
+def test_a_torch_device_is_welcome_and_odd_devices_are_one_line():
+    import torch
+
+    assert resolve(device=torch.device("cpu")).device == "cpu"
+    with pytest.raises(DeviceError, match="device 3 is not known"):
+        resolve(device=3)

@@ -9,10 +9,11 @@ A batch is `(inputs, targets)`; `inputs` is a tensor, a tuple of tensors (positi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Callable, Iterable
 
-from .errors import DataError
-from .tensors import batch_size_of, call_model, concat_rows, first_tensor
+from .errors import DataError, WorkbenchError
+from .tensors import batch_size_of, call_model, concat_rows, first_tensor, map_tensors
 
 METRICS = ("accuracy", "fidelity")
 
@@ -21,6 +22,19 @@ def _split(batch: Any):
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     return batch, None
+
+
+def _layout(inputs: Any) -> str:
+    """'a tensor', 'a tuple of 2', 'a dict with keys [...]' (or the type's name): what a batch's inputs are."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return "a tensor"
+    if isinstance(inputs, dict):
+        return f"a dict with keys {sorted(map(str, inputs))}"
+    if isinstance(inputs, (tuple, list)):
+        return f"a {type(inputs).__name__} of {len(inputs)}"
+    return f"a {type(inputs).__name__}"
 
 
 def accuracy(outputs, targets) -> float:
@@ -62,7 +76,7 @@ class Data:
         if eval_fn is None and val is None:
             raise DataError("give a validation loader (val=...) or an eval_fn(model) -> float")
         for split, loader in (("train", train), ("val", val)):
-            if loader is not None and iter(loader) is loader:
+            if isinstance(loader, Iterator):  # without calling iter(): that would start a DataLoader's workers
                 raise DataError(f"the {split} loader is a one-shot iterator (a generator?), and it is read several "
                                 "times; pass a list of batches or a DataLoader")
         self.train, self.val, self.metric, self.eval_fn = train, val, metric, eval_fn
@@ -124,6 +138,17 @@ class Data:
             self._example_inputs = next(iter(self.val_batches()))[0]
         return self._example_inputs
 
+    def check_layout(self) -> None:
+        """Example inputs and validation inputs must be the same kind of batch (tensor, tuple or dict, and the same
+        keys or length): timing and export use one, the metric the other."""
+        if self._example_inputs is None or self.val is None:
+            return
+        val = next(iter(self.val_batches()))[0]
+        mine, theirs = _layout(self._example_inputs), _layout(val)
+        if mine != theirs:
+            raise DataError(f"the example inputs are {mine} but the validation batches' inputs are {theirs}; give "
+                            "example inputs shaped like one validation batch's inputs")
+
     def inputs(self, batch_size: int):
         """Inputs with exactly `batch_size` rows, drawn from validation batches (repeated if too few)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -131,11 +156,14 @@ class Data:
         pieces, have = [], 0
         source = [self.example_inputs] if self.val is None else None
         while have < batch_size:
+            before = have
             for inputs in (source or (b[0] for b in self.val_batches())):
                 pieces.append(inputs)
                 have += batch_size_of(inputs)
                 if have >= batch_size:
                     break
+            if have == before:
+                raise DataError("the validation batches hold no rows (every batch has size 0): nothing to time")
         return concat_rows(pieces, batch_size)
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -143,11 +171,21 @@ class Data:
         """Model outputs on every validation batch (first tensor of each, on CPU); inputs moved to `target`."""
         import torch
 
+        from .errors import ModelError, WorkbenchError
+
         outs = []
         with torch.inference_mode():
-            for inputs, _ in self.val_batches():
+            for i, (inputs, _) in enumerate(self.val_batches()):
                 inputs = target.move(inputs) if target is not None else inputs
-                outs.append(first_tensor(call_model(model, inputs)).float().cpu())
+                try:
+                    outs.append(first_tensor(call_model(model, inputs)).float().cpu())
+                except WorkbenchError:
+                    raise
+                except Exception as e:
+                    shapes = map_tensors(inputs, lambda t: tuple(t.shape))
+                    raise ModelError(f"the model's forward failed on validation batch {i + 1} {shapes}: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check that "
+                                     "the data matches what the model expects.") from e
         return outs
 
     def evaluate(self, model: Any, target=None, reference: Any = None) -> float:
@@ -158,7 +196,13 @@ class Data:
         import torch
 
         if self.eval_fn is not None:
-            value = self.eval_fn(model)
+            try:
+                value = self.eval_fn(model)
+            except (WorkbenchError, Warning):
+                raise
+            except Exception as e:
+                raise DataError(f"the eval_fn {self.metric_name!r} raised {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
         else:
             metric = _METRIC_FNS.get(self.metric, self.metric) if isinstance(self.metric, str) else self.metric
             outs = self.outputs(model, target)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .data import Data
-from .errors import DataError, DeviceError, ModelError, RecipeError, WorkbenchError
+from .errors import DataError, DeviceError, ModelError, RecipeError, StepError, WorkbenchError
 from .recipe import Recipe
 from .tensors import batch_size_of, call_model, copy_model, rng_preserved
 
@@ -88,12 +88,14 @@ def working_copy(model, data: Data, target):
     return work
 
 
-def _check_runs(model, data: Data, target, what: str) -> None:
+def _check_runs(model, data: Data, target, what: str, batch: int | None = None) -> None:
+    """One forward pass on the example inputs (or the validation inputs at `batch`), or one clear ModelError."""
     import torch
 
     from .tensors import map_tensors
 
-    inputs = target.move(data.example_inputs)
+    inputs = target.move(data.example_inputs if batch is None else data.inputs(batch))
+    where = "the data's example inputs" if batch is None else f"the validation inputs at batch {batch}"
     try:
         with torch.inference_mode():
             call_model(model, inputs)
@@ -101,8 +103,19 @@ def _check_runs(model, data: Data, target, what: str) -> None:
         raise
     except Exception as e:
         shapes = map_tensors(inputs, lambda t: tuple(t.shape))
-        raise ModelError(f"{what}'s forward failed on the data's example inputs {shapes}: {_first_line(e)}. "
+        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {_first_line(e)}. "
                          "Check that the data matches what the model expects.") from e
+
+
+def _apply(tech, model, step, ctx):
+    """A technique's handler; what it does not foresee becomes one line naming the step (traceback chained)."""
+    try:
+        return tech.apply(model, step, ctx)
+    except (WorkbenchError, Warning):  # a warning raised as an error was asked for by the user's filters
+        raise
+    except Exception as e:
+        raise StepError(f"{step.describe()} failed on this model and data: {_first_line(e)}. Check that the train "
+                        "and validation batches match what the model takes, or leave the step out") from e
 
 
 def _still_runs(model, step, ctx) -> None:
@@ -174,10 +187,16 @@ class Baseline:
         self.recipes = [Recipe.parse(r) for r in recipes]
         self.target = resolve(backend, device, threads, [alts for r in self.recipes for alts in r.precisions])
         self.batch_sizes = _batch_sizes(batch_sizes, self.data)
-        self.study, self.name, self.timing = _study(study), name or self.data.name or type(model).__name__, timing
+        from .measure import TimingPlan
+
+        self.study, self.name = _study(study), name or self.data.name or type(model).__name__
+        self.timing = timing or TimingPlan.default(self.target.is_cuda)  # a bad WORKBENCH_TIMING fails here, first
         self.row_id: int | None = None
         _progress(progress, "measuring the baseline", 0.0)
+        self.data.check_layout()
         self.model = working_copy(self.original, self.data, self.target)
+        for b in self.batch_sizes:  # timing runs the validation inputs at each batch size: they must run too
+            _check_runs(self.model, self.data, self.target, "the model", b)
         self.facts = ModelFacts(self.model, self.data, self.target)
         self.measurement = measure(self.model, self.data, self.target, reference=self.model)
         self.env = self.target.environment()
@@ -186,8 +205,17 @@ class Baseline:
         """The recipe parsed and each step's technique, refused before any work when it cannot run here."""
         from .registry import technique_for
 
+        from .target import runs_somewhere
+
         recipe = Recipe.parse(recipe)
         techniques = [technique_for(step) for step in recipe.steps]
+        on_cpu = self.target.__class__("cpu", self.target.backend)
+        for alternatives in recipe.precisions:
+            if self.target.is_cuda and not any(runs_somewhere(p, self.target) for p in alternatives) and \
+                    any(runs_somewhere(p, on_cpu) for p in alternatives):
+                raise DeviceError(f"{recipe}: {' or '.join(alternatives)} has no backend on {self.target.device} "
+                                  "here, where this baseline was measured; measure one with device='cpu' (or "
+                                  "device='auto' with this recipe) to run it")
         for step in recipe.steps:
             if step.needs_train and self.data.train is None:
                 raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the "
@@ -222,11 +250,10 @@ class Baseline:
                 raise RecipeError(f"{step.describe()}: the model was already lowered to {lowered} by an earlier "
                                   f"step; put {step.short} before it (a model is lowered once, last)")
             before = work
-            work = tech.apply(work, step, ctx)
+            work = _apply(tech, work, step, ctx)
             if step.stage >= 2 or not isinstance(work, torch.nn.Module):
                 lowered, float_model = backend_of(work).label_of(work), before
-            else:
-                _still_runs(work, step, ctx)
+            _still_runs(work, step, ctx)
         if lowered is None and target.backend != "auto":
             ctx.progress(f"lowering to {target.backend}", None)
             float_model = work

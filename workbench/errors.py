@@ -21,8 +21,17 @@ class ExportError(WorkbenchError, RuntimeError):
     """Export to ONNX failed or the exported graph disagrees with the torch model."""
 
 
+class StepError(WorkbenchError, RuntimeError):
+    """A recipe step failed on this model or data in a way the step does not foresee; the message names the step
+    and the library's error (the full traceback is chained)."""
+
+
 class DeviceError(WorkbenchError, RuntimeError):
     """The requested device or backend is not available on this machine."""
+
+
+class PickleFallback(UserWarning):
+    """A model was saved as a pickle because its backend's safe format could not hold it."""
 
 
 class ReportError(WorkbenchError):

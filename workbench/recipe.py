@@ -396,6 +396,7 @@ class Recipe:
                                   f"{earlier.stage_note}; put {later.short} before it")
         if self.name is not None and not isinstance(self.name, str):
             raise RecipeError(f"Recipe: name must be a string, got {self.name!r}")
+        self.name = self.name or None
 
     # -- conversions -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

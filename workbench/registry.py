@@ -89,19 +89,18 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     from . import backends, techniques  # noqa: F401  (modules register themselves on import)
 
-    try:
-        from importlib.metadata import entry_points
+    _loaded = True
+    import logging
+    from importlib.metadata import entry_points
 
-        for group in ("workbench.techniques", "workbench.backends"):
-            for ep in entry_points(group=group):
+    for group in ("workbench.techniques", "workbench.backends"):
+        for ep in entry_points(group=group):
+            try:
                 ep.load()
-    except Exception as e:  # a broken plugin must not break the workbench; say so in the log
-        import logging
-
-        logging.getLogger(__name__).warning("a workbench plugin failed to load: %s", e)
+            except Exception as e:  # a broken plugin must not break the workbench or the other plugins
+                logging.getLogger(__name__).warning("workbench plugin %r (%s) failed to load: %s", ep.name, group, e)
 
 
 # -- techniques ------------------------------------------------------------------------------------------------

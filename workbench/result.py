@@ -1,7 +1,6 @@
 """Result of `optimize`: the optimized model, its measurements beside the baseline's, and how it was made."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,16 +83,9 @@ class Result:
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write the model, recipe.yaml and result.json into directory `path` (see `workbench.storage` for the
-        formats and what is safe to load)."""
-        from .storage import save_model
+        """Write the model, recipe.yaml, result.json and a manifest (SHA-256 of every file) into directory `path`,
+        atomically; `wb.load(path)` checks the manifest. See `workbench.storage` for the formats and what is safe
+        to load."""
+        from .storage import save_result
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model_file = save_model(self.model, self.example_inputs, path)
-        (path / "recipe.yaml").write_text(self.recipe.to_yaml())
-        (path / "result.json").write_text(json.dumps(
-            {"model_file": model_file.name, "measurement": self.measurement.to_row(),
-             "baseline": self.baseline.to_row(), "notes": self.notes, "backend": self.backend, "env": self.env},
-            indent=2, default=str))
-        return path
+        return save_result(self, path)

@@ -1,18 +1,20 @@
-"""Changes to process-wide state, each confined to a `with` block that restores it.
+"""Changes to process-wide state, each confined to a `with` block that restores it, safe with threads.
 
 The workbench runs inside the user's kernel, beside their own code and, for the panel, in a background thread:
-it may not leave a logger, stdout, an environment variable or a random generator different from how it found
-them. Output it silences is silenced for the calling thread only.
+it may not leave a logger, stdout, the warning filters, an environment variable or a random generator different
+from how it found them. Output it silences is silenced for the calling thread only, and scopes entered by several
+threads may end in any order.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import sys
 import threading
 import warnings
+
+_lock = threading.RLock()
 
 
 class _ThisThread(logging.Filter):
@@ -26,14 +28,15 @@ class _ThisThread(logging.Filter):
         return record.thread != self.thread or record.levelno >= self.level
 
 
-class _ThreadStdout(io.TextIOBase):
-    """Writes from one thread go to a sink; every other thread's go to the real stream."""
+class _Dispatch:
+    """Stands in for sys.stdout while any thread is quiet: writes of quiet threads are dropped, every other
+    thread's go to the stream that was there before (all its attributes too)."""
 
-    def __init__(self, real, thread: int):
-        self.real, self.thread, self.sink = real, thread, io.StringIO()
+    def __init__(self, real):
+        self.real = real
 
     def write(self, text):
-        return (self.sink if threading.get_ident() == self.thread else self.real).write(text)
+        return len(text) if threading.get_ident() in _quiet_threads else self.real.write(text)
 
     def flush(self):
         self.real.flush()
@@ -42,43 +45,76 @@ class _ThreadStdout(io.TextIOBase):
         return getattr(self.real, name)
 
 
+_quiet_threads: dict[int, int] = {}  # thread id -> how many quiet() blocks it is in
+_installed: dict = {}  # what was replaced while any thread is quiet: "stdout", "showwarning"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if threading.get_ident() not in _quiet_threads:
+        _installed["showwarning"](message, category, filename, lineno, file, line)
+
+
 @contextlib.contextmanager
 def quiet(level: int = logging.ERROR):
     """Silence log records below `level`, warnings and prints of the calling thread (libraries' chatter)."""
+    me = threading.get_ident()
     drop = _ThisThread(level)
     root = logging.getLogger()
     handlers = [root, *root.handlers, *([logging.lastResort] if logging.lastResort else [])]
+    with _lock:
+        if not _quiet_threads:  # the first quiet thread installs the dispatchers
+            _installed["stdout"] = _Dispatch(sys.stdout)
+            sys.stdout = _installed["stdout"]
+            _installed["showwarning"] = warnings.showwarning
+            warnings.showwarning = _show_warning
+        _quiet_threads[me] = _quiet_threads.get(me, 0) + 1
     for h in handlers:
         h.addFilter(drop)
-    real = sys.stdout
-    proxy = _ThreadStdout(real, threading.get_ident())
-    sys.stdout = proxy
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
-        if sys.stdout is proxy:  # another scope may have replaced it meanwhile; then leave theirs alone
-            sys.stdout = real
         for h in handlers:
             h.removeFilter(drop)
+        with _lock:
+            _quiet_threads[me] -= 1
+            if not _quiet_threads[me]:
+                del _quiet_threads[me]
+            if not _quiet_threads:  # the last one out restores what it can (a later replacement is left alone)
+                if sys.stdout is _installed.get("stdout"):
+                    sys.stdout = _installed["stdout"].real
+                if warnings.showwarning is _show_warning:
+                    warnings.showwarning = _installed["showwarning"]
+                _installed.clear()
+
+
+_levels: dict[str, list] = {}  # logger name -> [(token, level)] of the scopes in force, oldest first
 
 
 @contextlib.contextmanager
 def logger_level(name: str, level: int):
-    """`logging.getLogger(name)` at `level` inside the block."""
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.setLevel(level)
+    """`logging.getLogger(name)` at `level` inside the block; concurrent scopes may end in any order, and the
+    logger's own level comes back when the last one does."""
+    logger, token = logging.getLogger(name), object()
+    with _lock:
+        stack = _levels.setdefault(name, [])
+        if not stack:
+            stack.append((None, logger.level))  # what was there before any scope
+        stack.append((token, level))
+        logger.setLevel(level)
     try:
         yield logger
     finally:
-        logger.setLevel(before)
+        with _lock:
+            stack[:] = [(t, lv) for t, lv in stack if t is not token]
+            logger.setLevel(stack[-1][1])
+            if len(stack) == 1:
+                del _levels[name]
 
 
 @contextlib.contextmanager
 def environ(**values: str):
-    """Environment variables set inside the block, restored (or removed) after."""
+    """Environment variables set inside the block, restored (or removed) after (for one thread at a time: the
+    environment is the process's)."""
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -89,3 +125,6 @@ def environ(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+__all__ = ["quiet", "logger_level", "environ"]

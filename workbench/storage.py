@@ -1,15 +1,40 @@
-"""Saving and loading optimized models so that they reload without the user's code, and safely.
+"""Saving and loading optimized models so that they reload without the user's code, safely and verifiably.
 
 Each backend writes its own form (`Backend.save` / `Backend.load`): ONNX Runtime a `model.onnx`, torch a
 `torch.export` program (`model.pt2`: graph and weights, no pickled code) or, only for models torch.export cannot
-capture, a pickled `model.pt` that `load` refuses unless `trust_pickle=True` (unpickling can run code).
+capture, a pickled `model.pt` that `load` refuses unless `trust_pickle=True` (unpickling can run code); the save
+says so with a warning and the manifest keeps the reason.
+
+`Result.save(dir)` writes into a temporary directory beside `dir` and renames it into place once every file is
+written, so an interrupted or failed save leaves the previous save (or nothing), never half of one. Its
+`manifest.json` records the format version and the SHA-256 and size of every file; `load` checks them and says in one
+line what is wrong (missing, truncated, changed, from a newer version) and what to do.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkbenchError
+from .errors import PickleFallback, WorkbenchError
+from .paths import check_parents, disk_error, replace_directory
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_model(model, example_inputs: Any, directory: Path) -> Path:
@@ -19,17 +44,101 @@ def save_model(model, example_inputs: Any, directory: Path) -> Path:
     return backend_of(model).save(model, example_inputs, Path(directory))
 
 
-def load(path, device: str = "cpu", trust_pickle: bool = False):
-    """Load a model saved by `Result.save` (its directory) or one model file (.onnx, .pt2, .pt)."""
+def save_result(result, path) -> Path:
+    """Write `result`'s model, recipe.yaml, result.json and manifest.json into directory `path`, atomically."""
+    from . import __version__
+
+    final = Path(path).expanduser()
+    check_parents(final)
+    if final.exists() and not final.is_dir():
+        raise WorkbenchError(f"{final} exists and is not a directory; give a directory to save into")
+    if final.is_dir() and any(final.iterdir()) and not (final / MANIFEST).exists() and \
+            not (final / "result.json").exists():
+        raise WorkbenchError(f"{final} is not empty and was not written by Result.save; give a new directory (the "
+                             "workbench never overwrites files it did not write)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
+    except OSError as e:
+        raise WorkbenchError(disk_error(final, e)) from None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model_file = save_model(result.model, result.example_inputs, staged)
+        pickled = model_file.suffix == ".pt"
+        (staged / "recipe.yaml").write_text(result.recipe.to_yaml())
+        (staged / "result.json").write_text(json.dumps(
+            {"model_file": model_file.name, "measurement": result.measurement.to_row(),
+             "baseline": result.baseline.to_row(), "notes": result.notes, "backend": result.backend,
+             "env": result.env}, indent=2, default=str))
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(staged.iterdir())}
+        manifest = {"format": FORMAT, "workbench": __version__, "created": time.time(), "model_file": model_file.name,
+                    "backend": result.backend, "pickle": pickled, "files": files}
+        if pickled:
+            manifest["pickle_reason"] = next((str(w.message) for w in caught if issubclass(w.category, PickleFallback)),
+                                             "torch.export could not capture it")
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for p in staged.iterdir():  # on disk before the rename makes the save visible
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        replace_directory(staged, final)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise WorkbenchError(disk_error(final, e)) from None
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if pickled:
+        warnings.warn(f"{final / model_file.name} is a pickle: {manifest['pickle_reason']}; loading it will need "
+                      "wb.load(path, trust_pickle=True)", PickleFallback, stacklevel=3)
+    return final
+
+
+def check_manifest(directory: Path) -> dict | None:
+    """Check a saved directory against its manifest; the manifest, or None for a save without one (version 0.1).
+    Raises one clear WorkbenchError for a missing, truncated or changed file, or a save from a newer version."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files, version = manifest["files"], manifest["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise WorkbenchError(f"{path} is damaged (not the manifest Result.save writes); save the model again") from None
+    if not isinstance(version, int) or version > FORMAT:
+        raise WorkbenchError(f"{directory} was saved by workbench {manifest.get('workbench', '?')} in format "
+                             f"{version}, newer than this workbench reads ({FORMAT}); upgrade: "
+                             "pip install -U workbench")
+    for name, expected in files.items():
+        file = directory / name
+        if not file.exists():
+            raise WorkbenchError(f"{file} is missing (the manifest lists it): the save is incomplete or was moved "
+                                 "in parts; save the model again, or copy the whole directory")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise WorkbenchError(f"{file} is {'truncated' if size < expected['bytes'] else 'longer than saved'} "
+                                 f"({size:,} bytes, {expected['bytes']:,} saved): the copy is incomplete or damaged; "
+                                 "copy it again or save the model again")
+        if _sha256(file) != expected["sha256"]:
+            raise WorkbenchError(f"{file} has changed since it was saved (its SHA-256 differs from the manifest's): "
+                                 "its weights may not be what was measured; save the model again, or pass "
+                                 "verify=False if you changed it on purpose")
+    return manifest
+
+
+def load(path, device: str = "cpu", trust_pickle: bool = False, verify: bool = True):
+    """Load a model saved by `Result.save` (its directory, checked against its manifest unless `verify=False`) or
+    one model file (.onnx, .pt2, .pt)."""
     from .registry import backend_for_file, backends
     from .target import resolve
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise WorkbenchError(f"{path} does not exist; give the directory Result.save wrote, or a model file")
     if path.is_dir():
+        manifest = check_manifest(path) if verify else None
         names = [name for b in backends() for name in b.files]
-        found = [path / name for name in names if (path / name).exists()]
+        found = [path / manifest["model_file"]] if manifest else [path / n for n in names if (path / n).exists()]
         if not found:
             raise WorkbenchError(f"{path} holds no {', '.join(names)}; was it written by Result.save?")
         path = found[0]
@@ -38,7 +147,16 @@ def load(path, device: str = "cpu", trust_pickle: bool = False):
     if backend is None:
         raise WorkbenchError(f"{path.name}: not a model file the workbench knows (expected one of "
                              f"{', '.join(sorted({Path(f).suffix for b in backends() for f in b.files}))})")
-    return backend.load(path, resolve(device=device), trust_pickle=trust_pickle)
+    if path.stat().st_size == 0:
+        raise WorkbenchError(f"{path} is empty: the save did not finish; save the model again")
+    try:
+        return backend.load(path, resolve(device=device), trust_pickle=trust_pickle)
+    except WorkbenchError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise WorkbenchError(f"{path} could not be read as a {backend.title} model ({first}); the file is damaged "
+                             "or not a model: save the model again") from None
 
 
 def load_sparse_state(path) -> dict:

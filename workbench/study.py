@@ -59,6 +59,13 @@ class Study:
         from .paths import data_dir
 
         path = Path(os.environ.get("WORKBENCH_STUDY") or data_dir() / DEFAULT_NAME).expanduser().resolve()
+        old = Path(".workbench") / "study.sqlite"  # where version 0.1 kept it, in the working directory
+        if cls._default is None and not os.environ.get("WORKBENCH_STUDY") and old.is_file():
+            import warnings
+
+            warnings.warn(f"runs recorded by workbench 0.1 are in {old.resolve()}; new runs go to {path}. Open the old "
+                          f"ones with wb.Study('{old}'), or set WORKBENCH_STUDY={old} to keep using that file",
+                          stacklevel=2)
         if cls._default is None or cls._default.path != path:
             cls._default = cls(path)
         return cls._default

@@ -209,6 +209,9 @@ def resolve(backend: str = "auto", device: str = "auto", threads: int | None = N
 
     if isinstance(backend, Target):
         return backend
+    device = str(device) if type(device).__name__ == "device" else device  # a torch.device is welcome too
+    if not isinstance(device, str):
+        raise DeviceError(f"device {device!r} is not known; use 'auto', 'cpu' or 'cuda'")
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise DeviceError(f"device {device!r} is not known; use 'auto', 'cpu' or 'cuda'")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

@@ -61,7 +61,12 @@ def concat_rows(pieces: list, rows: int):
     import torch
 
     def cat(*parts):
-        return torch.cat(parts)[:rows]
+        try:
+            return torch.cat(parts)[:rows]
+        except (RuntimeError, TypeError) as e:
+            shapes = [tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in parts]
+            raise DataError(f"cannot make a batch of {rows} from batches shaped {shapes} ({str(e).splitlines()[0]}); "
+                            "the validation batches must have the same shape but for the batch size") from None
 
     first = pieces[0]
     if isinstance(first, torch.Tensor):
@@ -89,16 +94,22 @@ def rng_preserved():
     measuring the user's model would otherwise change the random numbers their next cell gets."""
     import torch
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_devices()):
         yield
 
 
 @contextlib.contextmanager
 def seeded(seed: int = 0):
-    """torch's random generators seeded for the block and restored after it: reproducible, and the user's own
-    random state is left as it was."""
+    """torch's random generators (CPU and every CUDA device) seeded for the block and restored after it:
+    reproducible, and the user's own random state is left as it was."""
     import torch
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_devices()):
         torch.manual_seed(seed)
         yield
+
+
+def _cuda_devices() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

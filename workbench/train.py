@@ -85,7 +85,7 @@ def _fit(model, data, epochs, lr, loss, progress, keep_best, reference, label, m
         raise RecipeError(f"{label}: the model has no trainable parameters")
     opt = torch.optim.Adam(params + list(extra_params), lr=lr)
     amp_dtype = target.autocast_dtype()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    scaler = torch.amp.GradScaler(target.kind, enabled=amp_dtype is torch.float16)
     # pruned weights stay pruned: entries that are exactly zero in a weight matrix are held at zero
     masks = [(p, p != 0) for p in params if p.dim() > 1 and bool((p == 0).any())]
     history = []
@@ -103,7 +103,7 @@ def _fit(model, data, epochs, lr, loss, progress, keep_best, reference, label, m
             inputs = target.move(inputs)
             targets = target.move(targets) if targets is not None else None
             opt.zero_grad()
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+            with torch.autocast(target.kind, dtype=amp_dtype, enabled=amp_dtype is not None):
                 value = loss(model, inputs, targets)
             scaler.scale(value).backward()
             scaler.step(opt)

@@ -41,7 +41,9 @@ def judge(baseline, candidate, max_drop: float = DEFAULT_MAX_DROP) -> Verdict:
     smaller = candidate.size_bytes < SMALLER * baseline.size_bytes
     within = drop <= max_drop
     size = f"{significant(candidate.size_bytes / baseline.size_bytes, 2)}x the size"
-    if not within:
+    if not speedups:
+        text = "not timed beside a baseline: no verdict on speed"
+    elif not within:
         text = (f"over the metric budget: {candidate.metric_name} drops {significant(drop, 2)} "
                 f"(budget {max_drop:g})")
     elif not stable:

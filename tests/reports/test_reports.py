@@ -122,3 +122,61 @@ def test_study_to_report_re_runs_the_explored_recipes(digits_mlp, tmp_path):
     path = wb.reports.from_study(study, tmp_path / "explored.html")
     head = reports.read_headline(path.with_suffix(".ipynb"))
     assert head["candidates"] == 2 and "quant=fp16" in path.read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_batch_on_a_real_scheduler_survives_a_worker_killed_mid_run(tmp_path):
+    """A `dask scheduler` and two `dask worker` processes started here; one worker is killed while it runs a report:
+    that run is run again on the other worker, the others finish, and the index says which was retried."""
+    import os
+    import signal
+    import socket
+    import threading
+    import time
+
+    dask = Path(sys.executable).parent / "dask"
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.time() < deadline, "the dask scheduler did not start"
+            time.sleep(0.2)
+        procs += [subprocess.Popen([str(dask), "worker", address, "--nthreads", "1", "--no-dashboard",
+                                    "--name", f"w{i}"], start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) for i in range(2)]
+        spec = {"template": "pipeline", "parameters": {"batch_sizes": [1], "model": "digits-mlp"},
+                "runs": [{"recipes": ["quant=int8"]}, {"recipes": ["quant=fp16"]}, {"recipes": ["quant=bf16"]}]}
+        done = {}
+        worker = threading.Thread(target=lambda: done.update(index=reports.batch(
+            spec, scheduler=address, out=tmp_path / "out", progress=False)))
+        worker.start()
+        while len(list((tmp_path / "out").glob("run-*/attempt.json"))) < 2:  # both workers busy
+            assert worker.is_alive() and time.time() < deadline + 120, "no run started"
+            time.sleep(0.2)
+        time.sleep(2)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # a worker dies in the middle of a report
+        worker.join(timeout=600)
+        records = json.loads((tmp_path / "out" / "index.json").read_text())
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert [r["status"] for r in records] == ["ok"] * 3  # the lost run was run again on the other worker
+    retried = [r for r in records if r["attempts"] > 1]
+    assert len(retried) >= 1
+    page = done["index"].read_text()
+    assert "a worker died running it before" in page and "3 of 3 reports" in page

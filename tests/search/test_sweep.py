@@ -6,6 +6,7 @@ from workbench.errors import RecipeError
 from workbench.search.sweep import grid_recipes
 
 
+@pytest.mark.slow
 def test_sweep_of_six_recipes_shows_the_front_with_the_baseline(digits_cnn):
     model, data = digits_cnn
     study = wb.Study()

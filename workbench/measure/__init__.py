@@ -74,6 +74,7 @@ def time_side_by_side(entries: dict[str, tuple[Any, Measurement]], data, batch_s
             for label, (_, m) in entries.items():
                 m.latency[b] = latencies[label]
                 m.stability = m.stability.merge(watch.stability).merge(spread(latencies[label]))
+    inputs = target.move(data.inputs(max(batch_sizes)))
     for label, (model, m) in entries.items():  # at the largest batch
         m.peak_mem_bytes = peak_memory(model, inputs, target)
 

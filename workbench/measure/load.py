@@ -17,6 +17,15 @@ from .measurement import Stability
 SPARE = 0.3  # cores others may use beyond the ones we leave free before timing counts as contended
 
 
+def _smt() -> bool:
+    """Whether the CPU runs two hardware threads per core (then a busy sibling slows our thread too)."""
+    try:
+        with open("/sys/devices/system/cpu/smt/active") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _jiffies() -> tuple[int, int] | None:
     """(busy, total) CPU jiffies of the whole machine since boot."""
     try:
@@ -80,17 +89,24 @@ class LoadWatch:
             busy = (after[0] - self._jiffies[0]) / hz
             own = sum(os.times()[:2]) - self._own
             self.others_cores = max(busy - own, 0.0) / wall
-            free = max(self.cores - self.threads, 0)
-            if self.others_cores > free + SPARE:
+            if self.others_cores > self._free() + SPARE:
                 causes.append(f"{self._who(wall, hz)} used {self.others_cores:.1f} of {self.cores} cores while "
                               f"timing with {self.threads} thread(s): stop them or re-run when the machine is quiet "
                               f"(threads={max(self.threads - 1, 1)} leaves them a core)")
-        elif hasattr(os, "getloadavg"):
-            load = os.getloadavg()[0]
-            if load > self.cores - self.threads + 1:
-                causes.append(f"the load average is {load:.1f} on {self.cores} cores: other work competes for "
-                              "the CPU; re-run when the machine is quiet")
+            if own / wall > self.threads + 0.5:  # our timing runs at most `threads` cores busy
+                causes.append(f"another thread of this process used the CPU while timing ({own / wall:.1f} cores "
+                              f"busy for {self.threads} timing thread(s): a cell still running beside the panel?); "
+                              "re-run when it has finished")
+        elif hasattr(os, "getloadavg"):  # no /proc: the 1-minute load average, less our own timing threads
+            others = max(os.getloadavg()[0] - self.threads, 0.0)
+            if others > self._free() + 1:
+                causes.append(f"the load average is {others + self.threads:.1f} on {self.cores} cores: other work "
+                              "competes for the CPU; re-run when the machine is quiet")
         self.stability = Stability(not causes, tuple(causes))
+
+    def _free(self) -> float:
+        """Logical CPUs others may use without touching ours (a hardware sibling of ours counts as ours)."""
+        return max(self.cores - self.threads * (2 if _smt() else 1), 0)
 
     def _who(self, wall: float, hz: float) -> str:
         """'2 other processes (python3 x2)': those that used at least a fifth of a core meanwhile."""

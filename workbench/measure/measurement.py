@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIDENCE = 0.95
+MIN_VALUES = 6  # the fewest values whose sign-test interval reaches 95% (the whole range of 6: 96.9%)
 
 
 def significant(value: float | None, digits: int = 3) -> str:
@@ -122,11 +123,14 @@ class Speedup:
         groups: dict = {}
         for session, r in zip(sessions, ratios):
             groups.setdefault(session, []).append(r)
-        if len(groups) > 1:
-            _, low, high = median_interval([statistics.median(g) for g in groups.values()])
-        else:
+        medians = [statistics.median(g) for g in groups.values()]
+        if len(medians) >= MIN_VALUES:
+            _, low, high = median_interval(medians)
+        else:  # too few sessions for an interval of their own: the rounds' interval, widened to every session
             _, low, high = median_interval(ratios)
-        return cls(batch, ratio, min(low, ratio), max(high, ratio), stable, len(ratios))
+            low, high = min([low, *medians]), max([high, *medians])
+        enough = len(ratios) >= MIN_VALUES  # below 6 values no interval reaches 95%: no verdict on it
+        return cls(batch, ratio, min(low, ratio), max(high, ratio), stable and enough, len(ratios))
 
     @property
     def faster(self) -> bool:
@@ -211,7 +215,8 @@ class Measurement:
         row: dict[str, Any] = {k: getattr(self, k) for k in STATIC}
         row["batch_sizes"] = list(self.batch_sizes)
         row["stable"] = self.stability.stable
-        row["unstable_cause"] = "; ".join(self.stability.causes) or None
+        row["unstable_cause"] = " | ".join(self.stability.causes) or None  # for reading
+        row["unstable_causes"] = list(self.stability.causes)
         for b, lat in sorted(self.latency.items()):
             row[column("p50", b)] = lat.p50_ms
             row[column("p95", b)] = lat.p95_ms
@@ -241,6 +246,8 @@ class Measurement:
             if row.get(column("speedup", b)) is not None:
                 m.speedups[b] = Speedup(b, row[column("speedup", b)], row[column("low", b)], row[column("high", b)],
                                         bool(row.get(column("stable", b), True)))
-        cause = row.get("unstable_cause")
-        m.stability = Stability(bool(row.get("stable", True)), tuple(cause.split("; ")) if cause else ())
+        causes = row.get("unstable_causes")
+        if causes is None:  # rows of version 0.1
+            causes = row["unstable_cause"].split(" | ") if row.get("unstable_cause") else []
+        m.stability = Stability(bool(row.get("stable", True)), tuple(causes))
         return m

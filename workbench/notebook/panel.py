@@ -222,11 +222,13 @@ class Panel:
     def _work(self) -> None:
         from ..engine import Baseline
 
+        from ..target import resolve
+
         recipe = self.recipe()
-        key = (self.backend.value, self.device.value)
-        if self._baseline is None or self._baseline[0] != key:  # the baseline is measured once per target
-            self._baseline = (key, Baseline(self.model, self.data, backend=key[0], device=key[1], study=self.study,
-                                            name=self.name, progress=self._progress, recipes=[recipe]))
+        target = resolve(self.backend.value, self.device.value, precisions=recipe.precisions)
+        if self._baseline is None or self._baseline[0] != target:  # the baseline is measured once per target
+            self._baseline = (target, Baseline(self.model, self.data, backend=target.backend, device=target.device,
+                                               study=self.study, name=self.name, progress=self._progress))
         result = self._baseline[1].run(recipe, progress=self._progress)
         self.results.append(result)
         self._update(result)

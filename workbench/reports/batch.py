@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import ReportError, require
+from ..paths import write_atomic
 from .cells import read_headline
 from .run import report
 from .templates import template_path
@@ -40,7 +42,9 @@ def run_one(template: str, parameters: dict, out_dir: str, timeout: int = 1800) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    record = {"dir": out.name, "parameters": parameters, "status": "ok", "error": None, "headline": None}
+    attempts = _attempt(out)
+    record = {"dir": out.name, "parameters": parameters, "status": "ok", "error": None, "headline": None,
+              "attempts": attempts}
     try:
         if "__error__" in parameters:
             raise ReportError(f"malformed batch entry: {parameters['__error__']}")
@@ -50,8 +54,19 @@ def run_one(template: str, parameters: dict, out_dir: str, timeout: int = 1800) 
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
     record["seconds"] = round(time.time() - started, 1)
-    (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    write_atomic(out / "run.json", json.dumps(record, indent=2, default=str))
     return record
+
+
+def _attempt(out: Path) -> int:
+    """Count this attempt at a run (a run whose worker died is run again by dask): 1 for the first."""
+    path = out / "attempt.json"
+    try:
+        previous = json.loads(path.read_text())["attempts"] if path.exists() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = 0
+    write_atomic(path, json.dumps({"attempts": previous + 1}))
+    return previous + 1
 
 
 def batch(spec: str | Path | dict, workers: int = 2, scheduler: str | None = None, out: str | Path | None = None,
@@ -75,6 +90,11 @@ def batch(spec: str | Path | dict, workers: int = 2, scheduler: str | None = Non
         except yaml.YAMLError as e:
             raise ReportError(f"batch file {path} does not parse: {e}") from None
     runs = expand_batch(spec)
+    if not scheduler:  # local workers share this machine's cores: give each its share, so they do not contend
+        share = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        for run in runs:
+            if "threads" in _declared(spec["template"]) and run["parameters"].get("threads") is None:
+                run["parameters"]["threads"] = share
     out = Path(out or spec.get("out") or "batch-reports")
     out.mkdir(parents=True, exist_ok=True)
     template_path(spec["template"])  # fail early on an unknown template
@@ -87,7 +107,7 @@ def batch(spec: str | Path | dict, workers: int = 2, scheduler: str | None = Non
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
-    records = []
+    records, futures = [], []
     try:
         futures = [client.submit(run_one, r["template"], r["parameters"], str((out / f"run-{i:03d}").resolve()),
                                  timeout, pure=False) for i, r in enumerate(runs)]
@@ -97,17 +117,42 @@ def batch(spec: str | Path | dict, workers: int = 2, scheduler: str | None = Non
 
             bar = tqdm(total=len(futures), desc="reports", unit="run")
         for future in as_completed(futures):
-            records.append(future.result())
+            records.append(_record(future, runs, futures, out))
             if bar:
                 bar.update(1)
         if bar:
             bar.close()
+    except BaseException:  # Ctrl-C or a lost scheduler: cancel what has not run
+        client.cancel(futures)
+        raise
     finally:
         client.close()
         if cluster is not None:
-            cluster.close()
+            cluster.close()  # our own workers are gone: what they left half-written goes too
+            for partial in out.glob("run-*/.*.running.ipynb"):
+                partial.unlink(missing_ok=True)
     records.sort(key=lambda r: r["dir"])
     return write_index(records, out)
+
+
+def _record(future, runs: list, futures: list, out: Path) -> dict:
+    """A finished run's record; a run whose workers kept dying is reported failed, with why."""
+    try:
+        return future.result()
+    except Exception as e:
+        i = futures.index(future)
+        run_dir = out / f"run-{i:03d}"
+        attempts = _attempts_so_far(run_dir)
+        return {"dir": run_dir.name, "parameters": runs[i]["parameters"], "status": "failed", "headline": None,
+                "attempts": attempts, "error": f"{type(e).__name__}: the worker running it died"
+                f"{f' ({attempts} attempts)' if attempts > 1 else ''}: {e}"}
+
+
+def _attempts_so_far(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "attempt.json").read_text())["attempts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def write_index(records: list[dict], out: Path) -> Path:
@@ -118,6 +163,8 @@ def write_index(records: list[dict], out: Path) -> Path:
         link = f'<a href="{html.escape(r["dir"])}/report.html">report</a>' \
             if (out / r["dir"] / "report.html").exists() else ""
         status = "ok" if r["status"] == "ok" else f"failed: {html.escape(str(r['error']))}"
+        if r.get("attempts", 1) > 1:
+            status += f" (attempt {r['attempts']}: a worker died running it before)"
         numbers = html.escape(_best_text(h))
         params = html.escape(json.dumps(r["parameters"], default=str))
         rows.append(f"<tr class='{html.escape(r['status'])}'><td>{html.escape(r['dir'])}</td><td>{status}</td>"
@@ -130,8 +177,8 @@ def write_index(records: list[dict], out: Path) -> Path:
             "<th>parameters</th><th>best candidate (reliably faster, within budget)</th><th>report</th></tr>"
             f"{''.join(rows)}</table>")
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    (out / "index.json").write_text(json.dumps(records, indent=2, default=str))
+    write_atomic(out / "index.json", json.dumps(records, indent=2, default=str))
+    write_atomic(index, page)
     return index
 
 
@@ -146,3 +193,9 @@ def _best_text(h: dict) -> str:
     return (f"{h['best']}: {significant(h['best_speedup'], 2)}x ({significant(h['best_low'], 2)}-"
             f"{significant(h['best_high'], 2)}) at batch {h['best_batch']}, {significant(h['best_size_ratio'], 2)}x "
             "size")
+
+
+def _declared(template: str) -> dict:
+    from .templates import inspect_template
+
+    return inspect_template(template_path(template))

@@ -6,7 +6,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import ReportError, require
+from ..errors import ReportError, WorkbenchError, require
+from ..paths import check_parents, disk_error, write_atomic
 from ..scoped import logger_level
 from .templates import check_parameters, template_path
 
@@ -21,8 +22,10 @@ def to_html(notebook: Path, html_path: Path) -> Path:
     exporter = require("nbconvert", "reports", "HTML reports").HTMLExporter(
         exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
-    html_path.write_text(body, encoding="utf-8")
-    return html_path
+    try:
+        return write_atomic(html_path, body)
+    except WorkbenchError as e:
+        raise ReportError(str(e)) from None
 
 
 def report(template: str | Path, parameters: dict | None = None, output: str | Path | None = None,
@@ -30,36 +33,61 @@ def report(template: str | Path, parameters: dict | None = None, output: str | P
            progress: bool = False, cwd: str | Path | None = None) -> Path:
     """Run a template with `parameters` (papermill), then write HTML with the code hidden; returns the notebook.
 
+    A failing report still writes its notebook and HTML, with the error visible, and raises ReportError. The
+    notebook runs under a temporary name beside `output` and is renamed when the run ends; the HTML is written whole
+    or not at all. A disk error is one line naming the path, and leaves nothing half-written.
+
         >>> wb.report("quickstart", {"model": "digits-mlp"}, output="q.ipynb", html="q.html")
     """
     papermill = require("papermill", "reports", "reports")
     path = template_path(template)
     parameters = check_parameters(path, dict(parameters or {}))
     output = Path(output) if output else Path(f"{path.stem}-report.ipynb")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    running = output.with_name(f".{output.stem}.running{output.suffix}")
+    try:
+        check_parents(output)
+    except WorkbenchError as e:
+        raise ReportError(str(e)) from None
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        failure = _execute(papermill, path, running, output, parameters, kernel, timeout, progress, cwd)
+        if running.exists():
+            running.replace(output)
+        if html and output.exists():
+            to_html(output, Path(html))
+    except OSError as e:
+        raise ReportError(disk_error(getattr(e, "filename", None) or output, e)) from None
+    finally:
+        try:
+            running.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if failure is not None:
+        raise failure
+    return output
+
+
+def _execute(papermill, path: Path, running: Path, output: Path, parameters: dict, kernel, timeout, progress, cwd):
+    """Run the notebook (retrying kernel-start races); the ReportError of a failed run, or None."""
     failure = None
     with logger_level("papermill", logging.ERROR):  # its inspect warns about '=' in our defaults
         for attempt in range(3):
             try:
-                papermill.execute_notebook(str(path), str(output), parameters=parameters, kernel_name=kernel,
+                papermill.execute_notebook(str(path), str(running), parameters=parameters, kernel_name=kernel,
                                            execution_timeout=timeout, progress_bar=progress,
                                            cwd=str(cwd) if cwd else None, request_save_on_cell_execute=True)
-                failure = None
-                break
+                return None
             except papermill.PapermillExecutionError as e:
-                failure = ReportError(f"{path.stem} report failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-                                      f"(see {output})")
-                break
+                return ReportError(f"{path.stem} report failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                                   f"(see {output})")
+            except OSError:
+                raise
             except Exception as e:  # kernel start races: a port in use, a kernel that does not answer
                 failure = ReportError(f"{path.stem} report could not run: {type(e).__name__}: {e}")
                 if not any(word in str(e) for word in RETRYABLE) or attempt == 2:
                     break
                 time.sleep(1 + attempt)
-    if html and output.exists():
-        to_html(output, Path(html))
-    if failure is not None:
-        raise failure
-    return output
+    return failure
 
 
 def from_study(study, path, model: str | None = None, timeout: int = 1800) -> Path:

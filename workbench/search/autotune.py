@@ -98,6 +98,39 @@ def _suggest(trial, facts, backend: str) -> tuple[str, str | None]:
     return recipe, runtime
 
 
+def _storage(optuna, storage):
+    """An optuna storage: a journal file (several processes on one machine; the default, in the data directory),
+    or any SQL URL optuna takes (several machines: postgresql://host/db)."""
+    from pathlib import Path
+
+    text = str(storage)
+    if "://" in text:
+        return text
+    path = Path(text[len("journal:"):] if text.startswith("journal:") else text).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _study_best(ostudy, max_drop: float, objective: str, ours: set):
+    """(recipe, runtime) of the whole study's best trial when another process measured it, else None."""
+    good = []
+    for t in ostudy.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        if t.state.name != "COMPLETE" or "recipe" not in attrs or attrs.get("drop", 1.0) > max_drop:
+            continue
+        if objective == "size":
+            good.append((-attrs.get("size", float("inf")), attrs))
+        elif attrs.get("faster") and attrs.get("low") is not None:
+            good.append((attrs["low"], attrs))
+    if not good:
+        return None
+    attrs = max(good, key=lambda g: g[0])[1]
+    key = (attrs["recipe"], attrs.get("runtime"))
+    return None if key in ours else key
+
+
 def _cost(result, objective: str) -> float:
     """What optuna minimizes: for latency, the baseline-relative time at the interval's pessimistic end (1 / the
     lower bound of the speedup), so a noisy gain does not win; for size, bytes."""
@@ -116,12 +149,15 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
     baseline on the validation split, within `budget` of wall time.
 
     batch: the batch size latency is optimized for (default 64 for conv nets, else 1).
-    storage: an optuna storage URL shared by several processes or machines (default: an SQLite file in the
-        workbench's data directory); study_name: the search's name in it.
+    storage: where the search lives, shared by every process that names it: a journal file path (several
+        processes on one machine; default `autotune.journal` in the workbench's data directory) or an SQL URL
+        (several machines, e.g. postgresql://host/db). study_name: the search's name in it. Each process ends with
+        the best of the whole study: a better candidate another process found is measured here too.
     """
     optuna = require("optuna", "search", "autotune")
     from ..engine import Baseline
     from ..paths import data_dir
+    from ..registry import backend_named
     from ..scoped import logger_level
 
     if objective not in ("latency", "size"):
@@ -135,7 +171,6 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
     facts = base.facts
     batch = batch or (64 if facts.conv_heavy else 1)
     base.batch_sizes = (batch,)
-    storage = storage or f"sqlite:///{data_dir() / 'autotune.sqlite'}"
     name = study_name or f"autotune-{base.name}-{objective}-{int(started)}"
 
     results: list = []
@@ -152,8 +187,8 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
         recipe, runtime = _suggest(trial, facts, backend)
         if (recipe, runtime) in by_recipe:  # the same candidate again: reuse, do not re-measure
             r = by_recipe[recipe, runtime]
-        elif not recipe and runtime in (None, base.target.backend, "torch"):
-            raise optuna.TrialPruned("the baseline itself")
+        elif not recipe and (runtime is None or backend_named(runtime).accepts(base.model)):
+            raise optuna.TrialPruned("the baseline itself")  # no steps, and a runtime that runs it as it is
         else:
             try:
                 r = base.run(recipe or [], backend=runtime)
@@ -171,10 +206,12 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
             if on_result:
                 on_result(r)
         drop = r.baseline.metric - r.measurement.metric
+        verdict = judge(r.baseline, r.measurement, max_drop)
         trial.set_constraint("metric_drop", drop - max_drop)  # feasible when <= 0
-        trial.set_user_attr("drop", drop)
-        trial.set_user_attr("recipe", recipe)
-        trial.set_user_attr("backend", r.backend)
+        for key, value in {"drop": drop, "recipe": recipe, "backend": r.backend, "runtime": runtime,
+                           "faster": verdict.faster, "low": verdict.worst.low if verdict.worst else None,
+                           "size": r.measurement.size_bytes}.items():
+            trial.set_user_attr(key, value)  # what another process needs to know the best of the whole study
         cost = _cost(r, objective)
         durations.append(time.time() - t0)
         speed = r.measurement.speedups.get(batch)
@@ -193,9 +230,16 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
 
     interrupted = False
     with logger_level("optuna", logging.WARNING):
-        ostudy = optuna.create_study(
-            study_name=name, storage=storage, load_if_exists=True, directions=["maximize", "minimize"],
-            sampler=optuna.samplers.TPESampler(seed=seed))
+        where = storage or data_dir() / "autotune.journal"
+        try:
+            ostudy = optuna.create_study(
+                study_name=name, storage=_storage(optuna, where), load_if_exists=True,
+                directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=seed))
+        except Exception as e:
+            hint = (" (a SQL URL needs its driver: for PostgreSQL pip install psycopg2-binary and write "
+                    "postgresql+psycopg2://user@host/db)" if isinstance(e, ImportError) else "")
+            raise WorkbenchError(f"autotune cannot open the search storage {where}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
         for params in _seeds(facts):  # what usually works first, so even a short budget ends with a candidate
             ostudy.enqueue_trial(params, skip_if_exists=True)
         try:
@@ -203,6 +247,17 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
                             callbacks=[stop_in_time], n_trials=None)
         except KeyboardInterrupt:
             interrupted = True  # keep what was found so far
+        if not interrupted:  # the study's best may come from another process: measure it here too
+            theirs = _study_best(ostudy, max_drop, objective, set(by_recipe))
+            if theirs is not None:
+                report(f"measuring the study's best candidate from another process here: {theirs[0] or '(no steps)'}")
+                try:
+                    r = base.run(theirs[0] or [], backend=theirs[1])
+                    results.append(r)
+                    if on_result:
+                        on_result(r)
+                except Exception as e:
+                    failed.append((theirs[0], theirs[1], f"{type(e).__name__}: {e}", traceback.format_exc()))
     if not results:
         why = f"; {len(failed)} failed, the first with {failed[0][2]}" if failed else ""
         if interrupted:

@@ -17,7 +17,7 @@ class FineTune(Step):
     aliases = ("fine-tune",)
     colour = "#8c564b"
 
-    epochs: int = option(1, low=1, high=10_000, integer=True, ui=(0, 10, 1), help="epochs on the train split")
+    epochs: int = option(1, low=1, high=10_000, integer=True, ui=(1, 10, 1), help="epochs on the train split")
     lr: float = option(1e-3, low=0, high=10, low_open=True)
 
     @property

@@ -39,6 +39,8 @@ class Prune(Step):
                             help="sensitivity: prune less where the metric is fragile")
 
     def check(self):
+        if isinstance(self.schedule, str):  # 'iterative-3' is how the short form writes it (':' splits options)
+            self.schedule = self.schedule.replace("-", ":", 1)
         if self.schedule is not None:
             kind, _, n = str(self.schedule).partition(":")
             if kind not in ("oneshot", "iterative", "cubic") or (kind != "oneshot" and not n.isdigit()) or \
@@ -50,6 +52,11 @@ class Prune(Step):
     @property
     def needs_train(self) -> bool:
         return self.criterion == "taylor" or self.schedule not in (None, "oneshot")
+
+    def describe(self) -> str:
+        text = Step.describe(self)
+        return text.replace(f"schedule={self.schedule}", f"schedule={self.schedule.replace(':', '-')}") \
+            if self.schedule else text
 
     @property
     def steps(self) -> int:

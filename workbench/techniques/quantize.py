@@ -66,11 +66,12 @@ class Quantize(Step):
         return ":".join([head] + [p for p in rest if not p.startswith("method=")])
 
 
-def plan(step: Quantize, ctx) -> tuple[str, list[str]]:
-    """(precision, reasons) after resolving `auto` for this model, data and target."""
+def plan(step: Quantize, model, ctx) -> tuple[str, list[str]]:
+    """(precision, reasons) after resolving `auto` for this model (as the earlier steps left it), data and target."""
+    from ..facts import ModelFacts
     from ..target import runs_somewhere
 
-    target, facts, why = ctx.target, ctx.facts, []
+    target, facts, why = ctx.target, ModelFacts(model, ctx.data, ctx.target), []
     dtype, method = step.dtype, step.method
     if dtype == "auto":
         dtype = "fp16" if target.is_cuda else "int8"
@@ -165,7 +166,7 @@ def seeds(facts) -> list[dict]:
 @technique(Quantize, preflight=preflight, search=search, seeds=seeds, suggested=lambda facts: True)
 def quantize(model, step: Quantize, ctx):
     _check_exclude(model, step)
-    precision, why = plan(step, ctx)
+    precision, why = plan(step, model, ctx)
     for reason in why:
         ctx.note(reason)
     backend = ctx.backend_for(precision, step)

@@ -44,7 +44,10 @@ class OnnxRuntimeBackend(Backend):
         return isinstance(model, OrtModel)
 
     def place(self, model, target):
-        return model.replace(model.onnx_bytes, model.label)  # a fresh inference session on the same graph
+        from .session import OrtModel  # a fresh inference session on the same graph, with the target's threads
+
+        return OrtModel(model.onnx_bytes, model.input_kind, model.input_names, target.device, target.threads,
+                        model.label)
 
     def lower(self, model, precision: str, ctx, per_channel: bool = True, reduce_range: bool | None = None,
               calibration: str = "minmax", format: str = "qdq", exclude: tuple = (), calibration_batches: int = 8,

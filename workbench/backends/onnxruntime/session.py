@@ -142,9 +142,11 @@ class OrtModel:
 
     def save(self, path) -> Path:
         """Write the .onnx file plus a small sidecar with the input layout, so `OrtModel.load` restores it."""
+        from ...paths import write_atomic
+
         path = Path(path)
-        path.write_bytes(self.onnx_bytes)
-        path.with_suffix(".json").write_text(json.dumps(
+        write_atomic(path, self.onnx_bytes)
+        write_atomic(path.with_suffix(".json"), json.dumps(
             {"input_kind": self.input_kind, "input_names": self.input_names, "label": self.label}))
         return path
 

@@ -71,13 +71,19 @@ def save(model: nn.Module, example_inputs: Any, directory: Path) -> Path:
     """`model.pt2` where torch.export captures the model, else `model.pt`; plus `weights.sparse.pt` when sparse."""
     from ...measure.counts import serialized_size, sparse_size
 
+    import warnings
+
+    from ...errors import PickleFallback
+
     target = directory / "model.pt2"
     try:
         export_program(model, example_inputs, target)
-    except Exception:
+    except Exception as e:
         target.unlink(missing_ok=True)
         target = directory / "model.pt"  # see the trust model above
         torch.save(model, target)
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        warnings.warn(f"torch.export could not capture this model ({why})", PickleFallback, stacklevel=2)
     sparse = sparse_size(model)
     if sparse is not None and sparse < 0.9 * serialized_size(model):
         save_sparse_state(model, directory / "weights.sparse.pt")
