@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
 import workbench as wb
-from workbench.errors import WorkbenchError
+from workbench.errors import StepError, WorkbenchError
 from workbench.measure import TimingPlan
 
 from .helpers import state_bytes
 
-EXAMPLES = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 500)), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (FUZZ_SEED=N explores others, as the closing notes record)
+EXAMPLES = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 500)), deadline=None, database=None,
+                    derandomize=not os.environ.get("FUZZ_SEED"), suppress_health_check=[HealthCheck.too_slow])
 WORDS = ["quant", "q", "prune", "distill", "factorize", "finetune", "unpad", "quantize", "int8", "int8-static",
          "fp16", "bf16", "auto", "structured", "true", "false", "none", "0.5", "1", "-1", "1e9", "nan", "inf",
          "calibration", "entropy", "per_channel", "scope", "layer", "schedule", "cubic:3", "ignore", "a+b",
@@ -165,6 +166,8 @@ def test_data_bundles_give_a_result_or_one_clear_error_and_the_model_is_unchange
         r = wb.optimize(model, recipe, data=data, batch_sizes=batch_sizes, study=False,
                         timing=TimingPlan(sessions=1, min_rounds=1, max_rounds=1, min_block_s=0.0, warmup_s=0.0,
                                           max_warmup_blocks=1))
+    except StepError:
+        raise  # a step failing in a way it does not foresee is a defect of the workbench, not a refusal
     except WorkbenchError as e:
         event(f"refused: {type(e).__name__}")
     else:

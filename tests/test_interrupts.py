@@ -100,6 +100,7 @@ def _check_files(tmp_path: Path) -> None:
     if saved.exists():
         wb.load(saved)  # complete, and its manifest checks
     assert not list(tmp_path.glob(".*saving-*")) and not list(tmp_path.glob("**/.*.running.ipynb"))
+    assert not list(tmp_path.glob(".*.old-*"))
     for notebook in tmp_path.glob("**/*.ipynb"):
         nbformat.read(str(notebook), as_version=4)
     for page in tmp_path.glob("**/*.html"):

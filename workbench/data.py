@@ -37,6 +37,54 @@ def _layout(inputs: Any) -> str:
     return f"a {type(inputs).__name__}"
 
 
+def _alike(batches, split: str, finite: bool = False):
+    """(inputs, targets) of each batch, refused in one line when one is built unlike the first (or, with `finite`,
+    holds NaN or infinite values: calibration ranges and training losses would be meaningless)."""
+    first = None
+    for i, batch in enumerate(batches, 1):
+        inputs, targets = _split(batch)
+        signature = _signature(inputs)
+        first = first or signature
+        if signature != first:
+            raise DataError(f"{split} batch {i} is {_describe(signature)}, unlike the first ({_describe(first)}); "
+                            f"every {split} batch must be built alike but for its size")
+        if finite and not _finite(inputs):
+            raise DataError(f"{split} batch {i} holds NaN or infinite values; clean the data (calibration ranges "
+                            "and training losses would be meaningless)")
+        yield inputs, targets
+
+
+def _finite(inputs) -> bool:
+    import torch
+
+    found = []
+    map_tensors(inputs, lambda t: found.append(bool(torch.isfinite(t).all())) if t.is_floating_point() else None)
+    return all(found)
+
+
+def _signature(inputs: Any):
+    """What must agree between batches: the structure and, per tensor, its dims but the first and its kind."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return ("tensor", tuple(inputs.shape[1:]), inputs.dim(), inputs.is_floating_point())
+    if isinstance(inputs, dict):
+        return ("dict", tuple((k, _signature(v)) for k, v in inputs.items()))
+    if isinstance(inputs, (tuple, list)):
+        return ("tuple", tuple(_signature(v) for v in inputs))
+    return ("other", type(inputs).__name__)
+
+
+def _describe(signature) -> str:
+    kind = signature[0]
+    if kind == "tensor":
+        return (f"a {'float' if signature[3] else 'integer'} tensor of {signature[2]} dims"
+                + (f" (rows x {' x '.join(map(str, signature[1]))})" if signature[1] else ""))
+    if kind == "other":
+        return f"a {signature[1]}, not tensors"
+    return f"a {kind} of {', '.join(_describe(s[1] if kind == 'dict' else s) for s in signature[1])}"
+
+
 def accuracy(outputs, targets) -> float:
     """Top-1 accuracy of logits against integer class labels."""
     return (outputs.argmax(dim=-1) == targets).float().mean().item()
@@ -113,20 +161,23 @@ class Data:
         return loader
 
     def val_batches(self):
-        empty = True
-        for batch in self._batches(self.val, "val"):
-            empty = False
-            yield _split(batch)
-        if empty:
+        """(inputs, targets) of the validation split, each checked to be built like the first."""
+        count = 0
+        for batch in _alike(self._batches(self.val, "val"), "validation"):
+            count += 1
+            yield batch
+        if count == 0:
             raise DataError("the validation loader is empty: it yielded no batch")
 
     def train_batches(self, limit: int | None = None):
+        """(inputs, targets) of the train split, each checked to be built like the first (calibration and
+        training would otherwise fail deep inside a library)."""
         count = 0
-        for batch in self._batches(self.train, "train"):
+        for batch in _alike(self._batches(self.train, "train"), "train", finite=True):
             if limit is not None and count >= limit:
                 return
             count += 1
-            yield _split(batch)
+            yield batch
         if count == 0:
             raise DataError("the train loader is empty: it yielded no batch")
 
@@ -138,16 +189,25 @@ class Data:
             self._example_inputs = next(iter(self.val_batches()))[0]
         return self._example_inputs
 
-    def check_layout(self) -> None:
-        """Example inputs and validation inputs must be the same kind of batch (tensor, tuple or dict, and the same
-        keys or length): timing and export use one, the metric the other."""
-        if self._example_inputs is None or self.val is None:
+    def check_layout(self, split: str = "example") -> None:
+        """Example inputs (or the first train batch's inputs) and validation inputs must be the same kind of batch
+        (tensor, tuple or dict, and the same keys or length): timing and export use one, the metric the other,
+        calibration and training the train split."""
+        if split == "train":
+            mine = _layout(next(iter(self.train_batches(limit=1)))[0])
+        elif self._example_inputs is None:
             return
-        val = next(iter(self.val_batches()))[0]
-        mine, theirs = _layout(self._example_inputs), _layout(val)
-        if mine != theirs:
-            raise DataError(f"the example inputs are {mine} but the validation batches' inputs are {theirs}; give "
-                            "example inputs shaped like one validation batch's inputs")
+        else:
+            mine = _layout(self._example_inputs)
+        reference = "the example inputs"
+        if self.val is not None:
+            theirs, reference = _layout(next(iter(self.val_batches()))[0]), "the validation batches' inputs"
+        else:
+            theirs = _layout(self.example_inputs)
+        if mine != theirs and not (split == "example" and self.val is None):
+            what = "the example inputs" if split == "example" else "the train batches' inputs"
+            raise DataError(f"{what} are {mine} but {reference} are {theirs}; give {split} batches shaped like "
+                            "the validation batches")
 
     def inputs(self, batch_size: int):
         """Inputs with exactly `batch_size` rows, drawn from validation batches (repeated if too few)."""

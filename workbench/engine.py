@@ -107,6 +107,22 @@ def _check_runs(model, data: Data, target, what: str, batch: int | None = None) 
                          "Check that the data matches what the model expects.") from e
 
 
+def _check_inputs_run(model, inputs, target, where: str) -> None:
+    import torch
+
+    from .tensors import map_tensors
+
+    try:
+        with torch.inference_mode():
+            call_model(model, target.move(inputs))
+    except WorkbenchError:
+        raise
+    except Exception as e:
+        shapes = map_tensors(inputs, lambda t: tuple(t.shape))
+        raise ModelError(f"the model's forward failed on {where} {shapes}: {_first_line(e)}. Check that the data "
+                         "matches what the model expects.") from e
+
+
 def _apply(tech, model, step, ctx):
     """A technique's handler; what it does not foresee becomes one line naming the step (traceback chained)."""
     try:
@@ -203,6 +219,10 @@ class Baseline:
 
     def check(self, recipe) -> tuple[Recipe, list]:
         """The recipe parsed and each step's technique, refused before any work when it cannot run here."""
+        with rng_preserved():
+            return self._check(recipe)
+
+    def _check(self, recipe) -> tuple[Recipe, list]:
         from .registry import technique_for
 
         from .target import runs_somewhere
@@ -220,6 +240,10 @@ class Baseline:
             if step.needs_train and self.data.train is None:
                 raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the "
                                   "data has no train split; build it with wb.Data(train=..., val=...)")
+        if any(step.needs_train for step in recipe.steps):  # calibration and training read them: they must run
+            self.data.check_layout("train")
+            inputs = next(iter(self.data.train_batches(limit=1)))[0]
+            _check_inputs_run(self.model, inputs, self.target, "the first train batch")
         return recipe, techniques
 
     def run(self, recipe, progress: Callable | None = None, backend: str | None = None):

@@ -38,6 +38,32 @@ def check_parents(path) -> None:
         raise WorkbenchError(f"cannot write {path}: {blocking} is a file, not a directory")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable(path, directory: bool = False) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the permissions a plain open()/mkdir()
+    would have (0666/0777 less the umask), so saves and reports stay readable by whoever could read before."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def fsync_directory(path) -> None:
+    """Make a rename inside `path` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path, data: str | bytes) -> Path:
     """Write a file whole or not at all: into a temporary name beside it, flushed to disk, then renamed over `path`.
     A full disk or a crash leaves the previous file (or none), never half of the new one."""
@@ -56,7 +82,9 @@ def write_atomic(path, data: str | bytes) -> Path:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        readable(tmp)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise WorkbenchError(disk_error(path, e)) from None
@@ -66,22 +94,48 @@ def write_atomic(path, data: str | bytes) -> Path:
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_directory(staged: Path, final: Path) -> Path:
-    """Put a fully written directory in place of `final` (renames only, on the same file system): the old one is
-    set aside, the new one renamed in, then the old one removed."""
+    """Put a fully written directory in place of `final`. On Linux the two are exchanged in one atomic step, so
+    at every moment `final` is the whole old save or the whole new one; elsewhere the old one is renamed aside
+    first (a crash between the two renames leaves it as `.NAME.old-PID`, which `wb.load` points at)."""
     import shutil
 
-    old = None
     if final.exists():
+        if _exchange(staged, final):  # staged now holds the old save
+            fsync_directory(final.parent)
+            shutil.rmtree(staged, ignore_errors=True)
+            return final
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    try:
-        os.replace(staged, final)
-    except BaseException:
-        if old is not None:
+        try:
+            os.replace(staged, final)
+        except BaseException:
             os.replace(old, final)
-        raise
-    if old is not None:
+            raise
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    fsync_directory(final.parent)
     return final

@@ -47,11 +47,14 @@ class _Dispatch:
 
 _quiet_threads: dict[int, int] = {}  # thread id -> how many quiet() blocks it is in
 _installed: dict = {}  # what was replaced while any thread is quiet: "stdout", "showwarning"
+_shown_before = [warnings.showwarning]  # what showed warnings before the first quiet(); kept by the dispatcher
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Shows a warning unless its thread is quiet. Keeps its own reference to the previous function: a
+    `catch_warnings` block of another thread may put this dispatcher back after the last quiet() ended."""
     if threading.get_ident() not in _quiet_threads:
-        _installed["showwarning"](message, category, filename, lineno, file, line)
+        _shown_before[0](message, category, filename, lineno, file, line)
 
 
 @contextlib.contextmanager
@@ -65,7 +68,8 @@ def quiet(level: int = logging.ERROR):
         if not _quiet_threads:  # the first quiet thread installs the dispatchers
             _installed["stdout"] = _Dispatch(sys.stdout)
             sys.stdout = _installed["stdout"]
-            _installed["showwarning"] = warnings.showwarning
+            if warnings.showwarning is not _show_warning:
+                _shown_before[0] = warnings.showwarning
             warnings.showwarning = _show_warning
         _quiet_threads[me] = _quiet_threads.get(me, 0) + 1
     for h in handlers:
@@ -83,7 +87,7 @@ def quiet(level: int = logging.ERROR):
                 if sys.stdout is _installed.get("stdout"):
                     sys.stdout = _installed["stdout"].real
                 if warnings.showwarning is _show_warning:
-                    warnings.showwarning = _installed["showwarning"]
+                    warnings.showwarning = _shown_before[0]
                 _installed.clear()
 
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PickleFallback, WorkbenchError
-from .paths import check_parents, disk_error, replace_directory
+from .paths import check_parents, disk_error, fsync_directory, readable, replace_directory
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+OLD_SAVE = ("model.onnx", "model.json", "model.pt2", "model.pt", "weights.sparse.pt", "recipe.yaml", "result.json")
 
 
 def _sha256(path: Path) -> str:
@@ -49,16 +50,19 @@ def save_result(result, path) -> Path:
     from . import __version__
 
     final = Path(path).expanduser()
+    if final.is_symlink():  # save where the link points, and keep the link
+        final = final.resolve()
     check_parents(final)
     if final.exists() and not final.is_dir():
         raise WorkbenchError(f"{final} exists and is not a directory; give a directory to save into")
-    if final.is_dir() and any(final.iterdir()) and not (final / MANIFEST).exists() and \
-            not (final / "result.json").exists():
-        raise WorkbenchError(f"{final} is not empty and was not written by Result.save; give a new directory (the "
-                             "workbench never overwrites files it did not write)")
+    if final.is_dir() and os.path.ismount(final):
+        raise WorkbenchError(f"{final} is a mount point, which a save cannot replace whole; save into a directory "
+                             "inside it")
+    _refuse_others_files(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
+        readable(staged, directory=True)
     except OSError as e:
         raise WorkbenchError(disk_error(final, e)) from None
     try:
@@ -81,6 +85,7 @@ def save_result(result, path) -> Path:
         for p in staged.iterdir():  # on disk before the rename makes the save visible
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+        fsync_directory(staged)
         replace_directory(staged, final)
     except OSError as e:
         shutil.rmtree(staged, ignore_errors=True)
@@ -94,26 +99,69 @@ def save_result(result, path) -> Path:
     return final
 
 
+def _refuse_others_files(final: Path) -> None:
+    """A save replaces a previous save whole, and nothing else: a directory holding files the previous save did
+    not write (or that no save wrote) is refused, so nothing of the user's is deleted."""
+    if not final.is_dir():
+        return
+    present = {p.name for p in final.iterdir()}
+    if not present:
+        return
+    manifest = final / MANIFEST
+    try:
+        ours = set(json.loads(manifest.read_text())["files"]) | {MANIFEST} if manifest.exists() else set(OLD_SAVE)
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    others = sorted(present - ours)
+    if others or not (manifest.exists() or "result.json" in present):
+        raise WorkbenchError(f"{final} holds files a save did not write ({', '.join(others[:3]) or 'its own'}"
+                             f"{' ...' if len(others) > 3 else ''}); give a new directory, or move them (the "
+                             "workbench never overwrites files it did not write)")
+
+
+def _check_entry(directory: Path, name, expected) -> Path:
+    """A manifest's file entry, checked to name a plain file inside `directory`."""
+    if not isinstance(name, str) or name in ("", ".", "..") or name != Path(name).name or "\\" in name:
+        raise ValueError(f"the manifest names {name!r}, not a file of the save")
+    if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int) or \
+            not isinstance(expected.get("sha256"), str):
+        raise ValueError(f"the manifest's entry for {name} is not a size and a SHA-256")
+    return directory / name
+
+
 def check_manifest(directory: Path) -> dict | None:
     """Check a saved directory against its manifest; the manifest, or None for a save without one (version 0.1).
     Raises one clear WorkbenchError for a missing, truncated or changed file, or a save from a newer version."""
     path = directory / MANIFEST
     if not path.exists():
+        leftover = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+        if leftover and not any(directory.iterdir()):
+            raise WorkbenchError(f"{directory} is empty and an interrupted save left the previous one in "
+                                 f"{leftover[0]}; rename that back to {directory.name}")
         return None
     try:
         manifest = json.loads(path.read_text())
-        files, version = manifest["files"], manifest["format"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise WorkbenchError(f"{path} is damaged (not the manifest Result.save writes); save the model again") from None
-    if not isinstance(version, int) or version > FORMAT:
-        raise WorkbenchError(f"{directory} was saved by workbench {manifest.get('workbench', '?')} in format "
-                             f"{version}, newer than this workbench reads ({FORMAT}); upgrade: "
-                             "pip install -U workbench")
-    for name, expected in files.items():
-        file = directory / name
+        version = manifest["format"]
+        if isinstance(version, int) and version > FORMAT:
+            raise WorkbenchError(f"{directory} was saved by workbench {manifest.get('workbench', '?')} in format "
+                                 f"{version}, newer than this workbench reads ({FORMAT}); upgrade: "
+                                 "pip install -U workbench")
+        files, model_file = manifest["files"], manifest["model_file"]
+        if not isinstance(version, int) or not isinstance(files, dict) or not files or model_file not in files:
+            raise ValueError("the manifest lists no files, or not the model file")
+        entries = {name: (_check_entry(directory, name, expected), expected) for name, expected in files.items()}
+    except WorkbenchError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f" ({e})" if isinstance(e, ValueError) and "manifest" in str(e) else ""
+        raise WorkbenchError(f"{path} is damaged (not the manifest Result.save writes){why}; save the model "
+                             "again") from None
+    for name, (file, expected) in entries.items():
         if not file.exists():
             raise WorkbenchError(f"{file} is missing (the manifest lists it): the save is incomplete or was moved "
                                  "in parts; save the model again, or copy the whole directory")
+        if file.is_symlink() or not file.is_file():
+            raise WorkbenchError(f"{file} is not a plain file of the save; save the model again")
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise WorkbenchError(f"{file} is {'truncated' if size < expected['bytes'] else 'longer than saved'} "

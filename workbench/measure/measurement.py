@@ -246,8 +246,6 @@ class Measurement:
             if row.get(column("speedup", b)) is not None:
                 m.speedups[b] = Speedup(b, row[column("speedup", b)], row[column("low", b)], row[column("high", b)],
                                         bool(row.get(column("stable", b), True)))
-        causes = row.get("unstable_causes")
-        if causes is None:  # rows of version 0.1
-            causes = row["unstable_cause"].split(" | ") if row.get("unstable_cause") else []
+        causes = row.get("unstable_causes") or []  # rows of version 0.1 have none
         m.stability = Stability(bool(row.get("stable", True)), tuple(causes))
         return m

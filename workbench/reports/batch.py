@@ -40,12 +40,12 @@ def expand_batch(spec: dict) -> list[dict]:
 def run_one(template: str, parameters: dict, out_dir: str, timeout: int = 1800) -> dict:
     """One batch run in its own directory; never raises (the batch reports failures)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    attempts = _attempt(out)
     record = {"dir": out.name, "parameters": parameters, "status": "ok", "error": None, "headline": None,
-              "attempts": attempts}
+              "attempts": 1}
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        record["attempts"] = _attempt(out)
         if "__error__" in parameters:
             raise ReportError(f"malformed batch entry: {parameters['__error__']}")
         notebook = report(template, parameters, output=out / "report.ipynb", html=out / "report.html",
@@ -54,7 +54,10 @@ def run_one(template: str, parameters: dict, out_dir: str, timeout: int = 1800) 
     except Exception as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
     record["seconds"] = round(time.time() - started, 1)
-    write_atomic(out / "run.json", json.dumps(record, indent=2, default=str))
+    try:
+        write_atomic(out / "run.json", json.dumps(record, indent=2, default=str))
+    except Exception as e:  # the record still reaches the index
+        record.update(status="failed", error=f"{type(e).__name__}: {e}")
     return record
 
 
@@ -98,6 +101,8 @@ def batch(spec: str | Path | dict, workers: int = 2, scheduler: str | None = Non
     out = Path(out or spec.get("out") or "batch-reports")
     out.mkdir(parents=True, exist_ok=True)
     template_path(spec["template"])  # fail early on an unknown template
+    for stale in out.glob("run-*/attempt.json"):  # attempts count within this batch, not an earlier one here
+        stale.unlink(missing_ok=True)
     cluster = None
     main = sys.modules.get("__main__")
     if main is not None and not hasattr(main, "__spec__"):

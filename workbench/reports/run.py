@@ -80,14 +80,26 @@ def _execute(papermill, path: Path, running: Path, output: Path, parameters: dic
             except papermill.PapermillExecutionError as e:
                 return ReportError(f"{path.stem} report failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
                                    f"(see {output})")
-            except OSError:
-                raise
+            except TimeoutError as e:  # nbclient's cell timeout (a TimeoutError, so an OSError): not the disk
+                return ReportError(f"{path.stem} report stopped: a cell ran longer than the {timeout} s timeout "
+                                   f"({str(e).splitlines()[0] if str(e) else 'timeout'}); see {output}")
+            except OSError as e:
+                if _ours(e, running):
+                    raise  # the disk refused the notebook: report() says so in one line
+                failure = ReportError(f"{path.stem} report could not run: {type(e).__name__}: {e}")
+                break
             except Exception as e:  # kernel start races: a port in use, a kernel that does not answer
                 failure = ReportError(f"{path.stem} report could not run: {type(e).__name__}: {e}")
                 if not any(word in str(e) for word in RETRYABLE) or attempt == 2:
                     break
                 time.sleep(1 + attempt)
     return failure
+
+
+def _ours(error: OSError, running: Path) -> bool:
+    """Whether an OSError is about the report's own files (a disk error), not e.g. a missing kernel program."""
+    name = getattr(error, "filename", None)
+    return name is not None and Path(name).resolve().parent == running.resolve().parent
 
 
 def from_study(study, path, model: str | None = None, timeout: int = 1800) -> Path:

@@ -185,8 +185,8 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
     def run_trial(trial) -> tuple[float, float]:
         t0 = time.time()
         recipe, runtime = _suggest(trial, facts, backend)
-        if (recipe, runtime) in by_recipe:  # the same candidate again: reuse, do not re-measure
-            r = by_recipe[recipe, runtime]
+        if (recipe, runtime or backend) in by_recipe:  # the same candidate again: reuse, do not re-measure
+            r = by_recipe[recipe, runtime or backend]
         elif not recipe and (runtime is None or backend_named(runtime).accepts(base.model)):
             raise optuna.TrialPruned("the baseline itself")  # no steps, and a runtime that runs it as it is
         else:
@@ -202,13 +202,13 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
                 trial.set_user_attr("error", error)
                 raise optuna.TrialPruned(error) from None
             results.append(r)
-            by_recipe[recipe, runtime] = r
+            by_recipe[recipe, runtime or backend] = r
             if on_result:
                 on_result(r)
         drop = r.baseline.metric - r.measurement.metric
         verdict = judge(r.baseline, r.measurement, max_drop)
         trial.set_constraint("metric_drop", drop - max_drop)  # feasible when <= 0
-        for key, value in {"drop": drop, "recipe": recipe, "backend": r.backend, "runtime": runtime,
+        for key, value in {"drop": drop, "recipe": recipe, "backend": r.backend, "runtime": runtime or backend,
                            "faster": verdict.faster, "low": verdict.worst.low if verdict.worst else None,
                            "size": r.measurement.size_bytes}.items():
             trial.set_user_attr(key, value)  # what another process needs to know the best of the whole study
@@ -247,17 +247,21 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
                             callbacks=[stop_in_time], n_trials=None)
         except KeyboardInterrupt:
             interrupted = True  # keep what was found so far
-        if not interrupted:  # the study's best may come from another process: measure it here too
-            theirs = _study_best(ostudy, max_drop, objective, set(by_recipe))
-            if theirs is not None:
-                report(f"measuring the study's best candidate from another process here: {theirs[0] or '(no steps)'}")
-                try:
-                    r = base.run(theirs[0] or [], backend=theirs[1])
-                    results.append(r)
-                    if on_result:
-                        on_result(r)
-                except Exception as e:
-                    failed.append((theirs[0], theirs[1], f"{type(e).__name__}: {e}", traceback.format_exc()))
+        theirs = None if interrupted else _study_best(ostudy, max_drop, objective, set(by_recipe))
+        longest = max(durations) if durations else 0
+        if theirs is not None and time.time() - started + longest > seconds:
+            report(f"the study's best, {theirs[0]} from another process, is not measured here: no time left")
+        elif theirs is not None:  # the study's best came from another process: measure it here too
+            report(f"measuring the study's best candidate from another process here: {theirs[0] or '(no steps)'}")
+            try:
+                r = base.run(theirs[0] or [], backend=None if theirs[1] == "auto" else theirs[1])
+                results.append(r)
+                if on_result:
+                    on_result(r)
+            except KeyboardInterrupt:
+                pass  # keep what was found so far
+            except Exception as e:
+                failed.append((theirs[0], theirs[1], f"{type(e).__name__}: {e}", traceback.format_exc()))
     if not results:
         why = f"; {len(failed)} failed, the first with {failed[0][2]}" if failed else ""
         if interrupted:
