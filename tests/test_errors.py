@@ -95,10 +95,12 @@ def test_onnx_export_of_an_unsupported_op_names_it(digits_mlp):
     model = UsesCustomOp()
     before = state_bytes(model)
     with pytest.raises(ExportError, match=r"operator 'workbench_test::wiggle' has no ONNX translation.*backend='torch'"):
-        wb.optimize(model, "quant=int8", data=data, **FAST)
+        wb.optimize(model, "quant=int8", data=data, backend="onnxruntime", **FAST)
     assert state_bytes(model) == before
     r = wb.optimize(model, "quant=int8", data=data, backend="torch", **FAST)  # the way out it names works
     assert r.measurement.size_bytes < r.baseline.size_bytes
+    auto = wb.optimize(model, "quant=int8", data=data, **FAST)  # backend auto takes that way out itself, and says so
+    assert auto.backend.startswith("torch") and any("'workbench_test::wiggle'" in n for n in auto.notes)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -1,8 +1,9 @@
 """The house: packages by layer, the engine free of the faces, no global side effects, package data that installs.
 
 Layers (a module may import from its own layer and the ones below it):
-  core: errors, tensors, target, registry, recipe, data, facts, architectures, measure/, backends/, techniques/,
-        engine, result, tables, verdict, study, storage, checks, train, zoo, modules, paths, scoped, progress
+  core: errors, tensors, contract, target, registry, recipe, data, facts, architectures, measure/, backends/,
+        techniques/, engine, result, tables, verdict, study, storage, checks, train, zoo, modules, paths, scoped,
+        progress, support
   search/ (sweep, autotune)     charts     notebook/ (magics, card, panel, layer map)     reports/     cli
 """
 import ast

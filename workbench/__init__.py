@@ -39,6 +39,7 @@ _LAZY = {
     "sensitivity": ("measure.sensitivity", "sensitivity"),
     "preflight": ("checks", "preflight"),
     "zoo": ("zoo", None),
+    "load_model": ("zoo", "load_model"),
     "measure": ("measure", None),
     # the search layer (optuna for autotune: the [search] extra)
     "sweep": ("search.sweep", "sweep"),

@@ -5,6 +5,7 @@ so that neither imports the other.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -12,25 +13,137 @@ def prunable_layers(model) -> dict:
     """Linear and Conv layers by name: what pruning, factorization and sensitivity analysis act on."""
     from torch import nn
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
-
-
-def attention_modules(model) -> list:
-    """BERT-family self-attention blocks: modules with query/key/value Linears and a head count."""
-    from torch import nn
-
-    return [m for m in model.modules()
-            if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
-            and hasattr(m, "num_attention_heads")]
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or type(m).__name__ == "Conv1D"}
 
 
 def head_layer(model) -> str | None:
-    """The layer that produces the model's outputs (the classifier head), left alone by default: the last
-    prunable layer, for models without attention (a transformer's last Linear is an FFN or pooler, not a head)."""
+    """The layer that produces the model's outputs (the classifier or language-model head), left alone by default:
+    the last prunable layer, unless it sits inside a transformer block (an encoder without a head ends in one)."""
     layers = list(prunable_layers(model))
-    if not layers or attention_modules(model):
+    if not layers:
         return None
-    return layers[-1]
+    inside = {id(m) for b in attention_blocks(model) for m in (b.q, b.k, b.v, b.o) if m is not None}
+    inside |= {id(m) for b in feed_forward_blocks(model) for m in (*b.ups, b.down)}
+    last = layers[-1]
+    return None if id(model.get_submodule(last)) in inside else last
+
+
+# (query, key, value, output) paths inside an attention module; key/value None: one fused QKV projection
+ATTENTION = (
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT, RoBERTa (BertAttention)
+    ("query", "key", "value", "dense"),  # ALBERT
+    ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # LLaMA, Mistral, Qwen, ViT, Swin
+    ("c_attn", None, None, "c_proj"),  # GPT-2
+)
+# (up projections, down projection) inside a feed-forward module
+FEED_FORWARD = (
+    (("intermediate.dense",), "output.dense"),  # BERT, RoBERTa (the layer)
+    (("ffn",), "ffn_output"),  # ALBERT (the layer)
+    (("lin1",), "lin2"),  # DistilBERT
+    (("gate_proj", "up_proj"), "down_proj"),  # LLaMA
+    (("fc1",), "fc2"),  # ViT, Swin
+    (("c_fc",), "c_proj"),  # GPT-2
+)
+HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_heads")
+HEAD_SIZES = ("attention_head_size", "head_dim")
+
+
+@dataclass
+class Attention:
+    name: str
+    module: object
+    q: object
+    k: object | None
+    v: object | None
+    o: object
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class FeedForward:
+    name: str
+    ups: tuple
+    down: object
+
+
+def _get(module, path: str):
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_projection(m) -> bool:
+    from torch import nn
+
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _out_features(m) -> int:
+    return m.nf if type(m).__name__ == "Conv1D" else m.out_features
+
+
+def in_features(m) -> int:
+    return m.nx if type(m).__name__ == "Conv1D" else m.in_features
+
+
+def attention_blocks(model) -> list[Attention]:
+    """The attention modules of `model` that the table above recognises, with their head counts."""
+    found, taken = [], set()
+    for name, module in model.named_modules():
+        for q, k, v, o in ATTENTION:
+            layers = [_get(module, p) if p else None for p in (q, k, v, o)]
+            if not all(_is_projection(m) for m in layers if m is not None) or layers[0] is None or layers[3] is None \
+                    or (k is not None and None in layers) or id(layers[0]) in taken:
+                continue
+            owners = [module, _get(module, q.rpartition(".")[0]) if "." in q else module]  # BERT: in `self`
+            heads = next((getattr(m, a) for m in owners for a in HEAD_COUNTS if isinstance(getattr(m, a, None), int)),
+                         None)
+            size = next((getattr(m, a) for m in owners for a in HEAD_SIZES if isinstance(getattr(m, a, None), int)),
+                        None)
+            if size is None and heads:
+                size = _out_features(layers[3]) // heads if k is None else _out_features(layers[0]) // heads
+            if heads is None and size:
+                heads = (_out_features(layers[0]) // (3 if k is None else 1)) // size
+            if not heads or not size:
+                continue
+            kv = heads if k is None else _out_features(layers[1]) // size
+            if heads % kv or (k is None and _out_features(layers[0]) != 3 * heads * size):
+                continue
+            taken.add(id(layers[0]))
+            found.append(Attention(name, module, layers[0], layers[1], layers[2], layers[3], heads, kv, size))
+    return found
+
+
+def feed_forward_blocks(model) -> list[FeedForward]:
+    found, taken = [], set()
+    for name, module in model.named_modules():
+        for ups, down in FEED_FORWARD:
+            layers = [_get(module, p) for p in ups]
+            d = _get(module, down)
+            if d is None or not _is_projection(d) or not all(m is not None and _is_projection(m) for m in layers) \
+                    or id(d) in taken:
+                continue
+            if any(_out_features(m) != in_features(d) for m in layers) or in_features(d) == _out_features(d) \
+                    or in_features(layers[0]) != _out_features(d):
+                continue  # an FFN widens then narrows back to the hidden size (this also tells BERT's attention
+                # output from its FFN's, and a classifier's last two layers from an FFN)
+            taken.add(id(d))
+            found.append(FeedForward(name, tuple(layers), d))
+    return found
+
+
+def is_causal_lm(model: Any) -> bool:
+    """A next-token language model (a Hugging Face `...ForCausalLM` / `...LMHeadModel`, or a model whose config
+    says it is a decoder): its outputs are scored by perplexity too."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    return name.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(config, "is_decoder", False)) and \
+        hasattr(model, "lm_head")
 
 
 def is_hf_bert(module: Any) -> bool:

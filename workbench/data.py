@@ -63,11 +63,11 @@ def _finite(inputs) -> bool:
 
 
 def _signature(inputs: Any):
-    """What must agree between batches: the structure and, per tensor, its dims but the first and its kind."""
+    """What must agree between batches: the structure and, per tensor, its number of dims and its kind."""
     import torch
 
-    if isinstance(inputs, torch.Tensor):
-        return ("tensor", tuple(inputs.shape[1:]), inputs.dim(), inputs.is_floating_point())
+    if isinstance(inputs, torch.Tensor):  # sizes may vary (sequence lengths, image sizes), not dims or kind
+        return ("tensor", inputs.dim(), inputs.is_floating_point())
     if isinstance(inputs, dict):
         return ("dict", tuple((k, _signature(v)) for k, v in inputs.items()))
     if isinstance(inputs, (tuple, list)):
@@ -78,23 +78,76 @@ def _signature(inputs: Any):
 def _describe(signature) -> str:
     kind = signature[0]
     if kind == "tensor":
-        return (f"a {'float' if signature[3] else 'integer'} tensor of {signature[2]} dims"
-                + (f" (rows x {' x '.join(map(str, signature[1]))})" if signature[1] else ""))
+        return f"a {'float' if signature[2] else 'integer'} tensor of {signature[1]} dims"
     if kind == "other":
         return f"a {signature[1]}, not tensors"
     return f"a {kind} of {', '.join(_describe(s[1] if kind == 'dict' else s) for s in signature[1])}"
 
 
 def accuracy(outputs, targets) -> float:
-    """Top-1 accuracy of logits against integer class labels."""
-    return (outputs.argmax(dim=-1) == targets).float().mean().item()
+    """Top-1 accuracy of logits against integer class labels (token labels of -100 are left out, as in Hugging
+    Face's losses)."""
+    hits, counted = _accuracy_counts(outputs, targets)
+    return hits / max(counted, 1)
+
+
+def _accuracy_counts(outputs, targets, mask=None) -> tuple[int, int]:
+    keep = targets != -100
+    if mask is not None and mask.shape == targets.shape:
+        keep &= mask.bool()
+    correct = (outputs.argmax(dim=-1) == targets) & keep
+    return int(correct.sum()), int(keep.sum())
 
 
 def fidelity(outputs, targets) -> float:
     """Mean cosine similarity of outputs (e.g. sentence embeddings) to reference outputs."""
+    return _cosines(outputs, targets).mean().item()
+
+
+def _cosines(outputs, targets, mask=None):
+    """Cosine of each output row to its reference row; for token outputs (rows x tokens x features) with the batch's
+    attention mask, of each real token's vector (padding positions say nothing about the model)."""
     import torch.nn.functional as F
 
-    return F.cosine_similarity(outputs.float().flatten(1), targets.float().flatten(1), dim=1).mean().item()
+    if mask is not None and outputs.dim() >= 3 and tuple(outputs.shape[:2]) == tuple(mask.shape):
+        keep = mask.bool()
+        return F.cosine_similarity(outputs[keep].float().flatten(1), targets[keep].float().flatten(1), dim=1)
+    return F.cosine_similarity(outputs.float().flatten(1), targets.float().flatten(1), dim=1)
+
+
+def token_mask(inputs):
+    """The batch's attention mask (rows x tokens) when its inputs are a tokenizer's dict, else None."""
+    if isinstance(inputs, dict):
+        mask = inputs.get("attention_mask")
+        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+            return mask.cpu()
+    return None
+
+
+def next_token_nll(logits, inputs) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens) of each real token given the ones before it: what perplexity is
+    the exponential of the mean of."""
+    import torch.nn.functional as F
+
+    ids = inputs["input_ids"].cpu()
+    mask = token_mask(inputs)
+    keep = (mask[:, 1:] & mask[:, :-1]).bool() if mask is not None else ids[:, 1:] >= 0
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return float(nll[keep.flatten()].sum()), int(keep.sum())
+
+
+def _degenerate(references: list) -> str | None:
+    """Why reference outputs make cosine fidelity meaningless (None when they do not)."""
+    import torch
+
+    largest = max(float(r.abs().max()) if r.numel() else 0.0 for r in references)
+    if largest < 1e-12:
+        return f"all near zero (largest |value| {largest:.1e})"
+    rows = torch.cat([r.float().flatten(1) for r in references if r.dim() >= 1 and r.shape[0]], dim=0) \
+        if all(r.dim() >= 1 for r in references) and len({r[0].numel() for r in references}) == 1 else None
+    if rows is not None and rows.shape[0] > 1 and float((rows - rows[:1]).abs().max()) <= 1e-6 * largest:
+        return "the same for every input (a constant model: every candidate that is constant too would score 1.0)"
+    return None
 
 
 _METRIC_FNS = {"accuracy": accuracy, "fidelity": fidelity}
@@ -215,9 +268,14 @@ class Data:
             raise DataError(f"batch size {batch_size!r}: give a positive whole number of rows")
         pieces, have = [], 0
         source = [self.example_inputs] if self.val is None else None
+        shape = None
         while have < batch_size:
             before = have
             for inputs in (source or (b[0] for b in self.val_batches())):
+                sizes = map_tensors(inputs, lambda t: tuple(t.shape[1:]))
+                shape = shape or sizes
+                if sizes != shape:  # batches of another sequence length (or image size) do not stack with these
+                    continue
                 pieces.append(inputs)
                 have += batch_size_of(inputs)
                 if have >= batch_size:
@@ -253,33 +311,71 @@ class Data:
 
         For `metric="fidelity"` with no targets in the loader, `reference` (the original model) gives them.
         """
+        return self.scores(model, target, reference)["metric"]
+
+    def scores(self, model: Any, target=None, reference: Any = None, perplexity: bool = False) -> dict:
+        """{'metric': ..., 'perplexity': ... (with `perplexity`, for causal language models)} on the validation
+        split. Token outputs are scored over real tokens only (the batches' attention masks), batches may differ in
+        sequence length, and a reference that makes fidelity meaningless (all zero, constant) is refused."""
+        if self.eval_fn is not None:
+            return {"metric": self._checked(self._call_eval_fn(model))}
+        outs = self.outputs(model, target)
+        batches = [(inputs, t) for inputs, t in self.val_batches()]
+        targets = [t for _, t in batches]
+        masks = [token_mask(inputs) for inputs, _ in batches]
+        if any(t is None for t in targets):
+            if self.metric != "fidelity" or reference is None:
+                raise DataError(f"the validation batches carry no targets, which metric {self.metric_name!r} needs")
+            key = id(reference)
+            if key not in self._references:
+                references = self.outputs(reference, target)
+                why = _degenerate(references)
+                if why:
+                    raise DataError(f"the original model's outputs are {why}, so fidelity to them means nothing; "
+                                    "check the model (its weights, the output it returns first) or give "
+                                    "wb.Data(val=..., metric=...) with labels")
+                self._references = {key: references}
+            targets = self._references[key]
+        out = {"metric": self._checked(self._score(outs, targets, masks))}
+        if perplexity:
+            nll, count = 0.0, 0
+            for logits, (inputs, _) in zip(outs, batches):
+                if not isinstance(inputs, dict) or "input_ids" not in inputs or logits.dim() != 3:
+                    return out
+                a, b = next_token_nll(logits, inputs)
+                nll, count = nll + a, count + b
+            out["perplexity"] = math.exp(nll / count) if count else None
+        return out
+
+    def _call_eval_fn(self, model):
+        try:
+            return self.eval_fn(model)
+        except (WorkbenchError, Warning):
+            raise
+        except Exception as e:
+            raise DataError(f"the eval_fn {self.metric_name!r} raised {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+    def _score(self, outs: list, targets: list, masks: list) -> float:
         import torch
 
-        if self.eval_fn is not None:
-            try:
-                value = self.eval_fn(model)
-            except (WorkbenchError, Warning):
-                raise
-            except Exception as e:
-                raise DataError(f"the eval_fn {self.metric_name!r} raised {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
-        else:
-            metric = _METRIC_FNS.get(self.metric, self.metric) if isinstance(self.metric, str) else self.metric
-            outs = self.outputs(model, target)
-            targets = [t for _, t in self.val_batches()]
-            if any(t is None for t in targets):
-                if self.metric != "fidelity" or reference is None:
-                    raise DataError(f"the validation batches carry no targets, which metric {self.metric_name!r} needs")
-                key = id(reference)
-                if key not in self._references:
-                    self._references = {key: self.outputs(reference, target)}
-                targets = self._references[key]
-            try:
-                value = metric(torch.cat(outs), torch.cat([torch.as_tensor(t) for t in targets]))
-            except DataError:
-                raise
-            except Exception as e:
-                raise DataError(f"the metric {self.metric_name!r} failed on the model's outputs: {e}") from e
+        try:
+            targets = [torch.as_tensor(t) for t in targets]
+            if self.metric == "fidelity":
+                return torch.cat([_cosines(o, t, m) for o, t, m in zip(outs, targets, masks)]).mean().item()
+            if self.metric == "accuracy":
+                counts = [_accuracy_counts(o, t, m) for o, t, m in zip(outs, targets, masks)]
+                return sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
+            if len({tuple(o.shape[1:]) for o in outs}) == 1 and len({tuple(t.shape[1:]) for t in targets}) == 1:
+                return self.metric(torch.cat(outs), torch.cat(targets))
+            rows = [o.shape[0] for o in outs]  # batches of different shapes: the row-weighted mean of each batch's
+            return sum(float(self.metric(o, t)) * r for o, t, r in zip(outs, targets, rows)) / sum(rows)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"the metric {self.metric_name!r} failed on the model's outputs: {e}") from e
+
+    def _checked(self, value) -> float:
         try:
             value = float(value)
         except (TypeError, ValueError):

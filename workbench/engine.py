@@ -67,10 +67,20 @@ def check_model(model: Any):
 
     if isinstance(model, Result):
         model = model.model
-    if not isinstance(model, torch.nn.Module):
+    if not isinstance(model, torch.nn.Module) and not _is_graph(model):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; load a built-in with "
-                         "wb.zoo.load('digits-cnn') or pass your own nn.Module")
+                         "wb.zoo.load('digits-cnn'), pass your own nn.Module, or load a model you have on disk "
+                         "with wb.load_model(path) (a Hugging Face directory or an .onnx file)")
     return model
+
+
+def _is_graph(model) -> bool:
+    """A model in a runtime's own form (an ONNX graph the user brought), not a torch module."""
+    import torch
+
+    from .registry import backends
+
+    return not isinstance(model, torch.nn.Module) and any(b.accepts(model) for b in backends())
 
 
 def _first_line(e: Exception) -> str:
@@ -79,6 +89,12 @@ def _first_line(e: Exception) -> str:
 
 def working_copy(model, data: Data, target):
     """A deep copy in eval mode on the target's device, checked to run on the data's example inputs."""
+    if _is_graph(model):
+        from .registry import backend_of
+
+        work = backend_of(model).place(model, target)  # a fresh session; the user's object is not touched
+        _check_runs(work, data, target, "the model")
+        return work
     try:
         work = copy_model(model).eval().to(target.device)
     except Exception as e:
@@ -236,6 +252,12 @@ class Baseline:
                 raise DeviceError(f"{recipe}: {' or '.join(alternatives)} has no backend on {self.target.device} "
                                   "here, where this baseline was measured; measure one with device='cpu' (or "
                                   "device='auto' with this recipe) to run it")
+        if _is_graph(self.model):
+            refused = [step for step, tech in zip(recipe.steps, techniques) if not tech.graphs]
+            if refused:
+                raise RecipeError(f"{refused[0].describe()}: this model is a runtime graph ({type(self.model).__name__}"
+                                  "), and only quantization applies to one; pruning, distillation, factorization "
+                                  "and unpad need the torch model it came from")
         for step in recipe.steps:
             if step.needs_train and self.data.train is None:
                 raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the "
@@ -299,7 +321,8 @@ class Baseline:
         result = Result(model=work, recipe=recipe, measurement=candidate, baseline=baseline, notes=ctx.notes,
                         preflight=checks, backend=label, target=target, env=self.env,
                         example_inputs=self.data.example_inputs, details=ctx.details,
-                        layers=layer_table(float_model if float_model is not None else work))
+                        layers=layer_table(float_model if float_model is not None else work)
+                        if hasattr(float_model if float_model is not None else work, "named_modules") else None)
         self._record(result)
         ctx.progress("done", 1.0)
         return result

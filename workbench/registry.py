@@ -37,6 +37,8 @@ class Technique:
     seeds(facts) -> [dict]: trial parameters autotune starts from (what usually wins).
     applies(facts) -> bool: whether it can apply to this model at all (the panel hides it otherwise).
     suggested(facts) -> bool: whether the panel starts with it ticked.
+    graphs: whether it also applies to a model that is already a runtime graph (an `.onnx` file the user has):
+        quantization does; pruning, distillation and factorization need the torch model.
     """
 
     config: type
@@ -46,6 +48,7 @@ class Technique:
     seeds: Callable | None = None
     applies: Callable | None = None
     suggested: Callable | None = None
+    graphs: bool = False
 
     @property
     def kind(self) -> str:
@@ -62,7 +65,8 @@ _loaded = False
 
 
 def technique(config: type, *, preflight: Callable | None = None, search: Callable | None = None,
-              seeds: Callable | None = None, applies: Callable | None = None, suggested: Callable | None = None):
+              seeds: Callable | None = None, applies: Callable | None = None, suggested: Callable | None = None,
+              graphs: bool = False):
     """Bind `fn(model, step, ctx) -> model` to a step type (a Step dataclass with `kind`, `short`, `main_field`)."""
     for attr in ("kind", "short", "main_field"):
         if not getattr(config, attr, None) and attr != "main_field":
@@ -72,7 +76,7 @@ def technique(config: type, *, preflight: Callable | None = None, search: Callab
         known = {t.config.short: k for k, t in TECHNIQUES.items() if k != config.kind}
         if config.short in known:
             raise TypeError(f"short name {config.short!r} of {config.__name__} is taken by {known[config.short]!r}")
-        TECHNIQUES[config.kind] = Technique(config, fn, preflight, search, seeds, applies, suggested)
+        TECHNIQUES[config.kind] = Technique(config, fn, preflight, search, seeds, applies, suggested, graphs)
         return fn
 
     return register

@@ -33,6 +33,7 @@ class Result:
     layers: Any = field(default=None, repr=False)  # per-layer shapes and sparsity of the (last float) torch model
     details: dict = field(default_factory=dict, repr=False)  # per-technique tables, e.g. details["factorize"]
     preflight: list = field(default_factory=list)
+    exported: Path | None = None  # where `export` wrote the deployable file
 
     @property
     def name(self) -> str:
@@ -82,6 +83,29 @@ class Result:
         return Card(self)._repr_html_()
 
     # -- persistence -----------------------------------------------------------------------------------------
+    def export(self, path=None) -> Path:
+        """Write the deployable file for this result's backend (an `.onnx` graph for ONNX Runtime, a
+        `torch.export` program `.pt2` for torch) at `path` (default: `model<suffix>` in the current directory,
+        which you asked for by calling this); `result.deploy` then gives the lines that load and run it without
+        the workbench. The file is checked to load and to match this model before it is kept."""
+        from .registry import backend_of
+        from .storage import export_deployable
+
+        backend = backend_of(self.model)
+        self.exported = export_deployable(backend, self.model, self.example_inputs, path)
+        return self.exported
+
+    @property
+    def deploy(self) -> list[str]:
+        """Lines of Python that load the exported file and run it without the workbench (export first)."""
+        from .contract import input_layout
+        from .registry import backend_of
+
+        backend = backend_of(self.model)
+        path = self.exported or Path(f"model{backend.deploy_suffix}")
+        names = input_layout(self.example_inputs)[1] if self.example_inputs is not None else ["inputs"]
+        return backend.usage(self.model, path, names)
+
     def save(self, path) -> Path:
         """Write the model, recipe.yaml, result.json and a manifest (SHA-256 of every file) into directory `path`,
         atomically; `wb.load(path)` checks the manifest. See `workbench.storage` for the formats and what is safe

@@ -1,9 +1,10 @@
 """Saving and loading optimized models so that they reload without the user's code, safely and verifiably.
 
 Each backend writes its own form (`Backend.save` / `Backend.load`): ONNX Runtime a `model.onnx`, torch a
-`torch.export` program (`model.pt2`: graph and weights, no pickled code) or, only for models torch.export cannot
-capture, a pickled `model.pt` that `load` refuses unless `trust_pickle=True` (unpickling can run code); the save
-says so with a warning and the manifest keeps the reason.
+`torch.export` program (`model.pt2`: graph and weights, no pickled code), else a checked TorchScript trace
+(`model.ts`: recurrent layers, torch.ao int8), or, only for models neither captures, a pickled `model.pt` that `load`
+refuses unless `trust_pickle=True` (unpickling can run code); the save says so with a warning and the manifest keeps
+the reason. Each keeps the original's call and output structure (`model.json`, see `workbench.contract`).
 
 `Result.save(dir)` writes into a temporary directory beside `dir` and renames it into place once every file is
 written, so an interrupted or failed save leaves the previous save (or nothing), never half of one. Its
@@ -43,6 +44,75 @@ def save_model(model, example_inputs: Any, directory: Path) -> Path:
     from .registry import backend_of
 
     return backend_of(model).save(model, example_inputs, Path(directory))
+
+
+def export_deployable(backend, model, example_inputs: Any, path=None) -> Path:
+    """The deployable file for `model` at `path` (a file, or a directory to write `model<suffix>` in), checked: it
+    is loaded back with its runtime alone and must match the model on the example inputs, or it is removed."""
+    from .errors import ExportError
+
+    suffix = backend.deploy_suffix
+    if not suffix:
+        raise ExportError(f"the {backend.title or backend.name} backend has no deployable file format")
+    folder = Path.cwd() if path is None else Path(path) if Path(path).is_dir() else None
+    if folder is not None:  # no file named: the backend's own kind, else the next it writes
+        errors = []
+        for kind in (suffix, *backend.also_exports):
+            try:
+                return export_deployable(backend, model, example_inputs, folder / f"model{kind}")
+            except ExportError as e:
+                errors.append(e)
+        raise errors[0]
+    path = Path(path)
+    if path.suffix not in (suffix, *backend.also_exports):
+        kinds = " or ".join((suffix, *backend.also_exports))
+        raise ExportError(f"a {backend.title or backend.name} model exports to a {kinds} file; name it like "
+                          f"{path.with_suffix(suffix).name}")
+    check_parents(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        backend.export(model, example_inputs, path)
+        _check_deployable(model, example_inputs, path)
+    except OSError as e:
+        raise disk_error(e, path) from e
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_deployable(model, example_inputs: Any, path: Path) -> None:
+    """Load the exported file with its runtime alone and compare its first output with the model's."""
+    import torch
+
+    import copy
+
+    from .contract import uses_cache, values_of, without_cache
+    from .errors import ExportError
+    from .tensors import call_model, flatten_output, map_tensors
+
+    inputs = map_tensors(example_inputs, lambda t: t.cpu())
+    if isinstance(model, torch.nn.Module) and uses_cache(model):
+        model = without_cache(copy.deepcopy(model))
+    with torch.inference_mode():
+        expected = flatten_output(call_model(model, inputs))[0][0].float()
+        values = values_of(inputs)
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            names = [i.name for i in session.get_inputs()]
+            layout_names = getattr(model, "input_names", names)
+            feed = {n: v.numpy() for n, v in zip(layout_names, values) if n in names}
+            got = torch.from_numpy(session.run(None, feed)[0]).float()
+        elif path.suffix == ".ts":
+            got = torch.jit.load(str(path))(*values)[0].float()
+        else:
+            got = torch.export.load(str(path)).module()(*values)[0].float()
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * max(
+            1.0, float(expected.abs().max()))):
+        raise ExportError(f"the exported {path.suffix} file does not reproduce the model's outputs on the example "
+                          "inputs, so it was not kept")
 
 
 def save_result(result, path) -> Path:

@@ -24,6 +24,8 @@ def results_table(rows: dict[str, Measurement], baseline: str | None = None):
     for name in names:
         m = rows[name]
         out: dict[str, Any] = {m.metric_name: m.metric, f"Δ {m.metric_name}": m.metric - base.metric}
+        if base.perplexity is not None:  # causal language models
+            out["perplexity"] = m.perplexity
         for b in batches:
             lat = m.latency.get(b)
             own = m is base or name == baseline
@@ -96,6 +98,8 @@ def display_table(df):
     out = pd.DataFrame(index=df.index)
     out[metric] = [significant(v, 4) for v in df[metric]]
     out[f"Δ {metric}"] = [("+" if v > 0 else "") + significant(v, 2) if v else "0" for v in df[f"Δ {metric}"]]
+    if "perplexity" in df:
+        out["perplexity"] = [significant(v, 3) if v == v and v is not None else "–" for v in df["perplexity"]]
     for b in batches:
         out[f"p50 ms (b={b})"] = [significant(v, 3) for v in df[f"p50 ms (b={b})"]]
         out[f"speedup (b={b})"] = [speedup_text(r, lo, hi, st) for r, lo, hi, st in

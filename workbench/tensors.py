@@ -24,11 +24,83 @@ def map_tensors(inputs: Any, fn: Callable):
 
     if isinstance(inputs, torch.Tensor):
         return fn(inputs)
-    if isinstance(inputs, dict):
-        return {k: map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, dict) or _is_mapping_output(inputs):
+        return _rebuild_mapping(type(inputs), {k: map_tensors(v, fn) for k, v in inputs.items()})
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(map_tensors(v, fn) for v in inputs)
+        items = [map_tensors(v, fn) for v in inputs]
+        return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)
     return inputs
+
+
+def _is_mapping_output(value) -> bool:
+    return hasattr(value, "keys") and hasattr(value, "items") and hasattr(value, "__getitem__")
+
+
+def _rebuild_mapping(cls, items: dict):
+    """A dict-like of class `cls` (a dict, an OrderedDict, a Hugging Face ModelOutput) holding `items`."""
+    if cls is dict:
+        return items
+    try:
+        return cls(**items)
+    except Exception:
+        return dict(items)
+
+
+def flatten_output(output: Any) -> tuple[list, Any]:
+    """(tensors, spec): the tensors inside a model's output in order, and a JSON-able description of its
+    structure (tensors, tuples, lists, dicts, Hugging Face ModelOutputs; None and plain values kept as they are)
+    that `unflatten_output` rebuilds it from. Runtimes that return a flat list of arrays (ONNX Runtime) give the
+    user back what the torch model returned."""
+    import torch
+
+    leaves: list = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            leaves.append(value)
+            return "tensor"
+        if isinstance(value, dict) or _is_mapping_output(value):
+            cls = type(value)
+            name = None if cls is dict else f"{cls.__module__}:{cls.__qualname__}"
+            return {"mapping": name, "items": [[str(k), walk(v)] for k, v in value.items()]}
+        if isinstance(value, (tuple, list)):
+            return {"sequence": "list" if isinstance(value, list) else "tuple", "items": [walk(v) for v in value]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise ModelError(f"the model's output holds a {type(value).__name__}, which cannot be exported as a "
+                         "graph output; return tensors (or tuples/dicts of them), e.g. use_cache=False for a "
+                         "language model's cache")
+
+    return leaves, walk(output)
+
+
+def unflatten_output(tensors: list, spec: Any):
+    """The output `flatten_output` described, rebuilt around `tensors` (in its order)."""
+    import importlib
+
+    it = iter(tensors)
+
+    def build(s):
+        if s == "tensor":
+            return next(it)
+        if "value" in s:
+            return s["value"]
+        if "sequence" in s:
+            items = [build(x) for x in s["items"]]
+            return items if s["sequence"] == "list" else tuple(items)
+        items = {k: build(v) for k, v in s["items"]}
+        cls = dict
+        if s["mapping"]:
+            module, _, name = s["mapping"].partition(":")
+            try:
+                cls = importlib.import_module(module)
+                for part in name.split("."):
+                    cls = getattr(cls, part)
+            except (ImportError, AttributeError):
+                cls = dict  # the class is not importable here: its keys and values still are
+        return _rebuild_mapping(cls, items)
+
+    return build(spec)
 
 
 def first_tensor(output: Any):

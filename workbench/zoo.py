@@ -249,6 +249,44 @@ def load(name: str, progress=None):
     return _MODELS[name](progress)
 
 
+def load_model(path, task: str | None = None):
+    """A model you already have on disk, loaded offline: a Hugging Face model directory (config.json and weights,
+    loaded with the class its config names, or `AutoModel`, and `from_pretrained(local_files_only=True)`), or an
+    `.onnx` file (quantization applies to it; the rest needs the torch model).
+
+    task: a transformers class name to load the directory with instead (e.g. 'AutoModelForSequenceClassification').
+    """
+    import json
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WorkbenchError(f"no model at {path}: give a Hugging Face model directory (with config.json) or an "
+                             ".onnx file")
+    if path.is_file() and path.suffix == ".onnx":
+        from .backends.onnxruntime.session import OrtModel
+
+        return OrtModel.load(path)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise WorkbenchError(f"{path} is neither a Hugging Face model directory (no config.json in it) nor an .onnx "
+                             "file; a torch model saved by the workbench loads with wb.load(path)")
+    try:
+        import transformers
+    except ImportError:
+        raise WorkbenchError("loading a Hugging Face model needs transformers: pip install 'workbench[text]'") \
+            from None
+    config = json.loads((path / "config.json").read_text())
+    names = [task] if task else [*(config.get("architectures") or []), "AutoModel"]
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise WorkbenchError(f"transformers {transformers.__version__} has no class {names[0]!r} for {path}; "
+                             "pass task='AutoModel' (or the class to use)")
+    try:
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    except Exception as e:
+        raise WorkbenchError(f"{cls.__name__}.from_pretrained({str(path)!r}) failed: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+
 def resolve(spec: str):
     """(model, data) from a built-in name or an import path 'package.module:factory' returning (model, data)."""
     import importlib

@@ -223,6 +223,27 @@ def test_optimize_auto_returns_within_the_budget(ip, monkeypatch):
     best = ip.user_ns["digits_cnn_opt"]
     assert best.baseline.metric - best.measurement.metric <= 0.01
     assert ip.user_ns["digits_cnn_opt_search"].within_budget
-    assert "best within a 0.01 metric budget" in out.stdout and "recommended: faster" in out.stdout
+    if "timing unstable" in out.stdout:  # a busy machine (another job's processes): the verdict must say so, with
+        assert "no candidate is reliably faster" in out.stdout and "stop them or re-run" in out.stdout  # the way out
+    else:
+        assert "best within a 0.01 metric budget" in out.stdout and "recommended: faster" in out.stdout
     with pytest.raises(UsageError, match="--auto searches the recipes itself"):
         run(ip, "%optimize digits-cnn --auto --quant int8")
+
+
+def test_optimize_a_model_on_disk_a_hugging_face_directory_and_an_onnx_file(ip, tmp_path):
+    pytest.importorskip("transformers")
+    from workbench import support
+
+    model, data = support.load("bert")
+    model.save_pretrained(tmp_path / "tiny-bert")
+    ip.user_ns["val"] = data
+    run(ip, f"%optimize hf:{tmp_path / 'tiny-bert'} --quant int8 --data val --no-card")
+    result = ip.user_ns["tiny_bert_opt"]  # named after the directory
+    assert result.measurement.metric > 0.99 and result.backend.startswith("onnxruntime")
+    graph = tmp_path / "bert.onnx"
+    graph.write_bytes(wb.OrtModel.from_torch(model, data.example_inputs).onnx_bytes)
+    run(ip, f"%optimize {graph} --quant int8 --data val --as from_onnx --no-card")
+    assert ip.user_ns["from_onnx"].backend.startswith("onnxruntime-int8")
+    with pytest.raises(UsageError, match="neither a Hugging Face model directory"):
+        run(ip, f"%optimize hf:{tmp_path} --quant int8 --data val")

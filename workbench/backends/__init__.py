@@ -69,6 +69,17 @@ class Backend:
     def load(self, path: Path, target, trust_pickle: bool = False) -> Any:
         raise NotImplementedError
 
+    deploy_suffix: ClassVar[str] = ""  # the deployable file's kind; `also_exports` lists others it writes
+    also_exports: ClassVar[tuple] = ()
+
+    def export(self, model, example_inputs, path: Path) -> Path:
+        """Write the one file a deployment needs (no workbench to load it) at `path`; returns it."""
+        raise NotImplementedError
+
+    def usage(self, model, path: Path, input_names: list[str]) -> list[str]:
+        """The lines of Python that load the exported file and run it, without the workbench."""
+        return []
+
     def versions(self) -> dict:
         """Library versions for the environment record."""
         return {}

@@ -31,15 +31,18 @@ def measure(model: Any, data, target, reference: Any = None, macs_model: Any = N
     macs_model: the float torch module to count MACs and parameters on when `model` itself cannot be counted
     (an ONNX Runtime session or a quantized module has the arithmetic shape of the graph it came from).
     """
+    from ..architectures import is_causal_lm
     from ..registry import backend_of
 
     backend = backend_of(model)
     with target.threads_fixed() as threads:
-        metric = data.evaluate(model, target, reference=reference)
+        scores = data.scores(model, target, reference=reference,
+                             perplexity=is_causal_lm(reference if reference is not None else model))
         counted = macs_model if macs_model is not None else model
         params, nonzero = backend_of(counted).count_params(counted)
         macs = count_macs(counted, target.move(data.inputs(1))) if _is_torch(counted) else None
-        return Measurement(metric=metric, metric_name=data.metric_name, size_bytes=backend.size_bytes(model),
+        return Measurement(metric=scores["metric"], metric_name=data.metric_name, perplexity=scores.get("perplexity"),
+                           size_bytes=backend.size_bytes(model),
                            sparse_size_bytes=backend.sparse_size_bytes(model), params=params, nonzero_params=nonzero,
                            macs=macs, threads=threads, device=target.device, backend=backend.label_of(model))
 

@@ -175,7 +175,7 @@ def batches_in(columns) -> list[int]:
     return sorted(int(c[len(prefix):]) for c in columns if str(c).startswith(prefix))
 
 
-STATIC = ("metric", "metric_name", "size_bytes", "sparse_size_bytes", "params", "nonzero_params", "macs",
+STATIC = ("metric", "metric_name", "perplexity", "size_bytes", "sparse_size_bytes", "params", "nonzero_params", "macs",
           "peak_mem_bytes", "threads", "device", "backend")
 
 
@@ -187,6 +187,7 @@ class Measurement:
     metric: float
     metric_name: str
     size_bytes: int
+    perplexity: float | None = None  # causal language models: exp(mean next-token loss) on the validation text
     sparse_size_bytes: int | None = None
     params: int | None = None
     nonzero_params: int | None = None

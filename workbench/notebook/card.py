@@ -19,11 +19,26 @@ class Card:
 
         return display_table(self.result.table())
 
+    def _deploy(self) -> tuple[str, list[str]]:
+        """(what to say, the lines that load and run the deployable file without the workbench)."""
+        try:
+            lines = self.result.deploy
+        except Exception:  # a model no backend claims (the card still shows the rest)
+            return "", []
+        if not lines:
+            return "", []
+        r = self.result
+        head = f"deployable file: {r.exported}" if r.exported else \
+            f"deploy: result.export('{lines[1].split(chr(39))[1]}') writes the deployable file; then"
+        return head, lines
+
     def __repr__(self) -> str:
         table = self._table().to_string()
         checks = "".join(f"\n! pre-flight: {n}" for n in self.result.preflight)
         notes = "".join(f"\n- {n}" for n in self.result.notes)
-        return f"{self._title()}\n{self.result.verdict}\n{table}{checks}{notes}"
+        head, lines = self._deploy()
+        deploy = f"\n{head}\n" + "\n".join(f"    {line}" for line in lines) if lines else ""
+        return f"{self._title()}\n{self.result.verdict}\n{table}{checks}{notes}{deploy}"
 
     def _repr_html_(self) -> str:
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.notes)
@@ -32,4 +47,12 @@ class Card:
         table = self._table().to_html(classes="wb-table", border=0)
         return (f"<div class='wb-card'><b>{html.escape(self._title())}</b>"
                 f"<p class='wb-verdict'>{html.escape(self.result.verdict)}</p>"
-                f"<div style='overflow-x:auto'>{table}</div>{checks}{f'<ul>{notes}</ul>' if notes else ''}</div>")
+                f"<div style='overflow-x:auto'>{table}</div>{checks}{f'<ul>{notes}</ul>' if notes else ''}"
+                f"{self._deploy_html()}</div>")
+
+    def _deploy_html(self) -> str:
+        head, lines = self._deploy()
+        if not lines:
+            return ""
+        code = html.escape("\n".join(lines))
+        return f"<p class='wb-deploy'>{html.escape(head)}</p><pre class='wb-deploy-code'>{code}</pre>"

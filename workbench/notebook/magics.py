@@ -133,6 +133,18 @@ class WorkbenchMagics(Magics):
         if builtin:
             model, builtin_data = self._load_builtin(builtin)
             model_name = builtin
+        elif model_name.startswith(("hf:", "onnx:")) or model_name.endswith(".onnx"):
+            from pathlib import Path
+
+            from ..errors import WorkbenchError
+            from ..zoo import load_model  # a model on disk: hf:path/to/dir, onnx:model.onnx or model.onnx
+
+            try:
+                model = load_model(model_name.partition(":")[2] if model_name.startswith(("hf:", "onnx:"))
+                                   else model_name)
+            except WorkbenchError as e:
+                raise UsageError(str(e)) from None
+            model_name = Path(model_name.partition(":")[2] or model_name).stem or "model"
         else:
             model = self._lookup(model_name, "model")
         if data_name is None:
@@ -206,7 +218,7 @@ class WorkbenchMagics(Magics):
                 if getattr(step, "teacher", None) == teacher:
                     step.teacher = getattr(module, "model", module)
         model, data, label = self._model_and_data(args.model, args.data)
-        target = args.as_name or f"{_identifier(args.model)}_opt"
+        target = args.as_name or f"{_identifier(label)}_opt"
         if not target.isidentifier():
             raise UsageError(f"--as {target!r} is not a valid Python name")
         result = self._run(f"%optimize {label}", lambda bar: engine.optimize(
@@ -253,7 +265,7 @@ class WorkbenchMagics(Magics):
             progress=bar, on_result=on_result))
         if tuned is None:
             return None
-        target = args.as_name or f"{_identifier(args.model)}_opt"
+        target = args.as_name or f"{_identifier(label)}_opt"
         self.shell.user_ns[target] = tuned.best
         self.shell.user_ns[f"{target}_search"] = tuned
         print(f"searched {len(tuned.results)} candidates in {tuned.seconds:.0f} s; {tuned.headline}")

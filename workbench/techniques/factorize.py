@@ -139,6 +139,40 @@ def _candidates(model, step: Factorize):
     return {n: layers[n] for n in wanted}
 
 
+def _swap(model, name: str, new) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _runs(model, inputs) -> bool:
+    import torch
+
+    try:
+        with torch.inference_mode():
+            call_model(model, inputs)
+        return True
+    except Exception:
+        return False
+
+
+def _keep_runnable(model, originals: dict, replaced: list[str], inputs) -> list[str]:
+    """Names of replaced layers put back because the model stops running with them factorized (a parent that
+    reads `layer.weight` itself, as torch's MultiheadAttention and some Hugging Face blocks do); checked all at
+    once, then one by one only when that fails."""
+    if _runs(model, inputs):
+        return []
+    swapped = {name: model.get_submodule(name) for name in replaced}
+    for name in replaced:
+        _swap(model, name, originals[name])
+    put_back = []
+    for name in replaced:
+        _swap(model, name, swapped[name])
+        if not _runs(model, inputs):
+            _swap(model, name, originals[name])
+            put_back.append(name)
+    return put_back
+
+
 def search(trial, facts) -> list[str]:
     """Truncated SVD of Linear-heavy models (on conv nets Tucker-2 measured slower here)."""
     if facts.conv_heavy:
@@ -181,11 +215,18 @@ def factorize(model, step: Factorize, ctx):
             build, ranks = (lambda layer=layer, a=r_out, b=r_in: factorize_conv(layer, a, b)), f"{r_out}x{r_in}"
         keep = after < before
         if keep:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, build())
+            _swap(model, name, build())
             replaced += 1
         rows.append({"layer": name, "type": type(layer).__name__, "rank": ranks, "macs_before": before,
                      "macs_after": after if keep else before, "replaced": keep})
+    kept_out = _keep_runnable(model, layers, [r["layer"] for r in rows if r["replaced"]], inputs)
+    for r in rows:
+        if r["layer"] in kept_out:
+            r.update(replaced=False, macs_after=r["macs_before"])
+    replaced -= len(kept_out)
+    if kept_out:
+        ctx.note(f"left {len(kept_out)} layer(s) whole because the model reads their weights directly (e.g. "
+                 f"{kept_out[0]}), which a low-rank pair does not have")
     table = pd.DataFrame(rows, columns=["layer", "type", "rank", "macs_before", "macs_after", "replaced"])
     ctx.details["factorize"] = table
     if replaced == 0:

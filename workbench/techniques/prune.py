@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..architectures import attention_modules, head_layer, prunable_layers
+from ..architectures import attention_blocks, head_layer, prunable_layers
 from ..errors import ModelError, RecipeError
 from ..recipe import Step, option
 from ..registry import technique
@@ -109,13 +109,18 @@ def _recover_between_rounds(model, ctx, round_index: int, rounds: int) -> None:
 def unstructured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Zero the smallest weights (by |w| or |w * grad|), globally or per layer; masks are made permanent."""
     import torch
+    from torch import nn
     from torch.nn.utils import prune
 
-    ignored, _ = _resolve_ignored(model, step)
+    ignored, heads = _resolve_ignored(model, step)
     layers = {n: m for n, m in prunable_layers(model).items() if n not in ignored}
-    if not layers:
-        raise RecipeError("Prune: the model has no Linear or Conv layer left to prune after the ignored ones")
     targets = [(m, "weight") for m in layers.values()]
+    recurrent = {n: m for n, m in model.named_modules() if isinstance(m, nn.RNNBase) and n not in ignored}
+    targets += [(m, w) for m in recurrent.values() for w in m._flat_weights_names if w.startswith("weight")]
+    if not targets:
+        left = f"the only one is the output head ({heads[0]}), left alone" if heads and not step.ignore else \
+            "none is left after the ignored ones"
+        raise RecipeError(f"Prune: the model has no Linear, Conv or recurrent layer to prune ({left})")
     previous = 0.0
     ratios = step.ratios()
     for i, target in enumerate(ratios):
@@ -128,40 +133,54 @@ def unstructured(model, step: Prune, ctx, layer_ratios: dict | None = None):
         scores = None
         if step.criterion == "taylor":
             _taylor_grads(model, ctx)
-            scores = {(m, "weight"): (m.weight * m.weight.grad).abs().detach() for m in layers.values()}
+            scores = {(m, w): (getattr(m, w) * getattr(m, w).grad).abs().detach() for m, w in targets}
         if step.scope == "global" and layer_ratios is None:
             prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount(step.sparsity),
                                       importance_scores=scores)
         else:
-            for name, m in layers.items():
-                prune.l1_unstructured(m, "weight", amount=amount((layer_ratios or {}).get(name, step.sparsity)),
-                                      importance_scores=None if scores is None else scores[(m, "weight")])
+            names = {id(m): n for n, m in model.named_modules()}
+            for m, w in targets:
+                prune.l1_unstructured(m, w, amount=amount((layer_ratios or {}).get(names[id(m)], step.sparsity)),
+                                      importance_scores=None if scores is None else scores[(m, w)])
         previous = target
         _recover_between_rounds(model, ctx, i, len(ratios))
-    for m in layers.values():
-        prune.remove(m, "weight")  # permanent: no weight_orig / weight_mask left behind
+    for m, w in targets:
+        prune.remove(m, w)  # permanent: no weight_orig / weight_mask left behind
     with torch.no_grad():
         model.zero_grad(set_to_none=True)
     if step.criterion == "l2":
         ctx.note("for single weights L2 and L1 magnitude rank the same; L2 differs only for structured pruning")
-    ctx.note(f"unstructured: {step.sparsity:.0%} of the weights in {len(layers)} layers are now zero; dense "
-             "runtimes (torch eager, ONNX Runtime on CPU) skip no work for zeros, so expect no speedup, only a "
+    ctx.note(f"unstructured: {step.sparsity:.0%} of the weights in {len(layers) + len(recurrent)} layers are now zero; "
+             "dense runtimes (torch eager, ONNX Runtime on CPU) skip no work for zeros, so expect no speedup, only a "
              "smaller compressed size (see sparse_size_bytes); structured=True removes whole channels and is "
              "the kind that runs faster")
     return model
 
 
 # -- structured ------------------------------------------------------------------------------------------------
-SUPPORTED = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "BatchNorm1d",
-             "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "Embedding",
-             "PReLU", "CastInputs")
+def _supported() -> tuple:
+    """Layer types with weights that Torch-Pruning keeps consistent (subclasses too: ConvNeXt's LayerNorm,
+    EfficientNet's depthwise Conv2d)."""
+    from torch import nn
+
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.BatchNorm1d,
+            nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+            nn.Embedding, nn.PReLU, nn.MultiheadAttention)
 
 
 def _check_supported(model, ignored: dict) -> None:
+    from torch import nn
+
+    supported = _supported()
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
         left_out = any(name == i or name.startswith(i + ".") for i in ignored)
-        if own and type(m).__name__ not in SUPPORTED and not left_out:
+        if isinstance(m, nn.RNNBase) and not left_out:
+            raise RecipeError(f"Prune(structured=True): {name!r} is a {type(m).__name__}, whose gates Torch-Pruning "
+                              "cannot shrink consistently; use Prune(structured=False) or quant=int8-dynamic "
+                              "(torch.ao quantizes LSTM and GRU layers)")
+        if own and not isinstance(m, supported) and type(m).__name__ != "CastInputs" and not left_out \
+                and not all(p.dim() == 1 for p in own):  # per-channel vectors (layer scales) follow their channels
             raise RecipeError(
                 f"Prune(structured=True): layer {name!r} ({type(m).__name__}) has its own weights and is a type "
                 f"Torch-Pruning cannot prune consistently; leave it out with Prune(..., ignore=({name!r},)) "
@@ -170,24 +189,48 @@ def _check_supported(model, ignored: dict) -> None:
 
 def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Remove whole output channels / neurons / attention heads; the model becomes a smaller dense model."""
+    if attention_blocks(model):
+        return _structured_transformer(model, step, ctx, layer_ratios)
+    return _structured_graph(model, step, ctx, layer_ratios)
+
+
+def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
+    """Transformers: heads (whole key/value groups) and FFN neurons, per block (see `heads`)."""
+    from . import heads
+
+    ignored, _ = _resolve_ignored(model, step)
+    ratios = step.ratios()
+    before = previous = None
+    for i, target in enumerate(ratios):
+        ctx.progress(f"pruning round {i + 1}/{len(ratios)}: {target:.0%} of heads and FFN neurons", None)
+        if step.criterion == "taylor":
+            _taylor_grads(model, ctx)
+        share = target if previous is None else 1 - (1 - target) / (1 - previous)  # of what is left
+        counts = heads.prune_transformer(model, share, step.criterion, set(ignored), layer_ratios)
+        before = before or counts
+        previous = target
+        model.zero_grad(set_to_none=True)
+        _recover_between_rounds(model, ctx, i, len(ratios))
+    kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
+    ctx.note(f"structured: attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups) and "
+             f"FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in {counts['blocks']} blocks, by "
+             f"{step.criterion} importance per block; hidden size and outputs kept{kept}")
+    ctx.details["structured"] = {"heads": (before["heads"][0], counts["heads"][1]),
+                                 "neurons": (before["neurons"][0], counts["neurons"][1])}
+    return model
+
+
+def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
+    """Other models (conv nets, MLPs, torch's own attention): Torch-Pruning's dependency graph keeps coupled layers
+    (residual additions, norms, concatenations) consistent; the output layer keeps its width."""
     import torch_pruning as tp
 
     ignored, _ = _resolve_ignored(model, step)
     _check_supported(model, ignored)
-    attention = attention_modules(model)
     ignored_modules = list(ignored.values())
-    num_heads = {}
-    if attention:  # keep the hidden size: prune heads and FFN neurons only
-        hidden = {m.query.in_features for m in attention}
-        from torch import nn
-
-        for m in attention:
-            for lin in (m.query, m.key, m.value):
-                num_heads[lin] = m.num_attention_heads
-        qkv = {id(lin) for lin in num_heads}
-        ignored_modules += [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in qkv
-                            and m.out_features in hidden]
-        ignored_modules += [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    supported = _supported()
+    unwrapped = [(p, 0) for m in model.modules() if not isinstance(m, supported)
+                 for p in m.parameters(recurse=False) if p.dim() == 1]  # e.g. ConvNeXt's layer scale
     importance = {"l1": tp.importance.MagnitudeImportance(p=1), "l2": tp.importance.MagnitudeImportance(p=2),
                   "taylor": tp.importance.TaylorImportance()}[step.criterion]
     ratios = step.ratios()
@@ -203,8 +246,7 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
             global_pruning=step.scope == "global" and not layer_ratios, ignored_layers=ignored_modules,
             iterative_steps=len(ratios), iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + [
                 r / step.sparsity * ratio if step.sparsity else 0.0 for r in ratios],
-            max_pruning_ratio=MAX_LAYER_RATIO, num_heads=num_heads, prune_num_heads=bool(num_heads),
-            head_pruning_ratio=step.sparsity if num_heads else 0.0, prune_head_dims=False)
+            max_pruning_ratio=MAX_LAYER_RATIO, unwrapped_parameters=unwrapped or None)
     except Exception as e:
         raise ModelError(f"Prune(structured=True): Torch-Pruning could not trace the model's dependency graph "
                          f"({type(e).__name__}: {e}); ignore the layer it names with Prune(ignore=...)") from e
@@ -213,9 +255,6 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
         if step.criterion == "taylor":
             _taylor_grads(model, ctx)
         pruner.step()
-        for m in attention:  # tell Hugging Face attention how many heads it has now
-            m.num_attention_heads = pruner.num_heads.get(m.query, m.num_attention_heads)
-            m.all_head_size = m.num_attention_heads * m.attention_head_size
         model.zero_grad(set_to_none=True)
         try:
             call_model(model.eval(), example)
@@ -223,10 +262,9 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
             raise ModelError(f"Prune(structured=True) left a model whose forward fails ({type(e).__name__}: {e}); "
                              "leave the layer it names out with Prune(ignore=...)") from e
         _recover_between_rounds(model, ctx, i, len(ratios))
-    kept = [f"{n} (output head)" if n == head_layer(model) else n for n in
-            (names.get(id(m), "?") for m in ignored_modules[:3])]
-    what = "attention heads and FFN neurons (hidden size kept)" if attention else "channels/neurons"
-    ctx.note(f"structured: removed {step.sparsity:.0%} of {what} by {step.criterion} importance "
+    heads = _resolve_ignored(model, step)[1]
+    kept = [f"{n} (output head)" if n in heads else n for n in (names.get(id(m), "?") for m in ignored_modules[:3])]
+    ctx.note(f"structured: removed {step.sparsity:.0%} of channels/neurons by {step.criterion} importance "
              f"({'global' if step.scope == 'global' and not layer_ratios else 'per layer'}); left alone: "
              f"{', '.join(kept) + (' ...' if len(ignored_modules) > 3 else '') or 'nothing'}")
     return model

@@ -163,13 +163,43 @@ def seeds(facts) -> list[dict]:
     return [{"quant": first, "per_channel": True, "calibration": "minmax"}]
 
 
-@technique(Quantize, preflight=preflight, search=search, seeds=seeds, suggested=lambda facts: True)
+@technique(Quantize, preflight=preflight, search=search, seeds=seeds, suggested=lambda facts: True, graphs=True)
 def quantize(model, step: Quantize, ctx):
-    _check_exclude(model, step)
+    if hasattr(model, "named_modules"):
+        _check_exclude(model, step)
     precision, why = plan(step, model, ctx)
     for reason in why:
         ctx.note(reason)
-    backend = ctx.backend_for(precision, step)
-    return backend.lower(model, precision, ctx, per_channel=step.per_channel, reduce_range=step.reduce_range,
-                         calibration=step.calibration, format=step.format, exclude=step.exclude,
-                         calibration_batches=step.calibration_batches)
+    return _lower(model, precision, step, ctx)
+
+
+def _lower(model, precision: str, step: Quantize, ctx):
+    """Lower with the first backend that runs `precision` here; with backend='auto', when one cannot export this
+    model (an ONNX graph traced to one sequence length), with the next one, and the card says why. A runtime
+    graph the user brought is quantized by its own backend, or refused."""
+    from ..errors import ExportError
+    from ..registry import backend_of, backends_for
+
+    if not hasattr(model, "named_modules"):
+        options = [backend_of(model)]
+        if precision not in options[0].precisions(ctx.target):
+            raise RecipeError(f"{step.describe()}: {precision} of a {options[0].title} graph is not supported here; "
+                              f"it takes {', '.join(p for p in options[0].precisions(ctx.target) if p != 'fp32')}")
+    else:
+        first = ctx.backend_for(precision, step)  # one clear error when none runs it
+        options = [first, *[b for b in backends_for(precision, ctx.target) if b is not first]]
+    for i, backend in enumerate(options):
+        try:
+            return backend.lower(model, precision, ctx, per_channel=step.per_channel, reduce_range=step.reduce_range,
+                                 calibration=step.calibration, format=step.format, exclude=step.exclude,
+                                 calibration_batches=step.calibration_batches)
+        except ExportError as e:
+            if len(options) == 1 and ctx.target.backend == "auto" and precision == "int8-static":
+                reason = str(e).splitlines()[0].split("; use backend=")[0]
+                raise RecipeError(f"{step.describe()}: {reason}; no other backend runs static int8 here, so use "
+                                  "quant=int8-dynamic (torch.ao runs it on this model)") from e
+            if i == len(options) - 1 or ctx.target.backend != "auto":
+                raise
+            ctx.note(f"{backend.title} could not take this model ({str(e).splitlines()[0][:160]}); "
+                     f"{options[i + 1].title} runs {precision} instead")
+    raise AssertionError("unreachable")

@@ -44,10 +44,7 @@ class OnnxRuntimeBackend(Backend):
         return isinstance(model, OrtModel)
 
     def place(self, model, target):
-        from .session import OrtModel  # a fresh inference session on the same graph, with the target's threads
-
-        return OrtModel(model.onnx_bytes, model.input_kind, model.input_names, target.device, target.threads,
-                        model.label)
+        return model.placed(target.device, target.threads)  # a fresh session on the same graph
 
     def lower(self, model, precision: str, ctx, per_channel: bool = True, reduce_range: bool | None = None,
               calibration: str = "minmax", format: str = "qdq", exclude: tuple = (), calibration_batches: int = 8,
@@ -56,7 +53,7 @@ class OnnxRuntimeBackend(Backend):
         from .session import OrtModel
 
         target = ctx.target
-        if precision == "int8-static" and calibration != "minmax" and \
+        if precision == "int8-static" and calibration != "minmax" and hasattr(model, "modules") and \
                 any(getattr(m, "packs_tokens", False) for m in model.modules()):
             raise RecipeError(f"Quantize: calibration={calibration!r} collects histograms that ONNX Runtime needs "
                               "equally shaped across batches, and after unpad the token count varies per batch; "
@@ -68,8 +65,15 @@ class OnnxRuntimeBackend(Backend):
                          "saturates with full 8-bit weights (measured on digits-cnn: -1.9 points without it)")
         if precision == "int8-static":
             ctx.progress(f"calibrating static int8 on {calibration_batches} batches", None)
-        fp32 = OrtModel.from_torch(model, ctx.data.example_inputs, device=target.device, threads=target.threads,
-                                   fuse=not exclude)
+        if isinstance(model, OrtModel):  # a graph the user brought: quantized as it is
+            quantized = model.quantized_ops()
+            if quantized and precision != "fp32":
+                raise RecipeError(f"Quantize: this ONNX graph is already quantized (it has {', '.join(quantized[:3])} "
+                                  "nodes); quantize the float graph or the torch model it came from")
+            fp32 = model.placed(target.device, target.threads)
+        else:
+            fp32 = OrtModel.from_torch(model, ctx.data.example_inputs, device=target.device, threads=target.threads,
+                                       fuse=not exclude)
         if precision == "fp32":
             return fp32
         if precision == "int8-dynamic":
@@ -95,6 +99,21 @@ class OnnxRuntimeBackend(Backend):
         from .session import OrtModel
 
         return OrtModel.load(path, device=target.device, threads=target.threads)
+
+    deploy_suffix = ".onnx"
+
+    def export(self, model, example_inputs, path: Path) -> Path:
+        from ...paths import write_atomic
+
+        write_atomic(path, model.onnx_bytes)
+        return path
+
+    def usage(self, model, path: Path, input_names: list[str]) -> list[str]:
+        wanted = {i.name for i in model.session.get_inputs()}  # the graph's own (an unused input is dropped)
+        feed = ", ".join(f"{n!r}: {n}" for n in input_names if n in wanted)
+        return ["import onnxruntime as ort",
+                f"session = ort.InferenceSession({str(path)!r})",
+                f"outputs = session.run(None, {{{feed}}})  # numpy arrays in (tensor.numpy()), numpy out"]
 
     def versions(self) -> dict:
         out = {}

@@ -1,4 +1,5 @@
-"""Export a torch module to ONNX: batch axis dynamic, and the sequence axis of token inputs."""
+"""Export a torch module to ONNX: tensors in, tensors out (see `workbench.contract`), the batch axis dynamic and
+the sequence axis of token and sequence inputs too."""
 from __future__ import annotations
 
 import copy
@@ -7,21 +8,10 @@ import re
 import warnings
 from typing import Any
 
+from ...contract import flat_module, has_sequence_axis, layout_of, on_cpu, values_of, without_cache
 from ...errors import ExportError
-from ...tensors import map_tensors
 
 OPSET = 17
-
-
-def input_layout(example_inputs: Any) -> tuple[str, list[str]]:
-    """('tensor' | 'tuple' | 'dict', input names) of a batch's inputs."""
-    import torch
-
-    if isinstance(example_inputs, torch.Tensor):
-        return "tensor", ["input"]
-    if isinstance(example_inputs, dict):
-        return "dict", list(example_inputs)
-    return "tuple", [f"input_{i}" for i in range(len(example_inputs))]
 
 
 def _unsupported_operator(message: str) -> str | None:
@@ -33,8 +23,8 @@ def _unsupported_operator(message: str) -> str | None:
     return None
 
 
-def export_onnx(model, example_inputs: Any) -> tuple[bytes, str, list[str]]:
-    """Export a copy of `model` (on CPU) to ONNX; returns (bytes, input kind, input names).
+def export_onnx(model, example_inputs: Any) -> tuple[bytes, dict]:
+    """Export a copy of `model` (on CPU) to ONNX; returns (bytes, layout) (see `workbench.contract.layout_of`).
 
     A copy, because tracing a Hugging Face model was seen to change the eager model's later outputs.
     Uses the TorchScript exporter: ~0.1 s per model here where the dynamo exporter takes seconds, and its
@@ -42,26 +32,30 @@ def export_onnx(model, example_inputs: Any) -> tuple[bytes, str, list[str]]:
     """
     import torch
 
-    kind, names = input_layout(example_inputs)
-    model = copy.deepcopy(model).eval().cpu()
-    example_inputs = map_tensors(example_inputs, lambda t: t.cpu())
-    args, kwargs = ((example_inputs,), None) if kind == "tensor" else \
-        ((), dict(example_inputs)) if kind == "dict" else (tuple(example_inputs), None)
-    values = [example_inputs] if kind == "tensor" else list(example_inputs.values()) if kind == "dict" \
-        else list(example_inputs)
-    dynamic = {n: {0: "batch", 1: "sequence"} if isinstance(v, torch.Tensor) and v.dim() == 2
-               and not v.is_floating_point() else {0: "batch"} for n, v in zip(names, values)}
-    dynamic["output"] = {0: "batch"}
+    model = without_cache(copy.deepcopy(model).eval().cpu())
+    example_inputs = on_cpu(example_inputs)
+    layout = layout_of(model, example_inputs)
+    names, values = layout["input_names"], values_of(example_inputs)
+    if not layout["output_ranks"]:
+        raise ExportError("the model returns no tensor, so there is nothing to export")
+    sequence = {v.shape[1] for v in values if has_sequence_axis(v)}
+    dynamic = {n: {0: "batch", 1: "sequence"} if has_sequence_axis(v) else {0: "batch"}
+               for n, v in zip(names, values)}
+    with torch.inference_mode():
+        outputs = flat_module(model, layout)(*values)
+    output_names = [f"output_{i}" for i in range(len(outputs))]
+    for name, t in zip(output_names, outputs):
+        dynamic[name] = {0: "batch", **({1: "sequence"} if t.dim() >= 2 and t.shape[1] in sequence else {})}
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, buf, kwargs=kwargs, dynamo=False, input_names=names,
-                              output_names=["output"], dynamic_axes=dynamic, opset_version=OPSET,
+            torch.onnx.export(flat_module(model, layout), tuple(values), buf, dynamo=False, input_names=names,
+                              output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET,
                               do_constant_folding=True)
     except Exception as e:
         op = _unsupported_operator(str(e))
         what = f"operator {op!r} has no ONNX translation" if op else str(e).splitlines()[0]
         raise ExportError(f"ONNX export failed: {what}. Use backend='torch' for this model, or replace that "
                           "operation with standard torch ops.") from e
-    return buf.getvalue(), kind, names
+    return buf.getvalue(), layout

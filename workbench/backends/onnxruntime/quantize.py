@@ -59,9 +59,10 @@ class _Calibration:
 
     def get_next(self):
         for inputs, _ in self.batches:
-            values = list(inputs.values()) if isinstance(inputs, dict) else \
-                [inputs] if self.model.input_kind == "tensor" else list(inputs)
-            return {n: v.detach().cpu().numpy() for n, v in zip(self.model.input_names, values)}
+            import torch
+
+            return self.model.feed(**inputs) if isinstance(inputs, dict) else \
+                self.model.feed(inputs) if isinstance(inputs, torch.Tensor) else self.model.feed(*inputs)
         return None
 
     def rewind(self):  # ORT's calibrators may call this

@@ -5,13 +5,15 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 
 from ...errors import DeviceError, ExportError
 from ...tensors import call_model, first_tensor, map_tensors
-from .export import export_onnx, input_layout
+from ...contract import bind, other_shape, rebuild, uses_cache, without_cache
+from .export import export_onnx
 from .fusion import fuse_bert
 
 # ONNX Runtime 1.32's CPU SkipLayerNormalization kernel measured slower than the Add + LayerNormalization it
@@ -28,14 +30,32 @@ def provider_for(device: str) -> str:
     return PROVIDERS["cuda" if device.startswith("cuda") else "cpu"]
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
 class OrtModel:
     """An ONNX Runtime inference session, callable like the torch model it came from."""
 
-    def __init__(self, onnx_bytes: bytes, input_kind: str, input_names: list[str], device: str = "cpu",
-                 threads: int | None = None, label: str = "fp32"):
-        self.onnx_bytes, self.input_kind, self.input_names = onnx_bytes, input_kind, list(input_names)
+    def __init__(self, onnx_bytes: bytes, layout: dict, device: str = "cpu", threads: int | None = None,
+                 label: str = "fp32"):
+        """layout: `input_kind` ('tensor', 'tuple' or 'dict'), `input_names` (the graph's, in the batch's order),
+        `call_names` (the forward's positional parameters) and `outputs` (the output structure, or None for the
+        graph's first output as a tensor); see `export.export_onnx`."""
+        self.onnx_bytes, self.layout = onnx_bytes, dict(layout)
+        self.layout.setdefault("call_names", self.layout["input_names"])
+        self.layout.setdefault("outputs", None)
         self.device, self.threads, self.label = device, threads, label
         self._session = None
+
+    @property
+    def input_kind(self) -> str:
+        return self.layout["input_kind"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.layout["input_names"]
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -46,20 +66,33 @@ class OrtModel:
         that quantization `exclude=` matches. The plain export is made only when no fused graph is kept."""
         fused = fuse_bert(model, example_inputs, on_cpu=provider_for(device) == PROVIDERS["cpu"]) if fuse else None
         if fused is not None:
-            candidate = cls(fused, *input_layout(example_inputs), device=device, threads=threads)
+            candidate = cls(*fused, device=device, threads=threads)
             try:
                 candidate.check_parity(model, example_inputs)
                 return candidate
             except Exception as e:  # the fusion is an optional extra: fall back to the plain graph, say why in the log
                 logging.getLogger(__name__).info("unfused ONNX graph kept: %s", e)
-        onnx_bytes, kind, names = export_onnx(model, example_inputs)
-        ort_model = cls(onnx_bytes, kind, names, device=device, threads=threads)
+        ort_model = cls(*export_onnx(model, example_inputs), device=device, threads=threads)
         if check:
             ort_model.check_parity(model, example_inputs)
+            try:
+                ort_model.check_parity(model, other_shape(example_inputs))
+            except Exception as e:
+                import re
+
+                node = re.search(r"running (\w+) node", str(e))
+                where = f"its {node.group(1)} node fails at another shape" if node else _first_line(e)
+                raise ExportError("the exported ONNX graph runs only at the batch size or sequence length it was "
+                                  f"traced with ({where}); use backend='torch' for this model") from e
         return ort_model
 
     def replace(self, onnx_bytes: bytes, label: str) -> "OrtModel":
-        return OrtModel(onnx_bytes, self.input_kind, self.input_names, self.device, self.threads, label)
+        """The same model with another graph (a quantized one)."""
+        return OrtModel(onnx_bytes, self.layout, self.device, self.threads, label)
+
+    def placed(self, device: str, threads: int | None) -> "OrtModel":
+        """A fresh session on the same graph."""
+        return OrtModel(self.onnx_bytes, self.layout, device, threads, self.label)
 
     @property
     def session(self):
@@ -72,7 +105,7 @@ class OrtModel:
                                   "or use device='cpu'")
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
+            opts.log_severity_level = 4  # failures reach the caller as exceptions, not as log lines
             opts.add_session_config_entry("session.intra_op.spin_duration_us", SPIN_US)
             if self.threads:
                 opts.intra_op_num_threads = self.threads
@@ -83,15 +116,22 @@ class OrtModel:
         return self._session
 
     # -- running ---------------------------------------------------------------------------------------------
+    def feed(self, *args, **kwargs) -> dict:
+        """The session's input feed (numpy arrays by graph input name) for a call like the original model's."""
+        values = bind(self.layout, args, kwargs)
+        wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs the graph never reads
+        return {n: v.detach().cpu().numpy() for n, v in zip(self.input_names, values) if n in wanted}
+
     def __call__(self, *args, **kwargs):
         import torch
 
-        values = [kwargs[n] for n in self.input_names] if self.input_kind == "dict" else list(args)
-        out_device = values[0].device if isinstance(values[0], torch.Tensor) else "cpu"
-        feed = {n: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
-                for n, v in zip(self.input_names, values)}
-        result = torch.from_numpy(self.session.run(None, feed)[0])
-        return result.to(out_device) if str(out_device) != "cpu" else result
+        feed = self.feed(*args, **kwargs)
+        first = next((v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)), None)
+        out_device = first.device if first is not None else torch.device("cpu")
+        outputs = [torch.from_numpy(a) for a in self.session.run(None, feed)]
+        if str(out_device) != "cpu":
+            outputs = [t.to(out_device) for t in outputs]
+        return rebuild(self.layout, outputs)
 
     def eval(self) -> "OrtModel":
         return self
@@ -101,8 +141,9 @@ class OrtModel:
         import torch
 
         with torch.inference_mode():
-            expected = first_tensor(call_model(model, example_inputs)).float().cpu()
-        got = call_model(self, map_tensors(example_inputs, lambda t: t.cpu())).float()
+            reference = without_cache(copy.deepcopy(model)) if uses_cache(model) else model
+            expected = first_tensor(call_model(reference, example_inputs)).float().cpu()
+        got = first_tensor(call_model(self, map_tensors(example_inputs, lambda t: t.cpu()))).float()
         if got.shape != expected.shape:
             raise ExportError(f"the exported graph returns shape {tuple(got.shape)}, torch returns "
                               f"{tuple(expected.shape)}")
@@ -113,6 +154,15 @@ class OrtModel:
         return diff
 
     # -- properties ------------------------------------------------------------------------------------------
+    def quantized_ops(self) -> list[str]:
+        """The graph's integer operators (a graph quantized before), by kind."""
+        import onnx
+
+        kinds = {n.op_type for n in onnx.load_from_string(self.onnx_bytes).graph.node}
+        return sorted(k for k in kinds if k in ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger",
+                                                 "ConvInteger", "QLinearMatMul", "QLinearConv", "QAttention",
+                                                 "DynamicQuantizeMatMul", "MatMulNBits"))
+
     def serialized_size(self) -> int:
         return len(self.onnx_bytes)
 
@@ -146,8 +196,7 @@ class OrtModel:
 
         path = Path(path)
         write_atomic(path, self.onnx_bytes)
-        write_atomic(path.with_suffix(".json"), json.dumps(
-            {"input_kind": self.input_kind, "input_names": self.input_names, "label": self.label}))
+        write_atomic(path.with_suffix(".json"), json.dumps({**self.layout, "label": self.label}))
         return path
 
     @classmethod
@@ -160,5 +209,7 @@ class OrtModel:
             import onnx
 
             names = [i.name for i in onnx.load_from_string(data).graph.input]
-            meta = {"input_kind": "tensor" if len(names) == 1 else "tuple", "input_names": names, "label": "onnx"}
-        return cls(data, meta["input_kind"], meta["input_names"], device, threads, meta.get("label", "onnx"))
+            # a graph from elsewhere: inputs by name or in the graph's order, its first output returned
+            meta = {"input_kind": "dict", "input_names": names, "call_names": names, "label": "onnx"}
+        label = meta.pop("label", "onnx")
+        return cls(data, meta, device, threads, label)

@@ -16,7 +16,7 @@ from .. import Backend
 class TorchBackend(Backend):
     name = "torch"
     title = "torch eager"
-    files = ("model.pt2", "model.pt")
+    files = ("model.pt2", "model.ts", "model.pt")
 
     def available(self, target) -> bool:
         import torch
@@ -79,6 +79,37 @@ class TorchBackend(Backend):
         from .storage import save
 
         return save(model, example_inputs, directory)
+
+    deploy_suffix = ".pt2"
+    also_exports = (".ts",)  # a TorchScript trace: recurrent layers, torch.ao int8
+
+    def export(self, model, example_inputs, path: Path) -> Path:
+        import os
+        import tempfile
+
+        from ...errors import ExportError
+        from .storage import export_program, trace_program
+
+        write = trace_program if path.suffix == ".ts" else export_program
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            staged = Path(tmp) / path.name
+            try:
+                write(model, example_inputs, staged)
+            except Exception as e:
+                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                other = "result.export('model.ts') writes a TorchScript trace instead, or " \
+                    if path.suffix != ".ts" else ""
+                raise ExportError(f"{'torch.export' if write is export_program else 'TorchScript'} cannot capture "
+                                  f"this model ({why}); {other}result.save(path) keeps it (as a pickle)") from e
+            os.replace(staged, path)
+        return path
+
+    def usage(self, model, path: Path, input_names: list[str]) -> list[str]:
+        load = f"torch.jit.load({str(path)!r})" if path.suffix == ".ts" else \
+            f"torch.export.load({str(path)!r}).module()"
+        return ["import torch",
+                f"program = {load}",
+                f"outputs = program({', '.join(input_names)})  # tensors in this order; a tuple of tensors out"]
 
     def load(self, path: Path, target, trust_pickle: bool = False):
         from .storage import load

@@ -43,10 +43,15 @@ def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
         spec = {}
+        # torch's own transformer layers read their Linears' weights in their fast-path checks, which a quantized
+        # Linear does not have as a tensor: those stay fp32 (MultiheadAttention's out_proj likewise)
+        inside_torch_layers = {f"{n}.{c}" for n, m in model.named_modules()
+                               if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                               for c, _ in m.named_modules() if c}
         for name, mod in model.named_modules():
-            if any(name == e or name.startswith(e + ".") for e in exclude):
+            if any(name == e or name.startswith(e + ".") for e in exclude) or name in inside_torch_layers:
                 continue
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
                 spec[name] = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
             elif isinstance(mod, (nn.LSTM, nn.GRU)):
                 spec[name] = default_dynamic_qconfig

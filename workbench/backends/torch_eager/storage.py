@@ -2,13 +2,17 @@
 
 - `model.pt2`: a `torch.export` program (graph + weights, no pickled code), batch axis dynamic and the sequence
   axis of token inputs too. Pruned models reload as they are: the graph holds the shapes.
-- `model.pt`: a Python pickle, written only for models `torch.export` cannot capture (torch.ao dynamic int8,
-  data-dependent shapes). Unpickling can run code, so loading it needs `trust_pickle=True`.
+- `model.ts`: a TorchScript trace (no Python code either), for what torch.export cannot keep general: recurrent
+  layers, which it unrolls at the traced sequence length, and torch.ao's dynamic int8 layers; checked at another
+  batch size and sequence length before it is kept.
+- `model.pt`: a Python pickle, written only for models neither can capture (data-dependent shapes). Unpickling can
+  run code, so loading it needs `trust_pickle=True`.
 - `weights.sparse.pt` (beside either, when most weights are zero): the weights as a bitmask plus the non-zero
   values, loaded with `torch.load(weights_only=True)` by `load_sparse_state`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +20,42 @@ import torch
 from torch import nn
 
 from ...errors import WorkbenchError
+from ...contract import (bind, flat_module, has_sequence_axis, layout_of, other_shape, rebuild, values_of,
+                         without_cache)
+from ...paths import write_atomic
 from ...tensors import map_tensors
 
 
 class ExportedModel(nn.Module):
-    """A reloaded `torch.export` program, callable like the original. Exported graphs are frozen in eval mode,
-    so `train()`/`eval()` only set this wrapper's flag."""
+    """A reloaded `torch.export` program, callable like the original (positional or keyword inputs, the same
+    output structure: see `workbench.contract`). Exported graphs are frozen in eval mode, so `train()`/`eval()`
+    only set this wrapper's flag."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, layout: dict | None = None):
         super().__init__()
-        self.graph = graph
+        self.graph, self.layout = graph, layout
 
     def train(self, mode: bool = True):
         self.training = mode
         return self
 
     def forward(self, *args, **kwargs):
-        return self.graph(*args, **kwargs)
+        if self.layout is None:  # saved by workbench 0.2 or earlier: the program takes the original call
+            return self.graph(*args, **kwargs)
+        return rebuild(self.layout, self.graph(*bind(self.layout, args, kwargs)))
 
 
-def export_program(model: nn.Module, example_inputs: Any, path: Path) -> None:
-    """Save `model` as a torch.export program with a dynamic batch dimension on every input (and the sequence
-    length of token inputs). Traced on CPU, so the program loads on a machine without a GPU."""
+def export_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
+    """Save `model` as a torch.export program taking its inputs as positional tensors, with a dynamic batch
+    dimension on every input (and the sequence axis of token and sequence inputs, where the model allows it);
+    returns the call layout that `ExportedModel` needs (saved beside it). Traced on CPU, so the program loads on
+    a machine without a GPU."""
     unsafe = [type(m).__name__ for m in model.modules() if getattr(m, "torch_export_safe", True) is False]
     if unsafe:
         raise NotImplementedError(f"{unsafe[0]} has data-dependent shapes that torch.export does not keep general")
     import copy
 
-    model = copy.deepcopy(model).eval().cpu()
+    model = without_cache(copy.deepcopy(model).eval().cpu())
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
 
     def two_rows(t):  # torch.export specialises a dimension of size 1, so trace with a batch of 2
@@ -51,39 +63,76 @@ def export_program(model: nn.Module, example_inputs: Any, path: Path) -> None:
         return t.repeat(2, *[1] * (t.dim() - 1)) if t.shape[0] == 1 else t
 
     example_inputs = map_tensors(example_inputs, two_rows)
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
-    else:
-        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        kwargs = None
-    shapes = torch.export.ShapesCollection()  # batch dimension dynamic, whatever the forward's signature
-
-    def dynamic(t):  # and the sequence axis of token inputs (2-D integer tensors), where the model allows it
-        token = t.dim() == 2 and not t.is_floating_point()
-        shapes[t] = {0: batch, 1: torch.export.Dim.AUTO} if token else {0: batch}
-
-    map_tensors((args, kwargs), dynamic)
-    program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    layout = layout_of(model, example_inputs)
+    values = values_of(example_inputs)
+    shapes = tuple({0: batch, 1: torch.export.Dim.AUTO} if has_sequence_axis(v) else {0: batch} for v in values)
+    program = torch.export.export(flat_module(model, layout), tuple(values), dynamic_shapes=(shapes,),  # *values
+                                  strict=False)
+    try:
+        with torch.inference_mode():
+            program.module()(*values_of(other_shape(example_inputs)))
+    except Exception as e:
+        raise NotImplementedError("torch.export fixed the batch size or sequence length at the traced one "
+                                  f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+                                  ) from e
     torch.export.save(program, str(path))
+    return layout
+
+
+def trace_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
+    """Save `model` as a TorchScript trace (positional tensors in, a tuple out), for what torch.export cannot keep
+    general: recurrent layers (torch.export unrolls them at the traced length) and torch.ao's quantized layers.
+    A trace bakes in any Python branch it took, so it is checked against the model at another batch size and
+    sequence length and refused when it differs. Returns the call layout, as `export_program` does."""
+    import copy
+    import warnings
+
+    unsafe = [type(m).__name__ for m in model.modules() if getattr(m, "torch_export_safe", True) is False]
+    if unsafe:  # a trace would bake in the shapes of the one batch it saw
+        raise NotImplementedError(f"{unsafe[0]} has data-dependent shapes that a trace does not keep general")
+    model = without_cache(copy.deepcopy(model).eval().cpu())
+    example_inputs = map_tensors(example_inputs, lambda t: t.cpu())
+    layout = layout_of(model, example_inputs)
+    flat = flat_module(model, layout)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notices
+        traced = torch.jit.trace(flat, tuple(values_of(example_inputs)), check_trace=False)
+        other = values_of(other_shape(example_inputs))
+        got, expected = traced(*other), flat(*other)
+    same = len(got) == len(expected) and all(
+        g.shape == e.shape and torch.allclose(g.float(), e.float(), rtol=1e-3,
+                                              atol=1e-4 * max(1.0, float(e.abs().max())))
+        for g, e in zip(got, expected))
+    if not same:
+        raise NotImplementedError("a TorchScript trace does not reproduce the model at another batch size or "
+                                  "sequence length")
+    torch.jit.save(traced, str(path))
+    return layout
 
 
 def save(model: nn.Module, example_inputs: Any, directory: Path) -> Path:
-    """`model.pt2` where torch.export captures the model, else `model.pt`; plus `weights.sparse.pt` when sparse."""
+    """`model.pt2` where torch.export captures the model, else a checked TorchScript trace `model.ts`, else a
+    pickle `model.pt`; plus `weights.sparse.pt` when sparse."""
     from ...measure.counts import serialized_size, sparse_size
 
     import warnings
 
     from ...errors import PickleFallback
 
-    target = directory / "model.pt2"
-    try:
-        export_program(model, example_inputs, target)
-    except Exception as e:
-        target.unlink(missing_ok=True)
+    reasons = []
+    for name, write in (("model.pt2", export_program), ("model.ts", trace_program)):
+        target = directory / name
+        try:
+            layout = write(model, example_inputs, target)
+            write_atomic(target.with_suffix(".json"), json.dumps(layout))
+            break
+        except Exception as e:
+            target.unlink(missing_ok=True)
+            reasons.append(str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__)
+    else:
         target = directory / "model.pt"  # see the trust model above
         torch.save(model, target)
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        warnings.warn(f"torch.export could not capture this model ({why})", PickleFallback, stacklevel=2)
+        warnings.warn(f"torch.export could not capture this model ({reasons[0]})", PickleFallback, stacklevel=2)
     sparse = sparse_size(model)
     if sparse is not None and sparse < 0.9 * serialized_size(model):
         save_sparse_state(model, directory / "weights.sparse.pt")
@@ -91,8 +140,12 @@ def save(model: nn.Module, example_inputs: Any, directory: Path) -> Path:
 
 
 def load(path: Path, device: str, trust_pickle: bool = False) -> nn.Module:
-    if path.suffix == ".pt2":
-        return ExportedModel(torch.export.load(str(path)).module()).to(device)
+    if path.suffix in (".pt2", ".ts"):
+        meta = path.with_suffix(".json")
+        layout = json.loads(meta.read_text()) if meta.exists() else None
+        graph = torch.export.load(str(path)).module() if path.suffix == ".pt2" else \
+            torch.jit.load(str(path), map_location="cpu")
+        return ExportedModel(graph, layout).to(device)
     if not trust_pickle:
         raise WorkbenchError(f"{path.name} is a Python pickle, and loading a pickle can run code from the file; "
                              "if you trust where it came from, use wb.load(path, trust_pickle=True)")

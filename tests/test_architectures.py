@@ -1,0 +1,155 @@
+"""Any model a user brings: Hugging Face families built offline from tiny configs (workbench.support), their call and
+output contracts on every backend, token-level fidelity, perplexity, saves at new shapes, models on disk, export."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench import support
+from workbench.errors import DataError, RecipeError
+
+pytest.importorskip("transformers")
+
+QUICK = dict(device="cpu", batch_sizes=(1,), study=False)
+
+
+def _optimize(model, recipe, data):
+    return wb.optimize(model, recipe, data, timing=support._plan(), **QUICK)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_int8_keeps_the_contract_reports_fidelity_and_perplexity_and_reloads_at_new_shapes(name, tmp_path):
+    model, data = support.load(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _optimize(model, "quant=int8", data)
+    assert result.measurement.metric >= 0.99
+    inputs = next(iter(data.val_batches()))[0]
+    out, reference = result.model(**inputs), model(**inputs)
+    if name == "bert":
+        assert type(out) is type(reference) and out.last_hidden_state.shape == reference.last_hidden_state.shape
+        assert result.measurement.perplexity is None
+    else:  # causal LMs: `.logits` kept, perplexity measured for both models
+        assert type(out) is type(reference) and out.logits.shape == reference.logits.shape
+        assert result.baseline.perplexity > 1 and result.measurement.perplexity > 1
+        assert abs(result.measurement.perplexity / result.baseline.perplexity - 1) < 0.05
+    path = result.save(tmp_path / name)
+    reloaded = wb.load(path)
+    for shape in support.NEW_SHAPES:  # batch sizes and lengths no batch had
+        new = support._new_shape("causal" if name != "bert" else "text", shape)
+        assert new["input_ids"].shape not in {b[0]["input_ids"].shape for b in data.val_batches()}
+        again, direct = reloaded(**new), result.model(**new)
+        assert type(again) is type(direct)
+        torch.testing.assert_close(again[0], direct[0])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+
+
+def test_an_onnx_result_takes_the_original_positional_call_and_says_what_is_missing():
+    model, data = support.load("bert")
+    result = _optimize(model, "quant=int8", data)
+    ids, mask = (next(iter(data.val_batches()))[0][k] for k in ("input_ids", "attention_mask"))
+    torch.testing.assert_close(result.model(ids, mask).last_hidden_state,
+                               result.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    with pytest.raises(TypeError, match="missing input 'attention_mask'"):
+        result.model(ids)
+
+
+def test_fp16_returns_the_model_output_class_not_a_dict():
+    model, data = support.load("gpt2")
+    result = _optimize(model, "quant=fp16", data)
+    out = result.model(**next(iter(data.val_batches()))[0])
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions" and out.logits.dtype == torch.float32
+
+
+def test_fidelity_counts_real_tokens_only_so_lossless_unpad_scores_one():
+    model, data = support.load("bert")  # batches of 12 and 16 tokens, rows padded at the end
+    result = _optimize(model, "unpad", data)
+    assert result.measurement.metric > 0.9999
+
+
+def test_a_degenerate_reference_is_refused_in_one_line():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-30)
+        model[0].bias.zero_()
+    data = wb.Data(val=[(torch.randn(8, 4), None)], metric="fidelity")
+    with pytest.raises(DataError, match="all near zero"):
+        _optimize(model, "quant=int8", data)
+    constant = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        constant[0].weight.zero_()
+    with pytest.raises(DataError, match="the same for every input"):
+        _optimize(constant, "quant=int8", wb.Data(val=[(torch.randn(8, 4), None)], metric="fidelity"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "distilbert", "vit"])
+def test_structured_pruning_removes_heads_consistently(name):
+    from workbench.architectures import attention_blocks
+
+    model, data = support.load(name)
+    before = attention_blocks(model)
+    result = _optimize(model, "prune=0.5:structured=true", data)
+    after = attention_blocks(result.model)
+    assert [b.heads for b in after] == [b.heads // 2 for b in before]
+    assert all(b.heads % b.kv_heads == 0 and b.kv_heads == max(1, a.kv_heads // 2) for a, b in zip(before, after))
+    assert result.measurement.params < result.baseline.params
+    assert "attention heads" in " ".join(result.notes)
+
+
+def test_recurrent_layers_prune_unstructured_and_are_refused_structured_with_the_way_out():
+    model, data = support.load("lstm")
+    result = _optimize(model, "prune=0.5", data)
+    assert (result.model.rnn.weight_ih_l0 == 0).float().mean() > 0.3
+    with pytest.raises(RecipeError, match="quant=int8-dynamic"):
+        _optimize(model, "prune=0.5:structured=true", data)
+
+
+def test_recurrent_saves_are_torchscript_and_run_at_a_new_sequence_length(tmp_path):
+    model, data = support.load("gru")
+    result = _optimize(model, "quant=fp16", data)
+    path = result.save(tmp_path / "gru")
+    assert (path / "model.ts").exists() and not (path / "model.pt").exists()  # no pickle
+    new = support._new_shape("sequence")
+    torch.testing.assert_close(wb.load(path)(new), result.model(new))
+
+
+def test_models_on_disk_hugging_face_directories_and_onnx_files(tmp_path):
+    model, data = support.load("roberta")
+    model.save_pretrained(tmp_path / "roberta")
+    loaded = wb.load_model(tmp_path / "roberta")
+    assert type(loaded) is type(model)
+    result = _optimize(loaded, "quant=int8", data)
+    with pytest.raises(RecipeError, match="already quantized"):
+        _optimize(wb.load_model(result.export(tmp_path / "int8.onnx")), "quant=int8", data)
+    graph_file = tmp_path / "roberta.onnx"
+    graph_file.write_bytes(wb.OrtModel.from_torch(loaded, data.example_inputs).onnx_bytes)  # a float graph
+    graph = wb.load_model(graph_file)
+    again = _optimize(graph, "quant=int8-static", data)
+    assert again.backend.startswith("onnxruntime-int8-static") and again.measurement.metric > 0.98
+    with pytest.raises(RecipeError, match="only quantization applies"):
+        _optimize(graph, "prune=0.5", data)
+    with pytest.raises(wb.WorkbenchError, match="neither a Hugging Face model directory"):
+        wb.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("recipe, suffix", [("quant=int8", ".onnx"), ("quant=fp16", ".pt2")])
+def test_export_writes_a_deployable_file_that_its_three_lines_run(recipe, suffix, tmp_path, monkeypatch):
+    from workbench.notebook.card import Card
+
+    model, data = support.load("bert")
+    result = _optimize(model, recipe, data)
+    assert "result.export(" in repr(Card(result))
+    monkeypatch.chdir(tmp_path)
+    path = result.export()
+    assert path == tmp_path / f"model{suffix}" and "deployable file" in repr(Card(result))
+    inputs = next(iter(data.val_batches()))[0]
+    names = {k: (v.numpy() if suffix == ".onnx" else v) for k, v in inputs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec("\n".join(result.deploy), names)  # the card's lines, without the workbench
+    first = torch.as_tensor(names["outputs"][0])
+    torch.testing.assert_close(first, result.model(**inputs).last_hidden_state, rtol=1e-3, atol=1e-3)
+    with pytest.raises(wb.WorkbenchError, match="exports to a"):
+        result.export(tmp_path / "model.bin")

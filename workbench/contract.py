@@ -1,0 +1,154 @@
+"""The call and output contract of a user's model, kept by runtimes that only take and return flat lists of
+tensors (an ONNX graph, a `torch.export` program): how a batch's inputs are laid out and named, how the forward
+binds positional arguments, and the structure of what it returns (a Hugging Face `ModelOutput`, tuples, dicts).
+
+    >>> layout = layout_of(model, example_inputs)          # JSON-able: saved beside the graph
+    >>> flat = flat_module(model, layout)                   # what exporters trace: tensors in, tensors out
+    >>> values = bind(layout, args, kwargs)                 # a call like the original's -> the graph's inputs
+    >>> rebuild(layout, outputs)                            # the graph's outputs -> what the original returned
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .tensors import call_model, flatten_output, map_tensors, unflatten_output
+
+
+def input_layout(example_inputs: Any) -> tuple[str, list[str]]:
+    """('tensor' | 'tuple' | 'dict', input names) of a batch's inputs."""
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        return "tensor", ["input"]
+    if isinstance(example_inputs, dict):
+        return "dict", list(example_inputs)
+    return "tuple", [f"input_{i}" for i in range(len(example_inputs))]
+
+
+def positional_names(model, kind: str, names: list[str]) -> list[str]:
+    """The names the model's forward gives its positional parameters, so that a graph fed by keyword (a tokenizer's
+    dict) can also be called positionally, as the original could (`m(ids, mask)`)."""
+    if kind != "dict":
+        return names
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return names
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] or names
+
+
+def values_of(example_inputs: Any) -> list:
+    """A batch's input tensors in the layout's order."""
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        return [example_inputs]
+    return list(example_inputs.values()) if isinstance(example_inputs, dict) else list(example_inputs)
+
+
+def layout_of(model, example_inputs: Any) -> dict:
+    """The contract of `model` called on `example_inputs` (run once, without gradients)."""
+    import torch
+
+    kind, names = input_layout(example_inputs)
+    with torch.inference_mode():
+        outputs, spec = flatten_output(call_model(model, example_inputs))
+    return {"input_kind": kind, "input_names": names, "call_names": positional_names(model, kind, names),
+            "outputs": spec, "output_ranks": [t.dim() for t in outputs]}
+
+
+def flat_module(model, layout: dict):
+    """A module whose forward takes the inputs as positional tensors (the layout's order) and returns the model's
+    output tensors as a flat tuple: the shape exporters trace."""
+    import torch
+
+    kind, names = layout["input_kind"], layout["input_names"]
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *values):
+            inputs = values[0] if kind == "tensor" else dict(zip(names, values)) if kind == "dict" else tuple(values)
+            return tuple(flatten_output(call_model(self.model, inputs))[0])
+
+    return Flat()
+
+
+def bind(layout: dict, args: tuple, kwargs: dict) -> list:
+    """The graph's inputs, in order, for a call like the original model's: positional, keyword or a mix, bound
+    as its forward's signature binds them. One clear TypeError when they do not fit."""
+    import torch
+
+    names = layout["input_names"]
+    if layout["input_kind"] != "dict":
+        if kwargs or len(args) != len(names):
+            raise TypeError(f"the model takes {len(names)} positional input(s), got {len(args)}"
+                            + (f" and keywords {', '.join(kwargs)}" if kwargs else ""))
+        return list(args)
+    call_names = layout.get("call_names") or names
+    if len(args) > len(call_names):
+        raise TypeError(f"the model takes at most {len(call_names)} positional inputs ({', '.join(call_names)}), "
+                        f"got {len(args)}")
+    given = {k: v for k, v in {**dict(zip(call_names, args)), **kwargs}.items() if isinstance(v, torch.Tensor)}
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise TypeError(f"missing input {', '.join(map(repr, missing))}; this model was exported with "
+                        f"{', '.join(names)}")
+    extra = [n for n in given if n not in names]
+    if extra:
+        raise TypeError(f"input {', '.join(map(repr, extra))} was not an input when this model was exported (it "
+                        f"takes {', '.join(names)})")
+    return [given[n] for n in names]
+
+
+def rebuild(layout: dict, outputs: list):
+    """What the original model returned, around the graph's output tensors."""
+    spec = layout.get("outputs")
+    return unflatten_output(list(outputs), spec) if spec is not None else outputs[0]
+
+
+def has_sequence_axis(t) -> bool:
+    """Whether axis 1 of an input is a sequence, free to vary between calls: token ids or masks (2-D integers) and
+    sequences of feature vectors (3-D floats: rows x steps x features, as an LSTM or a transformer encoder takes)."""
+    import torch
+
+    return isinstance(t, torch.Tensor) and ((t.dim() == 2 and not t.is_floating_point())
+                                            or (t.dim() == 3 and t.is_floating_point()))
+
+
+def uses_cache(model) -> bool:
+    """Whether a Hugging Face model returns a key/value cache object by default."""
+    return any(getattr(getattr(m, "config", None), "use_cache", None) for m in model.modules())
+
+
+def without_cache(model):
+    """`model` (a copy the caller owns) with a Hugging Face model's key/value cache off: an exported graph returns
+    tensors, not a cache object, and the first-pass logits are the same."""
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+    return model
+
+
+def on_cpu(example_inputs: Any):
+    return map_tensors(example_inputs, lambda t: t.cpu())
+
+
+def other_shape(example_inputs: Any):
+    """The example inputs at a batch size and sequence length they do not have (one row and three steps more,
+    copied from the first), to check that an exported graph is general rather than traced to one shape."""
+    import torch
+
+    def grow(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        t = torch.cat([t, t[:1]])
+        if has_sequence_axis(t):
+            t = torch.cat([t, t[:, :1].repeat_interleave(3, dim=1)], dim=1)
+        return t
+
+    return map_tensors(example_inputs, grow)
