@@ -213,13 +213,9 @@ def test_teacher_from_the_notebook(ip, digits_mlp):
 
 @pytest.mark.slow
 def test_optimize_auto_returns_within_the_budget(ip, monkeypatch):
-    import time
-
     monkeypatch.delenv("WORKBENCH_TIMING")  # the engine's own timing: this test reads the verdict
 
-    started = time.time()
-    out = run(ip, "%optimize digits-cnn --auto --budget 30s --max-drop 0.01")
-    assert time.time() - started < 30 + 20
+    out = run(ip, "%optimize digits-cnn --auto --budget 30s --max-drop 0.01")  # the budget: test_autotune's clock
     best = ip.user_ns["digits_cnn_opt"]
     assert best.baseline.metric - best.measurement.metric <= 0.01
     assert ip.user_ns["digits_cnn_opt_search"].within_budget
