@@ -20,7 +20,8 @@ def _optimize(model, recipe, data):
     return wb.optimize(model, recipe, data, timing=support._plan(), **QUICK)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["bert", pytest.param("gpt2", marks=pytest.mark.slow),
+                                  pytest.param("llama", marks=pytest.mark.slow)])
 def test_int8_keeps_the_contract_reports_fidelity_and_perplexity_and_reloads_at_new_shapes(name, tmp_path):
     model, data = support.load(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +85,8 @@ def test_a_degenerate_reference_is_refused_in_one_line():
         _optimize(constant, "quant=int8", wb.Data(val=[(torch.randn(8, 4), None)], metric="fidelity"))
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "distilbert", "vit"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", pytest.param("distilbert", marks=pytest.mark.slow),
+                                  pytest.param("vit", marks=pytest.mark.slow)])
 def test_structured_pruning_removes_heads_consistently(name):
     from workbench.architectures import attention_blocks
 
@@ -106,6 +108,7 @@ def test_recurrent_layers_prune_unstructured_and_are_refused_structured_with_the
         _optimize(model, "prune=0.5:structured=true", data)
 
 
+@pytest.mark.slow
 def test_recurrent_saves_are_torchscript_and_run_at_a_new_sequence_length(tmp_path):
     model, data = support.load("gru")
     result = _optimize(model, "quant=fp16", data)
@@ -134,7 +137,8 @@ def test_models_on_disk_hugging_face_directories_and_onnx_files(tmp_path):
         wb.load_model(tmp_path)
 
 
-@pytest.mark.parametrize("recipe, suffix", [("quant=int8", ".onnx"), ("quant=fp16", ".pt2")])
+@pytest.mark.parametrize("recipe, suffix", [("quant=int8", ".onnx"),
+                                            pytest.param("quant=fp16", ".pt2", marks=pytest.mark.slow)])
 def test_export_writes_a_deployable_file_that_its_three_lines_run(recipe, suffix, tmp_path, monkeypatch):
     from workbench.notebook.card import Card
 

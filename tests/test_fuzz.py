@@ -7,6 +7,7 @@ are optimized, the rest exercise one fault each.
 import math
 import os
 
+import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, event, given, settings
@@ -155,6 +156,7 @@ bundles = st.builds(
 )
 
 
+@pytest.mark.slow  # each example optimizes a model: the full suite runs its 500, the fast subset the others'
 @EXAMPLES
 @given(bundles, st.sampled_from(["quant=int8", "quant=fp16", "prune=0.5", "quant=int8-static"]),
        st.sampled_from([(1,), (2,), (1, 3)]))

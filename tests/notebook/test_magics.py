@@ -227,6 +227,7 @@ def test_optimize_auto_returns_within_the_budget(ip, monkeypatch):
         run(ip, "%optimize digits-cnn --auto --quant int8")
 
 
+@pytest.mark.slow
 def test_optimize_a_model_on_disk_a_hugging_face_directory_and_an_onnx_file(ip, tmp_path):
     pytest.importorskip("transformers")
     from workbench import support
