@@ -21,7 +21,10 @@ def test_sweep_of_six_recipes_shows_the_front_with_the_baseline(digits_cnn):
     points = sum(len(t.x) for t in fig.data if t.name not in ("baseline", "Pareto front"))
     assert points == 7
     front = fig.data[names.index("Pareto front")]
-    assert len(front.x) >= 2
+    points = [(x, y) for t in fig.data if t.name != "Pareto front" for x, y in zip(t.x, t.y)]
+    assert len(front.x) >= 1  # how many points it has depends on the timings; that none is dominated does not
+    for fx, fy in zip(front.x, front.y):
+        assert not any(x <= fx and y >= fy and (x < fx or y > fy) for x, y in points)
 
 
 def test_grid_keys_are_the_techniques_flags():
