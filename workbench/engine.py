@@ -106,24 +106,12 @@ def working_copy(model, data: Data, target):
 
 def _check_runs(model, data: Data, target, what: str, batch: int | None = None) -> None:
     """One forward pass on the example inputs (or the validation inputs at `batch`), or one clear ModelError."""
-    import torch
-
-    from .tensors import map_tensors
-
-    inputs = target.move(data.example_inputs if batch is None else data.inputs(batch))
+    inputs = data.example_inputs if batch is None else data.inputs(batch)
     where = "the data's example inputs" if batch is None else f"the validation inputs at batch {batch}"
-    try:
-        with torch.inference_mode():
-            call_model(model, inputs)
-    except WorkbenchError:
-        raise
-    except Exception as e:
-        shapes = map_tensors(inputs, lambda t: tuple(t.shape))
-        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {_first_line(e)}. "
-                         "Check that the data matches what the model expects.") from e
+    _check_inputs_run(model, inputs, target, where, what)
 
 
-def _check_inputs_run(model, inputs, target, where: str) -> None:
+def _check_inputs_run(model, inputs, target, where: str, what: str = "the model") -> None:
     import torch
 
     from .tensors import map_tensors
@@ -135,7 +123,7 @@ def _check_inputs_run(model, inputs, target, where: str) -> None:
         raise
     except Exception as e:
         shapes = map_tensors(inputs, lambda t: tuple(t.shape))
-        raise ModelError(f"the model's forward failed on {where} {shapes}: {_first_line(e)}. Check that the data "
+        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {_first_line(e)}. Check that the data "
                          "matches what the model expects.") from e
 
 
