@@ -124,6 +124,14 @@ def uses_cache(model) -> bool:
     return any(getattr(getattr(m, "config", None), "use_cache", None) for m in model.modules())
 
 
+def cache_free(model):
+    """`model` itself, or a copy with its key/value cache off when it returns one: what an exported graph is
+    compared with."""
+    import copy
+
+    return without_cache(copy.deepcopy(model)) if uses_cache(model) else model
+
+
 def without_cache(model):
     """`model` (a copy the caller owns) with a Hugging Face model's key/value cache off: an exported graph returns
     tensors, not a cache object, and the first-pass logits are the same."""

@@ -72,7 +72,7 @@ def export_deployable(backend, model, example_inputs: Any, path=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         backend.export(model, example_inputs, path)
-        _check_deployable(model, example_inputs, path)
+        check_deployable(model, example_inputs, path)
     except OSError as e:
         raise disk_error(e, path) from e
     except Exception:
@@ -81,19 +81,17 @@ def export_deployable(backend, model, example_inputs: Any, path=None) -> Path:
     return path
 
 
-def _check_deployable(model, example_inputs: Any, path: Path) -> None:
+def check_deployable(model, example_inputs: Any, path: Path) -> None:
     """Load the exported file with its runtime alone and compare its first output with the model's."""
     import torch
 
-    import copy
-
-    from .contract import uses_cache, values_of, without_cache
+    from .contract import cache_free, values_of
     from .errors import ExportError
     from .tensors import call_model, flatten_output, map_tensors
 
     inputs = map_tensors(example_inputs, lambda t: t.cpu())
-    if isinstance(model, torch.nn.Module) and uses_cache(model):
-        model = without_cache(copy.deepcopy(model))
+    if isinstance(model, torch.nn.Module):
+        model = cache_free(model)
     with torch.inference_mode():
         expected = flatten_output(call_model(model, inputs))[0][0].float()
         values = values_of(inputs)

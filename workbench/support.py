@@ -310,7 +310,6 @@ def _new_shape(family: str, shape: tuple = NEW_SHAPES[0]):
 
 def check_contract(original, result, family: str, data) -> str | None:
     """Why the optimized model breaks the original's call or output contract (None when it keeps it)."""
-    import torch
 
     inputs = next(iter(data.val_batches()))[0]
     for how, call in _calls(original, inputs):
@@ -367,27 +366,13 @@ def _plan():
 def check_export(result, family: str) -> str | None:
     """Why the exported deployable file does not run, by its runtime alone, at a new batch size and sequence
     length (None when it does)."""
-    import torch
-
-    from .contract import values_of
+    from .storage import check_deployable
 
     with tempfile.TemporaryDirectory() as tmp:
         path = result.export(Path(tmp))
         for shape in NEW_SHAPES:
-            inputs = _new_shape(family, shape)
-            try:
-                if path.suffix == ".onnx":
-                    import onnxruntime as ort
-
-                    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                    wanted = {i.name for i in session.get_inputs()}
-                    feed = inputs if isinstance(inputs, dict) else \
-                        dict(zip(result.model.input_names, values_of(inputs)))
-                    session.run(None, {k: v.numpy() for k, v in feed.items() if k in wanted})
-                else:
-                    loaded = torch.jit.load(str(path)) if path.suffix == ".ts" else \
-                        torch.export.load(str(path)).module()
-                    loaded(*values_of(inputs))
+            try:  # loaded by its runtime alone, and compared with the model's outputs
+                check_deployable(result.model, _new_shape(family, shape), path)
             except Exception as e:
                 return f"the exported {path.name} fails at {shape}: {type(e).__name__}: {str(e).splitlines()[0]}"[:200]
     return None

@@ -5,14 +5,13 @@
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
 
 from ...errors import DeviceError, ExportError
 from ...tensors import call_model, first_tensor, map_tensors
-from ...contract import bind, other_shape, rebuild, uses_cache, without_cache
+from ...contract import bind, cache_free, other_shape, rebuild
 from .export import export_onnx
 from .fusion import fuse_bert
 
@@ -141,8 +140,7 @@ class OrtModel:
         import torch
 
         with torch.inference_mode():
-            reference = without_cache(copy.deepcopy(model)) if uses_cache(model) else model
-            expected = first_tensor(call_model(reference, example_inputs)).float().cpu()
+            expected = first_tensor(call_model(cache_free(model), example_inputs)).float().cpu()
         got = first_tensor(call_model(self, map_tensors(example_inputs, lambda t: t.cpu()))).float()
         if got.shape != expected.shape:
             raise ExportError(f"the exported graph returns shape {tuple(got.shape)}, torch returns "
