@@ -17,7 +17,8 @@ def header(title: str, threads: int | None, device: str = "cpu") -> None:
 
     env = resolve(device=device, threads=threads).environment()
     versions = ", ".join(f"{k} {v}" for b in backends() for k, v in b.versions().items())
-    gpu = f", GPU {env['gpu']} (CUDA {env['cuda']})" if env.get("gpu") else ", no GPU"
+    gpu = (f", GPU {env['gpu']} (compute {env['gpu_capability']}, CUDA {env['cuda']}, driver {env['gpu_driver']})"
+           if env.get("gpu") else ", no GPU")
     print(f"# {title}: {env['cpu']} ({env['cpu_flags']}), {env['threads']} threads{gpu}, torch {env['torch']}, "
           f"{versions}")
 

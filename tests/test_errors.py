@@ -67,7 +67,7 @@ def test_a_step_without_a_technique(digits_mlp):
         minutes: int = 5
 
     model, data = digits_mlp
-    with pytest.raises(RecipeError, match=r"no technique is registered for step 'Bake' yet; available: Distill, Factorize, FineTune, Prune, Quantize, Unpad"):
+    with pytest.raises(RecipeError, match=r"no technique is registered for step 'Bake' yet; available: Compile, Distill, Factorize, FineTune, Prune, Quantize, Unpad"):
         wb.optimize(model, wb.Recipe([Bake()]), data=data, **FAST)
 
 

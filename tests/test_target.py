@@ -59,10 +59,16 @@ def test_resolve_checks_once_and_picks_a_device_that_runs_the_recipe():
 def test_device_auto_never_picks_a_device_where_the_recipe_cannot_run(monkeypatch):
     import torch
 
+    from workbench.backends.torch_eager import lowering
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, as far as resolve knows
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(lowering, "torchao_available", lambda: False)
     assert resolve(device="auto", precisions=[("fp16",)]).device == "cuda"
     assert resolve(device="auto", precisions=[("int8-dynamic", "int8-static")]).device == "cpu"  # no GPU int8 here
     assert resolve(device="auto").device == "cuda"
+    monkeypatch.setattr(lowering, "torchao_available", lambda: True)  # with torchao, int8 runs on the GPU
+    assert resolve(device="auto", precisions=[("int8-dynamic", "int8-static")]).device == "cuda"
 
 
 def test_the_result_records_the_target_it_ran_on(digits_mlp):

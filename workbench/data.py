@@ -317,8 +317,8 @@ class Data:
         """{'metric': ..., 'perplexity': ... (with `perplexity`, for causal language models)} on the validation
         split. Token outputs are scored over real tokens only (the batches' attention masks), batches may differ in
         sequence length, and a reference that makes fidelity meaningless (all zero, constant) is refused."""
-        if self.eval_fn is not None:
-            return {"metric": self._checked(self._call_eval_fn(model))}
+        if self.eval_fn is not None:  # the user's function gets a model that takes inputs where they are
+            return {"metric": self._checked(self._call_eval_fn(follows_inputs(model, target)))}
         outs = self.outputs(model, target)
         batches = [(inputs, t) for inputs, t in self.val_batches()]
         targets = [t for _, t in batches]
@@ -385,3 +385,13 @@ class Data:
             raise DataError(f"the metric {self.metric_name!r} returned {shown}; check the model's outputs and the "
                             "metric function (an empty split or a division by zero?)")
         return value
+
+
+def follows_inputs(model, target):
+    """A torch model on a GPU behind a wrapper that takes inputs on any device (outputs come back where the inputs
+    were); anything else as it is."""
+    if target is None or not target.is_cuda or not hasattr(model, "named_modules"):
+        return model
+    from .wrappers import FollowsInputs
+
+    return model if isinstance(model, FollowsInputs) else FollowsInputs(model, target.device)

@@ -67,6 +67,10 @@ def check_model(model: Any):
 
     if isinstance(model, Result):
         model = model.model
+    from .wrappers import FollowsInputs
+
+    if isinstance(model, FollowsInputs):  # a result on a GPU: the model it wraps, where it is
+        model = model.module
     if not isinstance(model, torch.nn.Module) and not _is_graph(model):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; load a built-in with "
                          "wb.zoo.load('digits-cnn'), pass your own nn.Module, or load a model you have on disk "
@@ -95,8 +99,10 @@ def working_copy(model, data: Data, target):
         work = backend_of(model).place(model, target)  # a fresh session; the user's object is not touched
         _check_runs(work, data, target, "the model")
         return work
+    from .wrappers import to_device
+
     try:
-        work = copy_model(model).eval().to(target.device)
+        work = to_device(copy_model(model).eval(), target.device)
     except Exception as e:
         raise ModelError(f"the model cannot be copied ({e}); the workbench never changes your model in place, "
                          "so it needs copy.deepcopy(model) to work") from e
@@ -229,17 +235,8 @@ class Baseline:
     def _check(self, recipe) -> tuple[Recipe, list]:
         from .registry import technique_for
 
-        from .target import runs_somewhere
-
         recipe = Recipe.parse(recipe)
         techniques = [technique_for(step) for step in recipe.steps]
-        on_cpu = self.target.__class__("cpu", self.target.backend)
-        for alternatives in recipe.precisions:
-            if self.target.is_cuda and not any(runs_somewhere(p, self.target) for p in alternatives) and \
-                    any(runs_somewhere(p, on_cpu) for p in alternatives):
-                raise DeviceError(f"{recipe}: {' or '.join(alternatives)} has no backend on {self.target.device} "
-                                  "here, where this baseline was measured; measure one with device='cpu' (or "
-                                  "device='auto' with this recipe) to run it")
         if _is_graph(self.model):
             refused = [step for step, tech in zip(recipe.steps, techniques) if not tech.graphs]
             if refused:
@@ -280,13 +277,14 @@ class Baseline:
         work, float_model, lowered = working_copy(self.original, self.data, self.target), None, None
         for i, (step, tech) in enumerate(zip(recipe.steps, techniques)):
             ctx.progress(f"step {i + 1}/{len(recipe.steps)}: {step.describe()}", (i + 1) / total)
-            if lowered:
+            if lowered and step.stage < 3:  # only a runtime step (compile) follows lowering
                 raise RecipeError(f"{step.describe()}: the model was already lowered to {lowered} by an earlier "
                                   f"step; put {step.short} before it (a model is lowered once, last)")
             before = work
             work = _apply(tech, work, step, ctx)
             if step.stage >= 2 or not isinstance(work, torch.nn.Module):
-                lowered, float_model = backend_of(work).label_of(work), before
+                float_model = float_model if lowered else before
+                lowered = backend_of(work).label_of(work)
             _still_runs(work, step, ctx)
         if lowered is None and target.backend != "auto":
             ctx.progress(f"lowering to {target.backend}", None)
@@ -306,7 +304,9 @@ class Baseline:
             ctx.note(("fewer MACs, yet " if fewer else "") + "slower than the baseline here at batch "
                      + ", ".join(f"{s.batch} ({s})" for s in slower) + "; MACs and size do not decide latency, "
                      "the runtime's kernels do")
-        result = Result(model=work, recipe=recipe, measurement=candidate, baseline=baseline, notes=ctx.notes,
+        from .data import follows_inputs
+
+        result = Result(model=follows_inputs(work, target), recipe=recipe, measurement=candidate, baseline=baseline, notes=ctx.notes,
                         preflight=checks, backend=label, target=target, env=self.env,
                         example_inputs=self.data.example_inputs, details=ctx.details,
                         layers=layer_table(float_model if float_model is not None else work)

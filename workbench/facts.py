@@ -7,6 +7,9 @@ from functools import cached_property
 from typing import Any
 
 CONV_HEAVY = 0.5  # share of MACs in convolutions above which a model is treated as a conv net
+# MACs per sample under which a GPU forward at batch 1 waits on kernel launches (~5 us each) rather than on its
+# tensor cores (~0.4 PFLOP/s of fp16): a MiniLM-shaped BERT at 64 tokens is ~1.4 GMACs
+LAUNCH_BOUND_MACS = 4e9
 
 
 def padding_share(data) -> float | None:
@@ -58,6 +61,11 @@ class ModelFacts:
     @property
     def conv_heavy(self) -> bool:
         return self.conv_share > CONV_HEAVY
+
+    @property
+    def launch_bound(self) -> bool:
+        """On a GPU, whether batch 1 is too little arithmetic to keep it busy (its time is kernel launches)."""
+        return self.target.is_cuda and self.macs is not None and self.macs < LAUNCH_BOUND_MACS
 
     @property
     def has_train(self) -> bool:

@@ -90,8 +90,11 @@ def check_deployable(model, example_inputs: Any, path: Path) -> None:
     from .tensors import call_model, flatten_output, map_tensors
 
     inputs = map_tensors(example_inputs, lambda t: t.cpu())
-    if isinstance(model, torch.nn.Module):
-        model = cache_free(model)
+    if isinstance(model, torch.nn.Module):  # a model on a GPU is compared on CPU inputs too, as the file runs
+        from .target import of_model
+        from .wrappers import FollowsInputs
+
+        model = FollowsInputs(cache_free(model), of_model(model).device)
     with torch.inference_mode():
         expected = flatten_output(call_model(model, inputs))[0][0].float()
         values = values_of(inputs)

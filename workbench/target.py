@@ -172,6 +172,9 @@ class Target:
                "threads": self.threads or torch.get_num_threads(), "device": self.device,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+               "gpu_driver": gpu_driver() if torch.cuda.is_available() else None,
+               "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))
+               if torch.cuda.is_available() else None,
                "python": platform.python_version(), "torch": torch.__version__}
         for b in backends():
             env.update(b.versions())
@@ -183,6 +186,28 @@ class Target:
         if self.cpu.forced:
             env["cpu_forced"] = self.cpu.forced
         return env
+
+
+@lru_cache(maxsize=1)
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi, else NVML), or None where neither answers."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:
+        return None
 
 
 def of_model(model: Any, **options) -> Target:

@@ -100,3 +100,20 @@ def test_a_failing_candidate_does_not_end_the_search(digits_mlp, tmp_path, monke
     assert len(tuned.failed) == 1 and "ValueError: setting an array element" in tuned.failed[0][2]
     assert tuned.results and tuned.best is not None
     assert any("failed: ValueError" in m for m in seen)
+
+
+def test_the_search_proposes_no_step_the_data_cannot_feed(digits_mlp):
+    """Without a train split, no pruning with a recovery that trains (on the GPU every such trial failed)."""
+    optuna = pytest.importorskip("optuna")
+    from workbench.facts import ModelFacts
+    from workbench.search.autotune import _suggest
+    from workbench.target import Target
+
+    model, data = digits_mlp
+    params = {"prune": 0.5, "recovery": "finetune", "recovery_epochs": 2, "factorize_energy": 0.9,
+              "quant": "int8-dynamic", "per_channel": True}
+    with_train = _suggest(optuna.trial.FixedTrial(params), ModelFacts(model, data, Target("cpu")), "auto")[0]
+    assert with_train.startswith("prune=0.5:structured=true") and "finetune=2" in with_train
+    val_only = wb.Data(val=data.val, metric=data.metric)
+    recipe = _suggest(optuna.trial.FixedTrial(params), ModelFacts(model, val_only, Target("cpu")), "auto")[0]
+    assert recipe == "factorize:energy=0.9,quant=int8-dynamic:per_channel=true"

@@ -10,12 +10,19 @@ from typing import Any
 from ..tensors import call_model
 
 
+def _plain(t) -> bool:
+    """A tensor of torch's own (not a tensor subclass such as torchao's quantized weights, which count as dense)."""
+    import torch
+
+    return type(t) in (torch.Tensor, torch.nn.Parameter) or getattr(t, "is_quantized", False)
+
+
 def count_params(model: Any) -> tuple[int, int]:
     """(parameters, non-zero parameters) of a torch module, packed int8 weights included."""
     total = nonzero = 0
     for p in model.parameters():
         total += p.numel()
-        nonzero += int(p.count_nonzero())
+        nonzero += int(p.count_nonzero()) if _plain(p) else p.numel()
     for mod in model.modules():  # packed weights of dynamically quantized layers are not parameters
         if hasattr(mod, "weight") and callable(mod.weight) and hasattr(mod, "_packed_params"):
             w = mod.weight()
@@ -40,8 +47,8 @@ def sparse_size(model: Any) -> int | None:
 
     total = 0
     for t in model.state_dict().values():
-        if not isinstance(t, torch.Tensor) or t.is_quantized:
-            return None  # packed int8 layers: already compressed another way
+        if not isinstance(t, torch.Tensor) or t.is_quantized or not _plain(t):
+            return None  # packed int8 layers (torch.ao, torchao): already compressed another way
         dense = t.numel() * t.element_size()
         packed = (t.numel() + 7) // 8 + int(t.count_nonzero()) * t.element_size() if t.is_floating_point() else dense
         total += min(dense, packed)
@@ -57,7 +64,7 @@ def layer_table(model: Any):
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         if name and isinstance(w, torch.Tensor) and w.dim() > 1:
-            nz = int(w.count_nonzero())
+            nz = int(w.count_nonzero()) if _plain(w) else w.numel()
             rows.append({"layer": name, "type": type(m).__name__, "shape": tuple(w.shape), "params": w.numel(),
                          "nonzero": nz, "sparsity": 1 - nz / w.numel()})
     return pd.DataFrame(rows, columns=["layer", "type", "shape", "params", "nonzero", "sparsity"]).set_index("layer")

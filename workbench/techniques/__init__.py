@@ -6,3 +6,4 @@ from .distill import Distill  # noqa: F401
 from .finetune import FineTune  # noqa: F401
 from .unpad import Unpad  # noqa: F401
 from .quantize import Quantize  # noqa: F401
+from .compile import Compile  # noqa: F401

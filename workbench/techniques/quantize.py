@@ -1,7 +1,9 @@
-"""Quantize: int8 (dynamic or static), fp16 or bf16, on whichever registered backend runs that precision here.
+"""Quantize: int8 (dynamic or static), fp16, bf16 or fp8, on whichever registered backend runs that precision here.
 
 What `auto` picks, and why, is written into the result's notes:
-- on CUDA: fp16 (tensor cores).
+- on CUDA: fp16 (tensor cores; at small batches add `compile`, since launches, not arithmetic, set the time).
+- int8 on CUDA: torchao's int8 dynamic quantization when torchao is installed (the `gpu` extra), else fp16, and
+  the card says so: a request for int8 on a GPU never ends in an error.
 - on CPU, when convolutions carry most MACs and a train split exists: static int8, calibrated (dynamic int8
   convolutions are slow or left in fp32).
 - on CPU otherwise: dynamic int8 with per-channel weights (no calibration data needed; on all-MiniLM-L6-v2 it keeps
@@ -15,12 +17,13 @@ from ..errors import RecipeError
 from ..recipe import Step, option
 from ..registry import technique
 
-QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "fp16", "bf16", "auto")
+QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "fp16", "bf16", "fp8", "auto")
 
 
 @dataclass
 class Quantize(Step):
-    """Lower precision: int8 (dynamic or static), fp16 or bf16; `auto` picks per model and device.
+    """Lower precision: int8 (dynamic or static), fp16, bf16 or fp8 (GPUs with fp8 units, through torchao);
+    `auto` picks per model and device.
 
     `dtype="int8-static"` is shorthand for `dtype="int8", method="static"`.
     """
@@ -58,6 +61,8 @@ class Quantize(Step):
     def precisions(self) -> tuple:
         if self.dtype == "int8":
             return ("int8-dynamic", "int8-static") if self.method == "auto" else (f"int8-{self.method}",)
+        if self.dtype == "fp8":  # where fp8 does not run, fp16 does (with the reason on the card)
+            return ("fp8", "fp16")
         return () if self.dtype == "auto" else (self.dtype,)
 
     def describe(self) -> str:
@@ -75,10 +80,19 @@ def plan(step: Quantize, model, ctx) -> tuple[str, list[str]]:
     dtype, method = step.dtype, step.method
     if dtype == "auto":
         dtype = "fp16" if target.is_cuda else "int8"
-        why.append("auto: fp16 on CUDA (tensor cores run it at several times fp32's rate)" if dtype == "fp16"
-                   else "auto: int8 on CPU")
+        why.append("auto: fp16 on CUDA (tensor cores; at small batches kernel launches, not arithmetic, set the "
+                   "time, which compile with CUDA graphs removes)" if dtype == "fp16" else "auto: int8 on CPU")
+    if dtype == "fp8" and not runs_somewhere("fp8", target):
+        why.append("fp8 needs a GPU with fp8 units (compute capability 8.9+) and torchao (pip install "
+                   "'workbench[gpu]'), which this machine lacks; fp16 instead" if target.is_cuda else
+                   "fp8 runs on GPUs only; use quant=int8 on a CPU")
+        if not target.is_cuda:
+            raise RecipeError(f"{step.describe()}: {why[-1]}")
+        return "fp16", why
     if dtype != "int8":
         return dtype, why
+    if target.is_cuda:
+        return _int8_on_gpu(step, target, why)
     share = facts.conv_share
     if method == "auto":
         if facts.conv_heavy and facts.has_train and runs_somewhere("int8-static", target):
@@ -101,6 +115,23 @@ def plan(step: Quantize, model, ctx) -> tuple[str, list[str]]:
                    "outliers that static ranges clip (all-MiniLM-L6-v2 measured here: fidelity 0.81 static vs "
                    "0.99 dynamic); check the metric, or use dtype='int8-dynamic'")
     return f"int8-{method}", why
+
+
+def _int8_on_gpu(step: Quantize, target, why: list) -> tuple[str, list]:
+    """int8 on a GPU: torchao's dynamic int8 where it is installed (static int8 has no GPU path here), else fp16;
+    the reason goes on the card either way."""
+    from ..target import runs_somewhere
+
+    if runs_somewhere("int8-dynamic", target):
+        if step.method == "static":
+            why.append("static int8 has no GPU path here; torchao's dynamic int8 (int8 weights per channel, "
+                       "activations per token) runs instead")
+        else:
+            why.append("int8 on the GPU: torchao's dynamic int8 (int8 tensor-core matmuls on Linear layers)")
+        return "int8-dynamic", why
+    why.append("int8 on this GPU needs torchao (pip install 'workbench[gpu]'), which is not installed: fp16 "
+               "instead, which runs on the tensor cores and halves the size")
+    return "fp16", why
 
 
 def _check_exclude(model, step: Quantize) -> None:
@@ -138,7 +169,7 @@ def _options(facts) -> list[str]:
     target = facts.target
     wanted = [p for p in ("int8-static", "int8-dynamic") if runs_somewhere(p, target)
               and (p != "int8-static" or facts.has_train)]
-    wanted += [p for p in ("fp16", "bf16") if target.native(p) and runs_somewhere(p, target)]
+    wanted += [p for p in ("fp16", "bf16", "fp8") if (p == "fp8" or target.native(p)) and runs_somewhere(p, target)]
     return wanted + ["none"]
 
 
@@ -146,7 +177,7 @@ def search(trial, facts) -> list[str]:
     quant = trial.suggest_categorical("quant", _options(facts))
     if quant == "none":
         return []
-    if not quant.startswith("int8"):
+    if not quant.startswith("int8") or facts.target.is_cuda:  # on a GPU int8 has one form (torchao's dynamic)
         return [f"quant={quant}"]
     per_channel = trial.suggest_categorical("per_channel", [True, False])
     part = f"quant={quant}:per_channel={'true' if per_channel else 'false'}"
@@ -158,8 +189,8 @@ def search(trial, facts) -> list[str]:
 
 def seeds(facts) -> list[dict]:
     options = _options(facts)
-    first = "int8-static" if facts.conv_heavy and "int8-static" in options else \
-        "int8-dynamic" if "int8-dynamic" in options else options[0]
+    first = "fp16" if facts.target.is_cuda else "int8-static" if facts.conv_heavy and "int8-static" in options \
+        else "int8-dynamic" if "int8-dynamic" in options else options[0]
     return [{"quant": first, "per_channel": True, "calibration": "minmax"}]
 
 

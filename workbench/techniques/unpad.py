@@ -64,7 +64,11 @@ def search(trial, facts) -> list[str]:
 
 
 def seeds(facts) -> list[dict]:
-    return [{"unpad": True}] if facts.padded else []
+    """Where there is padding to skip; on a GPU second, after a compiled candidate (CUDA graphs need fixed shapes,
+    so the two do not combine)."""
+    if not facts.padded:
+        return []
+    return [{"unpad": False}, {"unpad": True}] if facts.target.is_cuda else [{"unpad": True}]
 
 
 @technique(Unpad, preflight=preflight, search=search, seeds=seeds, applies=lambda facts: bool(facts.bert_encoders),

@@ -24,7 +24,15 @@ class TorchBackend(Backend):
         return not target.is_cuda or torch.cuda.is_available()
 
     def precisions(self, target) -> tuple:
-        return ("fp32", "fp16", "bf16") if target.is_cuda else ("fp32", "fp16", "bf16", "int8-dynamic")
+        """On a CPU, int8 through torch.ao; on a GPU, int8 (and fp8 where the GPU has it) through torchao when
+        it is installed (the `gpu` extra)."""
+        if not target.is_cuda:
+            return ("fp32", "fp16", "bf16", "int8-dynamic")
+        from .lowering import fp8_capable, torchao_available
+
+        if not torchao_available():
+            return ("fp32", "fp16", "bf16")
+        return ("fp32", "fp16", "bf16", "int8-dynamic") + (("fp8",) if fp8_capable(target.device) else ())
 
     def accepts(self, model: Any) -> bool:
         import torch
@@ -33,27 +41,47 @@ class TorchBackend(Backend):
 
     def place(self, model, target):
         from ...tensors import copy_model
+        from ...wrappers import to_device
 
-        return copy_model(model).eval().to(target.device)
+        return to_device(copy_model(model).eval(), target.device)
 
     def lower(self, model, precision: str, ctx, exclude: tuple = (), per_channel: bool = True, **options):
+        from ...wrappers import to_device
         from .lowering import dynamic_int8, to_dtype
 
         target = ctx.target
         if precision == "fp32":
-            return model.to(target.device).eval()
+            return to_device(model, target.device).eval()
         if precision in ("fp16", "bf16"):
             if not target.native(precision):
                 ctx.note(f"{precision} on this CPU ({target.cpu.describe()}): no native {precision} matrix units, "
                          "so expect it to be slower than fp32; it halves the size")
             return to_dtype(model, precision).to(target.device)
+        if precision in ("int8-dynamic", "fp8") and target.is_cuda:
+            from .lowering import torchao_quantize
+
+            return torchao_quantize(to_device(model, target.device), precision, exclude=exclude)
         if precision == "int8-dynamic":
             return dynamic_int8(model, exclude=exclude, per_channel=per_channel)
         raise ValueError(f"torch eager does not lower to {precision}")
 
+    def versions(self) -> dict:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"torchao": version("torchao")}
+        except PackageNotFoundError:
+            return {"torchao": None}
+
     def label_of(self, model) -> str:
+        from ...wrappers import Compiled, saved_form
         from .lowering import CastInputs
 
+        if isinstance(model, Compiled):
+            return self.label_of(saved_form(model)) + "+compile"
+        model = saved_form(model)
+        if getattr(model, "workbench_label", None):
+            return model.workbench_label
         if isinstance(model, CastInputs):
             return f"torch-{'fp16' if str(model.dtype) == 'torch.float16' else 'bf16'}"
         if any(hasattr(m, "_packed_params") for m in model.modules()):
@@ -76,9 +104,10 @@ class TorchBackend(Backend):
         return count_params(model)
 
     def save(self, model, example_inputs, directory: Path) -> Path:
+        from ...wrappers import saved_form
         from .storage import save
 
-        return save(model, example_inputs, directory)
+        return save(saved_form(model), example_inputs, directory)
 
     deploy_suffix = ".pt2"
     also_exports = (".ts",)  # a TorchScript trace: recurrent layers, torch.ao int8
@@ -88,8 +117,10 @@ class TorchBackend(Backend):
         import tempfile
 
         from ...errors import ExportError
+        from ...wrappers import saved_form
         from .storage import export_program, trace_program
 
+        model = saved_form(model)
         write = trace_program if path.suffix == ".ts" else export_program
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             staged = Path(tmp) / path.name
@@ -112,6 +143,8 @@ class TorchBackend(Backend):
                 f"outputs = program({', '.join(input_names)})  # tensors in this order; a tuple of tensors out"]
 
     def load(self, path: Path, target, trust_pickle: bool = False):
+        from ...wrappers import FollowsInputs
         from .storage import load
 
-        return load(path, target.device, trust_pickle)
+        model = load(path, target.device, trust_pickle)
+        return FollowsInputs(model, target.device) if target.is_cuda else model

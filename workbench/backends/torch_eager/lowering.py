@@ -56,3 +56,47 @@ def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True
             elif isinstance(mod, (nn.LSTM, nn.GRU)):
                 spec[name] = default_dynamic_qconfig
         return quantize_dynamic(copy.deepcopy(model), spec)
+
+
+def torchao_available() -> bool:
+    """Whether torchao (the `gpu` extra) imports: int8 and fp8 on a GPU go through it."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+def fp8_capable(device) -> bool:
+    """fp8 matrix units: compute capability 8.9 (Ada) or later."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def torchao_quantize(model: nn.Module, precision: str, exclude: tuple = ()) -> nn.Module:
+    """A copy with its Linear layers quantized by torchao: `int8-dynamic` (int8 weights per channel, activations
+    per token, int8 tensor-core matmuls via torch._int_mm) or `fp8` (float8 e4m3 weights and activations, per
+    row; Ada/Hopper). Layers named in `exclude` (or under them) stay as they are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao's deprecation notices on import
+        from torchao.quantization import quantize_
+
+        if precision == "fp8":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+            config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        else:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+            config = Int8DynamicActivationInt8WeightConfig()
+        model = copy.deepcopy(model)
+        if precision == "fp8":  # torchao's per-row fp8 takes bf16 weights; float32 inputs are cast on the way in
+            model = CastInputs(model.to(torch.bfloat16), torch.bfloat16)
+            kept = tuple(f"module.{e}" for e in exclude)
+        else:
+            kept = tuple(exclude)
+
+        def wanted(module, name: str) -> bool:
+            return isinstance(module, nn.Linear) and not any(name == e or name.startswith(e + ".") for e in kept) \
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0  # the kernels' tile shapes
+
+        quantize_(model, config, filter_fn=wanted)
+    model.workbench_label = f"torchao-{precision}"
+    return model.eval()

@@ -143,8 +143,15 @@ def load(path: Path, device: str, trust_pickle: bool = False) -> nn.Module:
     if path.suffix in (".pt2", ".ts"):
         meta = path.with_suffix(".json")
         layout = json.loads(meta.read_text()) if meta.exists() else None
-        graph = torch.export.load(str(path)).module() if path.suffix == ".pt2" else \
-            torch.jit.load(str(path), map_location="cpu")
+        if path.suffix == ".pt2":  # a program records the device it was traced on (the CPU): moved as a whole
+            program = torch.export.load(str(path))
+            if torch.device(device).type != "cpu":
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, device)
+            graph = program.module()
+        else:
+            graph = torch.jit.load(str(path), map_location=device)
         return ExportedModel(graph, layout).to(device)
     if not trust_pickle:
         raise WorkbenchError(f"{path.name} is a Python pickle, and loading a pickle can run code from the file; "

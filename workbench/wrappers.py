@@ -1,0 +1,117 @@
+"""Modules the workbench wraps a model in: a compiled forward, and a model that follows its caller's device.
+
+They live at module level so that copies and saves of a wrapped model pickle and reload; each gives back the
+module it wraps through `saved_form()`, which is what storage writes and exports.
+"""
+from __future__ import annotations
+
+import itertools
+import types
+
+import torch
+from torch import nn
+
+from .tensors import map_tensors
+
+
+class Compiled(nn.Module):
+    """`torch.compile(module, mode=...)`, compiled on first use (and again after a copy or a reload).
+
+    With CUDA graphs (modes reduce-overhead and max-autotune on a GPU) a compiled forward returns tensors in a
+    buffer the next call overwrites; this returns copies, so a caller may keep what it gets.
+    """
+
+    def __init__(self, module: nn.Module, mode: str = "default", dynamic: bool | None = None, graphs: bool = False):
+        super().__init__()
+        self.module, self.mode, self.dynamic, self.graphs = module, mode, dynamic, graphs
+        self._fn = None
+
+    def __getstate__(self):  # the compiled function is neither copied nor pickled: it is rebuilt on first use
+        state = dict(self.__dict__)
+        state["_fn"] = None
+        return state
+
+    def forward(self, *args, **kwargs):
+        if self._fn is None:
+            self._fn = torch.compile(_own_entry(), mode=self.mode, dynamic=self.dynamic)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return map_tensors(self._fn(self.module, *args, **kwargs), torch.Tensor.clone)
+        return self._fn(self.module, *args, **kwargs)
+
+    def saved_form(self) -> nn.Module:
+        return self.module
+
+
+def _call(module, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
+def _own_entry():
+    """A function that calls a module, with a code object of its own. Dynamo keeps its compiled graphs per code
+    object, at most `recompile_limit` (8) each: compiled models of one class (every BERT's `forward`) would share
+    those 8 slots between them, and past them run uncompiled, silently. An entry of its own gives each compiled
+    model its own slots, with no change to torch's global settings."""
+    code = _call.__code__.replace(co_name=f"workbench_compiled_{next(_entries)}")
+    return types.FunctionType(code, _call.__globals__, code.co_name)
+
+
+_entries = itertools.count()
+
+
+class FollowsInputs(nn.Module):
+    """A model kept on one device (a GPU) that takes inputs on any device and returns its outputs on the device
+    the inputs came on: `result.model(x_cpu)` works like the user's CPU model, `result.model(x_gpu)` stays on the
+    GPU with no copy."""
+
+    def __init__(self, module: nn.Module, device: str):
+        super().__init__()
+        self.module, self.device = module, device
+
+    def forward(self, *args, **kwargs):
+        where = next((t.device for t in _tensors((args, kwargs))), None)
+        if where is None or same_device(where, self.device):
+            return self.module(*args, **kwargs)
+        out = self.module(*map_tensors(args, lambda t: t.to(self.device)),
+                          **map_tensors(kwargs, lambda t: t.to(self.device)))
+        return map_tensors(out, lambda t: t.to(where))
+
+    def saved_form(self) -> nn.Module:
+        return self.module
+
+
+def same_device(a, b) -> bool:
+    """Whether two devices are one ('cuda' is the current GPU, as 'cuda:0' usually is)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
+def to_device(model: nn.Module, device) -> nn.Module:
+    """`model.to(device)`, skipped where every parameter and buffer is there already: torchao's quantized weights
+    do not implement what `Module.to` asks of them on a GPU, even for a move to where they are."""
+    if all(same_device(t.device, device) for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return model.to(device)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def saved_form(model):
+    """The module under the workbench's wrappers (what is saved and exported), or `model` itself."""
+    while isinstance(model, (Compiled, FollowsInputs)):
+        model = model.saved_form()
+    return model
