@@ -145,10 +145,12 @@ def _templates(args, argv) -> int:
 
 
 def _report(args, argv) -> int:
+    from .progress import Lines
     from .reports import report
+
     html = args.html
     out = report(args.template, _parameters(args), output=args.output, html=html, timeout=args.timeout,
-                 kernel=args.kernel, progress=sys.stderr.isatty())
+                 kernel=args.kernel, progress=Lines())
     print(f"wrote {out}" + (f" and {html}" if html else ""))
     return 0
 

@@ -77,6 +77,14 @@ def test_cli_report_and_exit_codes(tmp_path):
                          "--html", str(tmp_path / "a.html")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "a.html").exists() and "wrote" in ok.stdout
+    # progress lines as it runs, and none of the kernel's start-up and shutdown chatter
+    assert "starting the kernel" in ok.stderr and "cell 1 of" in ok.stderr and "IPKernelApp" not in ok.stderr
+    page = (tmp_path / "a.html").read_text()
+    assert "IPKernelApp" not in page and "Provenance" in page and "Verdict:" in page
+    assert page.index("Verdict:") < page.index('<h2 id="Environment"')  # the one-line verdict comes first
+    assert "re-run: <code>workbench report pipeline -p model digits-mlp -p batch_sizes &#x27;[1]&#x27;" in page \
+        or "re-run: <code>workbench report pipeline -p model digits-mlp -p batch_sizes '[1]'" in page
+    assert "{&#x27;baseline_metric&#x27;" not in page and "{'baseline_metric'" not in page  # no raw dict at the end
     bad = subprocess.run([sys.executable, "-m", "workbench.cli", "report", "pipeline", "-p", "model", "nope:x",
                           "-o", str(tmp_path / "b.ipynb"), "--html", str(tmp_path / "b.html")],
                          capture_output=True, text=True)
@@ -180,3 +188,32 @@ def test_batch_on_a_real_scheduler_survives_a_worker_killed_mid_run(tmp_path):
     assert len(retried) >= 1
     page = done["index"].read_text()
     assert "a worker died running it before" in page and "3 of 3 reports" in page
+
+
+def test_the_kernels_chatter_is_filtered_and_its_real_messages_kept():
+    from workbench.reports.run import kernel_messages
+
+    text = ("[IPKernelApp] WARNING | Kernel is running over TCP without encryption. All communication (including "
+            "code and outputs) is sent in plain text and is susceptible to eavesdropping.\n"
+            "Traceback (most recent call last):\n  File \"x.py\", line 1\nMemoryError: the kernel ran out\n"
+            "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel.\n")
+    kept = kernel_messages(text)
+    assert "MemoryError: the kernel ran out" in kept and "Traceback" in kept
+    assert "IPKernelApp" not in kept and "eavesdropping" not in kept
+    assert kernel_messages("[IPKernelApp] WARNING | Kernel is running over TCP without encryption.\n") == ""
+
+
+def test_the_rerun_command_reads_back_as_the_same_parameters():
+    import shlex
+
+    from workbench import cli
+    from workbench.reports.run import rerun_command
+
+    params = {"model": "digits-mlp", "recipes": ["quant=int8", "prune=0.5:structured=true"], "batch_sizes": [1, 64],
+              "threads": None, "max_drop": 0.02, "device": "auto", "seed": 3, "note": "0.5", "flag": "true"}
+    line = rerun_command("pipeline", params, output="a b.ipynb", html="r.html")
+    argv = shlex.split(line)
+    assert argv[:3] == ["workbench", "report", "pipeline"] and argv[-4:] == ["-o", "a b.ipynb", "--html", "r.html"]
+    pairs = [argv[i + 1:i + 3] for i, a in enumerate(argv) if a == "-p"]
+    args = type("Args", (), {"parameters_file": None, "parameter": pairs})()
+    assert cli._parameters(args) == params

@@ -105,8 +105,9 @@ def verdicts(results, max_drop: float = 0.01, numeric: bool = False):
     return df
 
 
-def headline(results, max_drop: float = 0.01) -> dict:
-    """The numbers a batch index shows: the best candidate (reliably faster, within budget), or none."""
+def headline(results, max_drop: float = 0.01) -> None:
+    """Displays the numbers a batch index shows (as JSON, with the one-line verdict as its text): the best candidate
+    (reliably faster, within budget), or none. Returns nothing, so no raw dict follows it in the report."""
     from IPython.display import display
 
     from ..verdict import best, judge
@@ -124,8 +125,7 @@ def headline(results, max_drop: float = 0.01) -> dict:
         data.update({"best_metric": chosen.measurement.metric, "best_speedup": worst.ratio, "best_low": worst.low,
                      "best_high": worst.high, "best_batch": worst.batch,
                      "best_size_ratio": chosen.measurement.size_bytes / chosen.baseline.size_bytes})
-    display({"application/json": data, "text/plain": text}, raw=True)
-    return data
+    display({"application/json": data, "text/plain": text}, raw=True)  # the batch index reads the JSON
 
 
 def read_headline(notebook: Path) -> dict | None:
