@@ -73,8 +73,9 @@ TEMPLATES = {
     "pruning": cells(
         "Pruning report",
         "A sparsity sweep with fine-tuning, and the per-layer sensitivity that shows where the model is fragile.",
-        MODEL + '\nsparsities: list = [0.25, 0.5, 0.75]\nstructured: bool = True  # structured pruning is the '
-        'kind that runs faster\nfinetune: int = 1  # recovery epochs after pruning',
+        MODEL + '\nsparsities: list = [0.25, 0.4, 0.5]\nstructured: bool = True  # structured pruning is the '
+        'kind that runs faster\nfinetune: int = 3  # recovery epochs after pruning (3 keep digits-cnn within 0.01 '
+        'at 50% of its channels)',
         'recipes = [f"prune={s}:structured={str(structured).lower()}:scope=layer" + (f",finetune={finetune}" '
         'if finetune else "") for s in sparsities]',
         [new_markdown_cell("## Sensitivity\n\nThe metric change when only one layer is pruned to each level."),

@@ -244,3 +244,14 @@ def test_optimize_a_model_on_disk_a_hugging_face_directory_and_an_onnx_file(ip, 
     assert ip.user_ns["from_onnx"].backend.startswith("onnxruntime-int8")
     with pytest.raises(UsageError, match="neither a Hugging Face model directory"):
         run(ip, f"%optimize hf:{tmp_path} --quant int8 --data val")
+
+
+def test_a_second_recipe_does_not_overwrite_the_first_result(ip, digits_mlp):
+    ip.user_ns.update(net=digits_mlp[0], val=digits_mlp[1])
+    run(ip, "%optimize net --quant int8 --data val --no-card")
+    first = ip.user_ns["net_opt"]
+    out = run(ip, "%optimize net --quant fp16 --data val --no-card")
+    assert ip.user_ns["net_opt"] is first and str(ip.user_ns["net_opt_2"].recipe) == "quant=fp16"
+    assert "stored as net_opt_2: net_opt holds an earlier result (quant=int8)" in out.stdout
+    run(ip, "%optimize net --quant fp16 --data val --no-card")  # the same cell again: it replaces its own result
+    assert "net_opt_3" not in ip.user_ns and ip.user_ns["net_opt"] is first

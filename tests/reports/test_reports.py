@@ -217,3 +217,13 @@ def test_the_rerun_command_reads_back_as_the_same_parameters():
     pairs = [argv[i + 1:i + 3] for i, a in enumerate(argv) if a == "-p"]
     args = type("Args", (), {"parameters_file": None, "parameter": pairs})()
     assert cli._parameters(args) == params
+
+
+@pytest.mark.slow
+def test_the_pruning_templates_defaults_give_a_candidate_within_budget(tmp_path):
+    """The first pruning report a user runs shows the technique working (issue 19): with its default sparsities and
+    fine-tuning, at least one candidate keeps digits-cnn within the 0.01 budget."""
+    notebook = wb.report("pruning", {"batch_sizes": [1]}, output=tmp_path / "p.ipynb")
+    head = reports.read_headline(notebook)
+    drops = [head["baseline_metric"] - c["metric"] for c in head["candidates_table"]]
+    assert len(drops) == 3 and min(drops) <= 0.01

@@ -226,7 +226,7 @@ class WorkbenchMagics(Magics):
             name=label))
         if result is None:
             return None
-        self.shell.user_ns[target] = result
+        target = self._store(target, result, chosen=bool(args.as_name))
         if not args.no_card:
             from IPython.display import display
 
@@ -265,13 +265,29 @@ class WorkbenchMagics(Magics):
             progress=bar, on_result=on_result))
         if tuned is None:
             return None
-        target = args.as_name or f"{_identifier(label)}_opt"
-        self.shell.user_ns[target] = tuned.best
+        target = self._store(args.as_name or f"{_identifier(label)}_opt", tuned.best, chosen=bool(args.as_name))
         self.shell.user_ns[f"{target}_search"] = tuned
         print(f"searched {len(tuned.results)} candidates in {tuned.seconds:.0f} s; {tuned.headline}")
         if not args.no_card:
             display(Card(tuned.best, name=target))
         return None
+
+    def _store(self, name: str, result, chosen: bool) -> str:
+        """Put `result` in the namespace as `name`. A default name that holds another recipe's result (or anything
+        else) is not overwritten: the result goes to `name_2` (then _3, ...), and a line says so. Re-running the
+        same recipe replaces its earlier result; a name given with --as is used as it is."""
+        from ..result import Result
+
+        ns, base = self.shell.user_ns, name
+        n = 1
+        while not chosen and name in ns and not (isinstance(ns[name], Result)
+                                                 and str(ns[name].recipe) == str(result.recipe)):
+            n += 1
+            name = f"{base}_{n}"
+        if name != base:
+            print(f"stored as {name}: {base} holds an earlier result ({_describe(ns[base])}); --as NAME picks the name")
+        ns[name] = result
+        return name
 
     def _write_report(self, label: str, result, path: str) -> None:
         """The pipeline report for this run: the model must be one a fresh kernel can build (a built-in)."""
@@ -396,3 +412,9 @@ class WorkbenchMagics(Magics):
 def refresh_help() -> None:
     """`%optimize?` shows the docstring: the examples plus every registered technique's flag."""
     WorkbenchMagics.optimize.__doc__ = OPTIMIZE_DOC + "\n" + optimize_parser().format_help()
+
+
+def _describe(value) -> str:
+    from ..result import Result
+
+    return str(value.recipe) if isinstance(value, Result) else type(value).__name__
