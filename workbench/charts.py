@@ -14,7 +14,21 @@ from typing import Any
 from .measure.measurement import batches_in, column
 from .tables import pareto_front  # noqa: F401  (charts.pareto_front, as before)
 
-FIXED_COLOURS = {"baseline": "#444444", "compare": "#7f7f7f", "mixed": "#ff7f0e"}
+FIXED_COLOURS = {"baseline": "#7f7f7f", "compare": "#9a9a9a", "mixed": "#ff7f0e"}
+# Charts sit on JupyterLab's light or dark theme, and on a report's white page: transparent backgrounds, and text,
+# axes and grid in a mid grey that reads on either (plotly_white's black-on-white is a white box in the dark theme)
+NEUTRAL = dict(paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)",
+               font=dict(color="#8a8a8a"))
+GRID = dict(gridcolor="rgba(138,138,138,0.25)", zerolinecolor="rgba(138,138,138,0.4)",
+            linecolor="rgba(138,138,138,0.6)")
+
+
+def themed(fig):
+    """`fig` with the theme-neutral look every workbench chart has (see NEUTRAL)."""
+    fig.update_layout(**NEUTRAL)
+    fig.update_xaxes(**GRID)
+    fig.update_yaxes(**GRID)
+    return fig
 
 
 def technique_colours() -> dict[str, str]:
@@ -107,9 +121,9 @@ def pareto(source: Any, batch: int | None = None, title: str | None = None, mode
                              line=dict(dash="dash", color="#888888", shape="hv"), hoverinfo="skip"))
     fig.update_layout(title=title or f"{metric_name} vs latency (batch {batch}); marker size = model size",
                       xaxis_title=f"latency p50 (ms, batch {batch}, lower is better)",
-                      yaxis_title=f"{metric_name} (higher is better)", template="plotly_white",
+                      yaxis_title=f"{metric_name} (higher is better)",
                       legend_title="technique")
-    return fig
+    return themed(fig)
 
 
 def bars(table):
@@ -128,8 +142,8 @@ def bars(table):
     fig.update_yaxes(title_text=metric, row=1, col=1)
     fig.update_yaxes(title_text="ms", row=1, col=2)
     fig.update_yaxes(title_text="MB", row=1, col=3)
-    fig.update_layout(template="plotly_white", title="comparison (one run, same threads)")
-    return fig
+    fig.update_layout(title="comparison (one run, same threads)")
+    return themed(fig)
 
 
 def sensitivity_heatmap(df, title: str | None = None):
@@ -141,9 +155,9 @@ def sensitivity_heatmap(df, title: str | None = None):
                                colorscale="RdBu", zmid=0, colorbar=dict(title="Δ metric"),
                                hovertemplate="layer %{y}<br>level %{x}<br>Δ %{z:.4f}<extra></extra>"))
     fig.update_layout(title=title or "per-layer sensitivity (Δ metric when only that layer changes)",
-                      xaxis_title="level", yaxis_title="layer", template="plotly_white",
+                      xaxis_title="level", yaxis_title="layer",
                       yaxis=dict(autorange="reversed"))
-    return fig
+    return themed(fig)
 
 
 def layer_map(result_or_model):
@@ -166,8 +180,8 @@ def layer_map(result_or_model):
                                          "weights non-zero<extra></extra>"))
     fig.update_layout(title=f"per-layer sparsity; precision: {precision}", xaxis_title="layer",
                       yaxis_title="sparsity (share of zero weights)", yaxis_tickformat=".0%",
-                      template="plotly_white", showlegend=True, legend_title="precision")
-    return fig
+                      showlegend=True, legend_title="precision")
+    return themed(fig)
 
 
 def weight_histograms(before, after, layer: str | None = None, bins: int = 80):
@@ -188,8 +202,8 @@ def weight_histograms(before, after, layer: str | None = None, bins: int = 80):
     for label, values in (("before", w_before[layer]), ("after", w_after[layer])):
         fig.add_trace(go.Histogram(x=values, nbinsx=bins, name=label, opacity=0.6))
     fig.update_layout(barmode="overlay", title=f"weights of {layer}", xaxis_title="weight value",
-                      yaxis_title="count", template="plotly_white")
-    return fig
+                      yaxis_title="count")
+    return themed(fig)
 
 
 def pareto_placeholder(title: str = "candidates will appear here"):
@@ -198,8 +212,8 @@ def pareto_placeholder(title: str = "candidates will appear here"):
 
     fig = go.Figure()
     fig.update_layout(title=title, xaxis_title="latency p50 (ms)", yaxis_title="metric (higher is better)",
-                      template="plotly_white", height=380)
-    return fig
+                      height=380)
+    return themed(fig)
 
 
 def as_widget(fig):

@@ -19,7 +19,7 @@ def test_panel_run_button_adds_a_study_row_and_a_chart_point(digits_mlp):
     assert "exclusions are in the YAML only" in p.code.value and "ignore:" in p.code.value
     p.run(wait=True)
     assert p.points == 2 and len(study) == 3  # the baseline is measured once
-    assert "<table" in p.table.value and p.layer_map.colour_by == "sparsity"
+    assert "<table" in p.table.value and p.layer_map.colour_by == "share kept"  # structured: channels kept
 
 
 def test_panel_sweep_adds_a_point_per_recipe(digits_mlp):
@@ -58,3 +58,46 @@ def test_layer_map_widget(digits_cnn):
     assert sens.colour_by == "sensitivity" and [layer["name"] for layer in sens.layers] == ["4", "8"]
     esm = m._esm if isinstance(m._esm, str) else m._esm.read_text()
     assert "export default" in esm and "save_changes" in esm
+
+
+def test_a_panel_built_again_restores_its_runs_chart_table_and_choices(digits_mlp):
+    """What a reopened notebook sees when it runs the panel's cell again: the Study's runs of this model."""
+    model, data = digits_mlp
+    study = wb.Study()
+    first = wb.panel(model, data, study=study, name="net")
+    assert first.restored == 0 and first.points == 0
+    first.enabled["prune"].value, first.main["prune"].value = True, 0.25
+    first.options["structured"].value = True
+    first.run(wait=True)
+    first.main["quant"].value = "fp16"
+    first.run(wait=True)
+    again = wb.panel(model, data, study=study, name="net")
+    assert again.restored == 2 and again.points == 2 and again.progress.description == "restored 2 runs"
+    assert "runs will appear" not in str(again.chart.layout.title.text)  # the placeholder goes with data
+    assert "quant=fp16" in again.table.value and "baseline" in again.table.value
+    assert again.main["quant"].value == "fp16" and again.enabled["prune"].value and again.options["structured"].value
+    other = wb.panel(wb.zoo.load("digits-cnn")[0], data, study=study, name="net")  # same name, another model
+    assert other.restored == 0
+
+
+def test_the_layer_map_shows_what_structured_pruning_kept(digits_mlp):
+    model, data = digits_mlp
+    m = wb.LayerMap.from_model(model)
+    r = wb.optimize(model, "prune=0.5:structured=true:scope=layer", data=data, batch_sizes=(1,), study=False)
+    m.show_result(r)
+    kept = {layer["name"]: layer for layer in m.layers}
+    assert m.colour_by == "share kept"
+    assert kept["1"]["label"] == "128/256 out" and 0.2 < kept["1"]["value"] < 0.6
+    assert "shape (256, 64) -> (128, 64)" == kept["1"]["detail"]
+    m.show_result(wb.optimize(model, "prune=0.5", data=data, batch_sizes=(1,), study=False))  # unstructured
+    assert m.colour_by == "sparsity" and all("label" not in layer for layer in m.layers)
+
+
+def test_charts_read_on_light_and_dark_themes(digits_mlp):
+    from workbench import charts
+
+    model, data = digits_mlp
+    fig = charts.pareto(wb.optimize(model, "quant=int8", data=data, batch_sizes=(1,), study=False))
+    for f in (fig, charts.pareto_placeholder()):
+        assert f.layout.paper_bgcolor == "rgba(0,0,0,0)" and f.layout.plot_bgcolor == "rgba(0,0,0,0)"
+        assert f.layout.font.color == "#8a8a8a"

@@ -101,6 +101,7 @@ class Panel:
         self.layer_map.observe(lambda change: self._show_code(), names="excluded")
         self.run_button.on_click(lambda button: self.run())
         self._show_code()
+        self.restored = self._restore(model)
         self.widget = W.VBox([
             W.HBox([W.VBox(list(self.rows.values())),
                     W.VBox([self.backend, self.device, W.HBox([self.run_button, self.progress])])]),
@@ -238,26 +239,137 @@ class Panel:
 
         return charts.as_widget(charts.pareto_placeholder("runs will appear here"))
 
-    def _update(self, result) -> None:
+    def _runs(self, model=None):
+        """This model's runs in the Study (its name, and the baseline's parameter count, must match), with their
+        baselines; None when there are none."""
+        if self.study is None:
+            return None
+        df = self.study.df
+        if df.empty or "model" not in df:
+            return None
+        mine = df[df["model"] == self.name]
+        if model is not None and hasattr(model, "parameters"):
+            params = sum(p.numel() for p in model.parameters())
+            bases = mine[(mine["kind"] == "baseline") & (mine["params"] == params)].index
+            mine = mine[mine.index.isin(bases) | mine["parent"].isin(bases)]
+        return mine if (mine["kind"] == "optimize").any() else None
+
+    def _restore(self, model) -> int:
+        """After a reload (the same panel built again), the runs the Study holds for this model: chart, table and
+        the last run's choices. Returns how many runs came back."""
+        runs = self._runs(model)
+        if runs is None:
+            return 0
+        self._draw(runs)
+        last = runs[runs["kind"] == "optimize"].iloc[-1]
+        self._choose(str(last["recipe"]), str(last["device"]))
+        count = int((runs["kind"] == "optimize").sum())
+        self.progress.description = f"restored {count} run{'s' * (count != 1)}"
+        return count
+
+    def _choose(self, recipe: str, device: str) -> None:
+        """Set the controls to a recipe's steps (what the last run used)."""
+        from dataclasses import fields as step_fields
+
+        from ..errors import RecipeError
+
+        try:
+            steps = Recipe.parse(recipe).steps
+        except RecipeError:
+            return
+        for on in self.enabled.values():
+            on.value = False
+        for step in steps:
+            if step.short not in self.enabled:
+                continue
+            self.enabled[step.short].value = True
+            main = self.main.get(step.short)
+            value = getattr(step, step.main_field, None) if step.main_field else None
+            if main is not None and value is not None and _fits(main, value):
+                main.value = value
+            for f in step_fields(step):
+                flag = (f.metadata or {}).get("flag")
+                widget = self.options.get(flag.lstrip("-").replace("-", "_")) if flag else None
+                if widget is not None and _fits(widget, getattr(step, f.name)):
+                    widget.value = getattr(step, f.name)
+        if device in self.device.options:
+            self.device.value = device
+
+    def _draw(self, runs) -> None:
+        """Chart and table from the Study's rows of this model (what every run adds to)."""
+        import html
+
         from .. import charts
+        from ..measure.measurement import batches_in, column, significant
+
+        fig = charts.pareto(runs)
+        with self.chart.batch_update():
+            self.chart.data = []
+            self.chart.add_traces(list(fig.data))
+            for key in ("title", "xaxis.title", "yaxis.title", "legend.title"):
+                self.chart.layout[key] = fig.layout[key]
+        batches = batches_in(runs.columns)
+        head = ["run", str(runs["metric_name"].dropna().iloc[0]) if runs["metric_name"].notna().any() else "metric",
+                "size MB"] + [f"p50 ms (b={b})" for b in batches] + [f"speedup (b={b})" for b in batches]
+        rows = []
+        for _, r in runs.iterrows():
+            cells = [r["recipe"] if r["kind"] == "optimize" else "baseline", significant(r["metric"]),
+                     significant(r["size_bytes"] / 1e6)]
+            cells += [significant(r.get(column("p50", b))) for b in batches]
+            cells += [_speedup(r, b) for b in batches]
+            rows.append(cells)
+        self.table.value = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+                            + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                                      for row in rows) + "</table>")
+
+    def _update(self, result) -> None:
         from ..tables import table
+
+        runs = self._runs(self.model)
+        if runs is not None:
+            self._draw(runs)
+        else:  # no Study to draw from: this panel's own results
+            self._draw_results()
+            shown = table(self.results)
+            shown["verdict"] = [""] + [r.verdict for r in self.results]
+            self.table.value = shown.to_html(border=0)
+        self.layer_map.show_result(result)
+
+    def _draw_results(self) -> None:
+        from .. import charts
 
         fig = charts.pareto(self.results)
         with self.chart.batch_update():
             self.chart.data = []
             self.chart.add_traces(list(fig.data))
-            self.chart.layout.title = fig.layout.title
-            self.chart.layout.xaxis.title = fig.layout.xaxis.title
-            self.chart.layout.yaxis.title = fig.layout.yaxis.title
-        shown = table(self.results)
-        shown["verdict"] = [""] + [r.verdict for r in self.results]
-        self.table.value = shown.to_html(border=0)
-        self.layer_map.show_sparsity(result)
+            for key in ("title", "xaxis.title", "yaxis.title", "legend.title"):
+                self.chart.layout[key] = fig.layout[key]
 
     @property
     def points(self) -> int:
         """Runs shown on the chart (baseline excluded)."""
         return sum(len(t.x) for t in self.chart.data if t.name not in ("baseline", "Pareto front"))
+
+
+def _fits(widget, value) -> bool:
+    """Whether a control can show `value` (a dropdown's options, a slider's range, a tick box's bool)."""
+    options = getattr(widget, "options", None)
+    if options is not None:
+        return value in options
+    if isinstance(widget, W.Checkbox):
+        return isinstance(value, bool)
+    low, high = getattr(widget, "min", None), getattr(widget, "max", None)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _speedup(row, batch: int) -> str:
+    from ..measure.measurement import column, significant
+
+    ratio = row.get(column("speedup", batch))
+    if ratio is None or ratio != ratio:
+        return "1x" if row["kind"] == "baseline" else ""
+    low, high = row.get(column("low", batch)), row.get(column("high", batch))
+    return f"{significant(ratio)}x ({significant(low)}-{significant(high)})"
 
 
 def panel(model, data=None, study=None, name: str | None = None) -> Panel:
