@@ -102,7 +102,7 @@ def test_batch_on_dask_two_workers_four_reports_then_a_broken_entry(tmp_path):
     assert [r["status"] for r in records] == ["ok"] * 4
     assert all((tmp_path / "one" / r["dir"] / "report.html").exists() for r in records)
     page = index.read_text()
-    assert "4 of 4 reports" in page and page.count('href="run-') == 4 and "faster" in page
+    assert "4 of 4 reports" in page and page.count('href="run-') == 4 and "Candidates across runs" in page
 
     broken = {"template": "pipeline", "parameters": {"batch_sizes": [1], "model": "digits-mlp"},
               "runs": [{"recipes": ["quant=int8"]}, {"recipes": ["quant=int4"]}, "not a mapping"]}
@@ -112,6 +112,21 @@ def test_batch_on_dask_two_workers_four_reports_then_a_broken_entry(tmp_path):
     assert "Quantize.dtype: 'int4' is not allowed" in records[1]["error"]
     assert "malformed batch entry" in records[2]["error"]
     assert "1 of 3 reports" in index.read_text()
+
+
+def test_the_index_is_a_sortable_table_with_a_chart_across_runs(tmp_path):
+    head = {"best": "quant=int8", "best_speedup": 3.14159, "best_low": 2.71828, "best_high": 3.5, "best_batch": 64,
+            "best_metric": 0.987654, "best_size_ratio": 0.2678, "text": "best ...",
+            "candidates_table": [{"recipe": "quant=int8", "metric": 0.987654, "worst_speedup": 3.14159},
+                                 {"recipe": "quant=fp16", "metric": 0.99, "worst_speedup": 0.4}]}
+    records = [{"dir": "run-000", "parameters": {"model": "digits-cnn", "recipes": ["quant=int8", "quant=fp16"]},
+                "status": "ok", "headline": head},
+               {"dir": "run-001", "parameters": {"model": "digits-mlp"}, "status": "failed", "error": "E",
+                "headline": None}]
+    page = reports.write_index(records, tmp_path).read_text()
+    assert "3.1x (2.7-3.5), b=64" in page and "data-value='3.14159'" in page and "0.27x" in page
+    assert "<b>recipes</b> quant=int8, quant=fp16" in page and "&quot;model&quot;" not in page  # no raw JSON
+    assert "aria-sort" in page and "Candidates across runs" in page and "plotly" in page.lower()
 
 
 def test_index_escapes_user_strings(tmp_path):

@@ -160,8 +160,35 @@ def _attempts_so_far(run_dir: Path) -> int:
         return 0
 
 
+INDEX_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { border-bottom: 1px solid #ddd; padding: 5px 8px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; cursor: pointer; user-select: none; white-space: nowrap; }
+th[aria-sort=ascending]::after { content: " \\25B2"; } th[aria-sort=descending]::after { content: " \\25BC"; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.failed td { background: #fdecec; }
+.params span { display: inline-block; margin-right: 10px; } .params b { font-weight: 600; }
+"""
+# click a header to sort by it (numbers by their value, the rest as text); click again to reverse
+INDEX_SORT = """
+document.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {
+  const body = th.closest("table").tBodies[0], down = th.getAttribute("aria-sort") === "ascending";
+  th.closest("tr").querySelectorAll("th").forEach(h => h.removeAttribute("aria-sort"));
+  th.setAttribute("aria-sort", down ? "descending" : "ascending");
+  const key = r => { const c = r.cells[col]; const v = c.dataset.value; return v !== undefined && v !== "" ? +v : c.textContent; };
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    return (typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y))) * (down ? -1 : 1);
+  }).forEach(r => body.appendChild(r));
+}));
+"""
+
+
 def write_index(records: list[dict], out: Path) -> Path:
-    """index.html: one row per run with its status, parameters, headline numbers and links (all escaped)."""
+    """index.html: a sortable table, one row per run (status, its parameters, the best candidate's speedup with its
+    interval, metric and size), and a chart of every run's candidates (metric against speedup); all escaped."""
+    from ..measure.measurement import significant
+
     rows = []
     for r in records:
         h = r.get("headline") or {}
@@ -170,21 +197,65 @@ def write_index(records: list[dict], out: Path) -> Path:
         status = "ok" if r["status"] == "ok" else f"failed: {html.escape(str(r['error']))}"
         if r.get("attempts", 1) > 1:
             status += f" (attempt {r['attempts']}: a worker died running it before)"
-        numbers = html.escape(_best_text(h))
-        params = html.escape(json.dumps(r["parameters"], default=str))
+        params = "".join(f"<span><b>{html.escape(str(k))}</b> {html.escape(_short(v))}</span>"
+                         for k, v in r["parameters"].items())
+        best = h.get("best")
+        numbers = [(h.get("best_speedup"), f"{significant(h['best_speedup'], 2)}x ({significant(h['best_low'], 2)}-"
+                    f"{significant(h['best_high'], 2)}), b={h['best_batch']}" if best else ""),
+                   (h.get("best_metric"), significant(h["best_metric"]) if best else ""),
+                   (h.get("best_size_ratio"), f"{significant(h['best_size_ratio'], 2)}x" if best else "")]
+        cells = "".join(f"<td class='num' data-value='{'' if v is None else v}'>{html.escape(t)}</td>"
+                        for v, t in numbers)
         rows.append(f"<tr class='{html.escape(r['status'])}'><td>{html.escape(r['dir'])}</td><td>{status}</td>"
-                    f"<td><code>{params}</code></td><td>{numbers}</td><td>{link}</td></tr>")
+                    f"<td class='params'>{params}</td><td>{html.escape(best or _best_text(h))}</td>{cells}"
+                    f"<td>{link}</td></tr>")
     ok = sum(r["status"] == "ok" for r in records)
     page = ("<!doctype html><meta charset='utf-8'><title>workbench batch</title>"
-            "<style>body{font-family:sans-serif} td,th{border:1px solid #ccc;padding:4px} .failed{background:#fee}"
-            "</style>"
-            f"<h1>workbench batch: {ok} of {len(records)} reports</h1><table><tr><th>run</th><th>status</th>"
-            "<th>parameters</th><th>best candidate (reliably faster, within budget)</th><th>report</th></tr>"
-            f"{''.join(rows)}</table>")
+            f"<style>{INDEX_STYLE}</style>"
+            f"<h1>workbench batch: {ok} of {len(records)} reports</h1>"
+            "<p>Best candidate per run: within the metric budget and reliably faster (the lower end of its speedup's "
+            "95% interval above 1). Click a column to sort.</p>"
+            "<table><thead><tr><th>run</th><th>status</th><th>parameters</th><th>best candidate</th>"
+            "<th>speedup (slowest batch)</th><th>metric</th><th>size ×</th><th>report</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>{_runs_chart(records)}<script>{INDEX_SORT}</script>")
     index = out / "index.html"
     write_atomic(out / "index.json", json.dumps(records, indent=2, default=str))
     write_atomic(index, page)
     return index
+
+
+def _short(value) -> str:
+    """A parameter's value for the index: lists as comma-separated items, the rest as text."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _runs_chart(records: list[dict]) -> str:
+    """Every run's candidates in one chart (metric against the slowest batch's speedup), plotly inline: the
+    index is one file that opens offline; empty where plotly is missing or no run has candidates."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return ""
+    from ..charts import themed
+
+    fig = go.Figure()
+    for r in records:
+        table = (r.get("headline") or {}).get("candidates_table") or []
+        if not table:
+            continue
+        fig.add_trace(go.Scatter(x=[c["worst_speedup"] for c in table], y=[c["metric"] for c in table],
+                                 mode="markers", name=r["dir"], text=[c["recipe"] for c in table],
+                                 hovertemplate="%{text}<br>speedup %{x:.3g}x<br>metric %{y:.4g}<extra>"
+                                               + html.escape(r["dir"]) + "</extra>"))
+    if not fig.data:
+        return ""
+    fig.update_layout(title="every run's candidates: metric against speedup (slowest timed batch)",
+                      xaxis_title="speedup against its baseline (x, higher is better)",
+                      yaxis_title="metric (higher is better)", height=420, legend_title="run")
+    fig.add_vline(x=1, line_dash="dot", line_color="#999")
+    return "<h2>Candidates across runs</h2>" + themed(fig).to_html(full_html=False, include_plotlyjs=True)
 
 
 def _best_text(h: dict) -> str:

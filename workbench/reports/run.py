@@ -22,6 +22,11 @@ KERNEL_NOISE = ("Kernel is running over TCP without encryption", "KeyboardInterr
                 "To connect another client to this kernel", "--existing kernel-")
 
 
+# wide result tables scroll inside the page instead of running off it (a 1280 px window shows the page whole)
+REPORT_STYLE = (".jp-OutputArea-output table { display: block; max-width: 100%; overflow-x: auto; } "
+                ".jp-OutputArea-output td, .jp-OutputArea-output th { white-space: nowrap; }")
+
+
 def to_html(notebook: Path, html_path: Path) -> Path:
     """nbconvert to HTML with the code cells hidden (outputs, errors included, stay)."""
     import nbformat
@@ -29,6 +34,7 @@ def to_html(notebook: Path, html_path: Path) -> Path:
     exporter = require("nbconvert", "reports", "HTML reports").HTMLExporter(
         exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    body = body.replace("</head>", f"<style>{REPORT_STYLE}</style></head>", 1)
     try:
         return write_atomic(html_path, body)
     except WorkbenchError as e:
