@@ -178,6 +178,9 @@ class WorkbenchMagics(Magics):
         except WorkbenchError as e:
             bar.finish(str(e).splitlines()[0][:100])
             raise UsageError(str(e)) from None
+        except UsageError as e:
+            bar.finish(str(e).splitlines()[0][:100])
+            raise
         except KeyboardInterrupt:
             bar.finish("interrupted")
             print("interrupted: nothing was changed (your model and the study are as they were)")
@@ -217,15 +220,21 @@ class WorkbenchMagics(Magics):
             for step in recipe.steps:  # a notebook variable: hand the module itself to the step
                 if getattr(step, "teacher", None) == teacher:
                     step.teacher = getattr(module, "model", module)
-        model, data, label = self._model_and_data(args.model, args.data)
-        target = args.as_name or f"{_identifier(label)}_opt"
-        if not target.isidentifier():
-            raise UsageError(f"--as {target!r} is not a valid Python name")
-        result = self._run(f"%optimize {label}", lambda bar: engine.optimize(
-            model, recipe, data=data, backend=args.backend, device=args.device, threads=args.threads, progress=bar,
-            name=label))
+        if args.as_name and not args.as_name.isidentifier():
+            raise UsageError(f"--as {args.as_name!r} is not a valid Python name")
+        loaded = {}
+
+        def work(bar):  # the bar shows at once, also while a built-in loads (trained on first use)
+            bar(f"loading {args.model}", None)
+            model, data, label = loaded["model"] = self._model_and_data(args.model, args.data)
+            return engine.optimize(model, recipe, data=data, backend=args.backend, device=args.device,
+                                   threads=args.threads, progress=bar, name=label)
+
+        result = self._run(f"%optimize {args.model}", work)
         if result is None:
             return None
+        label = loaded["model"][2]
+        target = args.as_name or f"{_identifier(label)}_opt"
         target = self._store(target, result, chosen=bool(args.as_name))
         if not args.no_card:
             from IPython.display import display
