@@ -51,7 +51,7 @@ def test_template_listing_reads_every_parameter():
 @pytest.mark.parametrize("template, params, message", [
     ("nope", {}, r"no template 'nope'; templates: distillation, pipeline, pruning, quantization, quickstart"),
     ("pruning", {"sparsity": 0.5}, r"no parameter 'sparsity'; its parameters are: model, sparsities, structured"),
-    ("pruning", {"finetune": "two"}, r"parameter 'finetune' of 'pruning' takes an int \(default 1\), got str"),
+    ("pruning", {"finetune": "two"}, r"parameter 'finetune' of 'pruning' takes an int \(default 3\), got str"),
     ("pipeline", {"recipes": "quant=int8"}, r"takes a list"),
 ])
 def test_bad_parameters(template, params, message, tmp_path):
