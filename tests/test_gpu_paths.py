@@ -184,3 +184,14 @@ def test_an_exported_program_moves_to_another_device_as_a_whole(digits_mlp, tmp_
     moved = load(path / "model.pt2", "meta")
     out = moved(data.inputs(3).to("meta"))
     assert out.device.type == "meta" and out.shape == (3, 10)
+
+
+def test_the_gpu_preflight_names_layers_off_the_tensor_core_shapes():
+    from workbench.techniques.quantize import Quantize, preflight
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 100), nn.ReLU(), nn.Linear(100, 10))
+    gpu = types.SimpleNamespace(target=Target("cuda"), model=model, conv_heavy=False)
+    lines = preflight([Quantize("fp16")], gpu)
+    assert any("2 of 3 Linear layers" in line and "'2', 128 x 100" in line for line in lines), lines
+    cpu = types.SimpleNamespace(target=Target("cpu"), model=model, conv_heavy=False)
+    assert not any("tensor cores" in line for line in preflight([Quantize("fp16")], cpu))

@@ -159,7 +159,25 @@ def preflight(steps: list, facts) -> list[str]:
         if step.dtype in ("fp16", "bf16") and not target.native(step.dtype):
             lines.append(f"{step.dtype} on this CPU has no native matrix units: expect it slower than fp32 "
                          "(it halves the size)")
+        if target.is_cuda and step.dtype in ("fp16", "bf16", "fp8", "auto"):
+            lines += _tensor_core_shapes(facts.model)
     return lines
+
+
+def _tensor_core_shapes(model) -> list[str]:
+    """On a GPU, Linear layers whose sizes are not multiples of 8: their half-precision matrix products cannot run
+    on the tensor cores at full rate (fp8 needs multiples of 16)."""
+    from torch import nn
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)] \
+        if hasattr(model, "named_modules") else []
+    off = [(n, m) for n, m in linears if m.in_features % 8 or m.out_features % 8]
+    if not off:
+        return []
+    name, m = max(off, key=lambda nm: nm[1].in_features * nm[1].out_features)
+    return [f"tensor cores: {len(off)} of {len(linears)} Linear layers have sizes that are not multiples of 8 (the "
+            f"largest: {name!r}, {m.in_features} x {m.out_features}), so their fp16/bf16 products run below the "
+            "tensor cores' rate; it matters where they carry many of the MACs"]
 
 
 def _options(facts) -> list[str]:
