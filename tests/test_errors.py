@@ -202,3 +202,12 @@ def test_a_lowering_that_breaks_the_model_names_the_step_not_the_data(digits_mlp
     _, data = digits_mlp
     with pytest.raises(ModelError, match=r"quant=fp16 left a model whose forward fails"):
         wb.optimize(UsesRfft(), "quant=fp16", data=data, **FAST)
+
+
+def test_first_line_is_what_the_workbench_shows_of_a_librarys_error():
+    from workbench.errors import first_line
+
+    assert first_line(ValueError("bad shape\n  at layer 3")) == "bad shape"
+    assert first_line(ValueError("bad shape\nmore"), named=True) == "ValueError: bad shape"
+    assert first_line(KeyError()) == "KeyError" and first_line(KeyError(), named=True) == "KeyError: "
+    assert first_line(RuntimeError("x" * 500), limit=10) == "x" * 10

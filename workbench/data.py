@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator
 from typing import Any, Callable, Iterable
 
-from .errors import DataError, WorkbenchError
+from .errors import DataError, WorkbenchError, first_line
 from .tensors import batch_size_of, call_model, concat_rows, first_tensor, map_tensors
 
 METRICS = ("accuracy", "fidelity")
@@ -302,7 +302,7 @@ class Data:
                 except Exception as e:
                     shapes = map_tensors(inputs, lambda t: tuple(t.shape))
                     raise ModelError(f"the model's forward failed on validation batch {i + 1} {shapes}: "
-                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check that "
+                                     f"{first_line(e, named=True)}. Check that "
                                      "the data matches what the model expects.") from e
         return outs
 
@@ -353,8 +353,8 @@ class Data:
         except (WorkbenchError, Warning):
             raise
         except Exception as e:
-            raise DataError(f"the eval_fn {self.metric_name!r} raised {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            raise DataError(f"the eval_fn {self.metric_name!r} raised "
+                            f"{first_line(e, named=True)}") from e
 
     def _score(self, outs: list, targets: list, masks: list) -> float:
         import torch

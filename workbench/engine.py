@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .data import Data
-from .errors import DataError, DeviceError, ModelError, RecipeError, StepError, WorkbenchError
+from .errors import DataError, DeviceError, ModelError, RecipeError, StepError, WorkbenchError, first_line
 from .recipe import Recipe
 from .tensors import batch_size_of, call_model, copy_model, rng_preserved
 
@@ -87,10 +87,6 @@ def _is_graph(model) -> bool:
     return not isinstance(model, torch.nn.Module) and any(b.accepts(model) for b in backends())
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def working_copy(model, data: Data, target):
     """A deep copy in eval mode on the target's device, checked to run on the data's example inputs."""
     if _is_graph(model):
@@ -129,7 +125,7 @@ def _check_inputs_run(model, inputs, target, where: str, what: str = "the model"
         raise
     except Exception as e:
         shapes = map_tensors(inputs, lambda t: tuple(t.shape))
-        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {_first_line(e)}. Check that the data "
+        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {first_line(e, named=True)}. Check that the data "
                          "matches what the model expects.") from e
 
 
@@ -140,7 +136,7 @@ def _apply(tech, model, step, ctx):
     except (WorkbenchError, Warning):  # a warning raised as an error was asked for by the user's filters
         raise
     except Exception as e:
-        raise StepError(f"{step.describe()} failed on this model and data: {_first_line(e)}. Check that the train "
+        raise StepError(f"{step.describe()} failed on this model and data: {first_line(e, named=True)}. Check that the train "
                         "and validation batches match what the model takes, or leave the step out") from e
 
 
@@ -154,7 +150,7 @@ def _still_runs(model, step, ctx) -> None:
     except WorkbenchError:
         raise
     except Exception as e:
-        raise ModelError(f"{step.describe()} left a model whose forward fails ({_first_line(e)}); this "
+        raise ModelError(f"{step.describe()} left a model whose forward fails ({first_line(e, named=True)}); this "
                          "architecture is not supported by that step here, so leave the step out") from e
 
 

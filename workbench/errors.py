@@ -50,3 +50,13 @@ def require(module: str, extra: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtra(f"{what} needs {module.split('.')[0]}: pip install 'workbench[{extra}]'") from None
+
+
+def first_line(error: BaseException, limit: int | None = None, named: bool = False) -> str:
+    """The first line of an exception's message (its type's name where the message is empty), cut at `limit`
+    characters; `named` puts the type's name in front ("ValueError: ..."). One line is what the workbench shows of
+    a library's error; the whole traceback stays on the exception's chain."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ("" if named else type(error).__name__)
+    out = f"{type(error).__name__}: {line}" if named else line
+    return out[:limit] if limit else out

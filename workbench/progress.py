@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .errors import first_line
+
 
 class Bar:
     """A progress bar fed by the engine's callback. Use as a context manager: it finishes on exit."""
@@ -43,7 +45,7 @@ class Bar:
         if kind is None:
             self.finish()
         else:
-            self.finish("interrupted" if kind is KeyboardInterrupt else str(error).splitlines()[0][:100]
+            self.finish("interrupted" if kind is KeyboardInterrupt else first_line(error, 100)
                         if str(error) else kind.__name__)
 
 

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import PickleFallback, WorkbenchError
+from .errors import PickleFallback, WorkbenchError, first_line
 from .paths import check_parents, disk_error, fsync_directory, readable, replace_directory
 
 FORMAT = 1
@@ -273,7 +273,7 @@ def load(path, device: str = "cpu", trust_pickle: bool = False, verify: bool = T
     except WorkbenchError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e, 200)
         raise WorkbenchError(f"{path} could not be read as a {backend.title} model ({first}); the file is damaged "
                              "or not a model: save the model again") from None
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import first_line
+
 SEED = 0
 VOCAB = 96
 
@@ -328,7 +330,7 @@ def _differs(what: str, reference: Callable, candidate: Callable) -> str | None:
         try:
             got = candidate()
         except Exception as e:
-            return f"{what} fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            return f"{what} fails: {first_line(e, named=True)}"[:200]
     why = _same_structure(expected, got)
     return f"{what} {why}" if why else None
 
@@ -374,7 +376,7 @@ def check_export(result, family: str) -> str | None:
             try:  # loaded by its runtime alone, and compared with the model's outputs
                 check_deployable(result.model, _new_shape(family, shape), path)
             except Exception as e:
-                return f"the exported {path.name} fails at {shape}: {type(e).__name__}: {str(e).splitlines()[0]}"[:200]
+                return f"the exported {path.name} fails at {shape}: {first_line(e, named=True)}"[:200]
     return None
 
 
@@ -402,21 +404,21 @@ def run_cell(architecture: str, technique: str, measured=None) -> Cell:
         with quiet():
             result = base.run(recipe_for(arch, technique))
     except WorkbenchError as e:
-        return Cell(architecture, technique, "refused", reason=str(e).splitlines()[0])
+        return Cell(architecture, technique, "refused", reason=first_line(e))
     except Exception as e:
         last = traceback.extract_tb(e.__traceback__)[-1]
         return Cell(architecture, technique, "fails",
-                    reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                    reason=f"{first_line(e, named=True)} "
                            f"({Path(last.filename).name}:{last.lineno})"[:300])
     try:
         why = check_contract(model, result, arch.family, data)
         if why is None:
             why = (check_export if technique == "export" else check_saved)(result, arch.family)
     except WorkbenchError as e:
-        return Cell(architecture, technique, "refused", reason=str(e).splitlines()[0])
+        return Cell(architecture, technique, "refused", reason=first_line(e))
     except Exception as e:
         why = f"{'export' if technique == 'export' else 'save/reload'} fails: {type(e).__name__}: " \
-              f"{str(e).splitlines()[0] if str(e) else ''}"[:200]
+              f"{first_line(e)}"[:200]
     if why:
         return Cell(architecture, technique, "fails", result.measurement.metric, why)
     return Cell(architecture, technique, "works", result.measurement.metric,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, first_line
 
 
 def call_model(model: Any, inputs: Any):
@@ -137,7 +137,7 @@ def concat_rows(pieces: list, rows: int):
             return torch.cat(parts)[:rows]
         except (RuntimeError, TypeError) as e:
             shapes = [tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in parts]
-            raise DataError(f"cannot make a batch of {rows} from batches shaped {shapes} ({str(e).splitlines()[0]}); "
+            raise DataError(f"cannot make a batch of {rows} from batches shaped {shapes} ({first_line(e)}); "
                             "the validation batches must have the same shape but for the batch size") from None
 
     first = pieces[0]

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from .data import Data
-from .errors import WorkbenchError
+from .errors import WorkbenchError, first_line
 from .paths import cache_dir
 from .tensors import seeded
 
@@ -283,8 +283,8 @@ def load_model(path, task: str | None = None):
     try:
         return cls.from_pretrained(path, local_files_only=True).eval()
     except Exception as e:
-        raise WorkbenchError(f"{cls.__name__}.from_pretrained({str(path)!r}) failed: {type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        raise WorkbenchError(f"{cls.__name__}.from_pretrained({str(path)!r}) failed: "
+                             f"{first_line(e, named=True)}") from e
 
 
 def resolve(spec: str):

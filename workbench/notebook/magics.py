@@ -16,6 +16,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 
+from ..errors import first_line
+
 OPTIMIZE_DOC = """Optimize a copy of MODEL and show a result card; the Result goes into the namespace.
 
 Examples:
@@ -176,10 +178,10 @@ class WorkbenchMagics(Magics):
         try:
             result = fn(bar)
         except WorkbenchError as e:
-            bar.finish(str(e).splitlines()[0][:100])
+            bar.finish(first_line(e, 100))
             raise UsageError(str(e)) from None
         except UsageError as e:
-            bar.finish(str(e).splitlines()[0][:100])
+            bar.finish(first_line(e, 100))
             raise
         except KeyboardInterrupt:
             bar.finish("interrupted")

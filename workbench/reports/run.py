@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ReportError, WorkbenchError, require
+from ..errors import ReportError, WorkbenchError, require, first_line
 from ..paths import check_parents, disk_error, write_atomic
 from ..scoped import logger_level
 from .templates import check_parameters, template_path
@@ -117,7 +117,7 @@ def _execute(papermill, path: Path, running: Path, output: Path, parameters: dic
                                        f"(see {output})")
                 except TimeoutError as e:  # nbclient's cell timeout (a TimeoutError, so an OSError): not the disk
                     return ReportError(f"{path.stem} report stopped: a cell ran longer than the {timeout} s timeout "
-                                       f"({str(e).splitlines()[0] if str(e) else 'timeout'}); see {output}")
+                                       f"({first_line(e) if str(e) else 'timeout'}); see {output}")
                 except OSError as e:
                     if _ours(e, running):
                         raise  # the disk refused the notebook: report() says so in one line

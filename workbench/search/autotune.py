@@ -21,7 +21,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import WorkbenchError, require
+from ..errors import WorkbenchError, require, first_line
 from ..verdict import judge
 
 
@@ -196,7 +196,7 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
                 raise
             except Exception as e:  # one candidate failing (a library limit, a bad export) does not end the search
                 durations.append(time.time() - t0)
-                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                error = f"{first_line(e, named=True)}"
                 failed.append((recipe, runtime, error, traceback.format_exc()))
                 report(f"trial {len(durations)}: {recipe} [{runtime or 'auto'}] failed: {error}")
                 trial.set_user_attr("error", error)
@@ -238,8 +238,8 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
         except Exception as e:
             hint = (" (a SQL URL needs its driver: for PostgreSQL pip install psycopg2-binary and write "
                     "postgresql+psycopg2://user@host/db)" if isinstance(e, ImportError) else "")
-            raise WorkbenchError(f"autotune cannot open the search storage {where}: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+            raise WorkbenchError(f"autotune cannot open the search storage {where}: "
+                                 f"{first_line(e, named=True)}{hint}") from e
         for params in _seeds(facts):  # what usually works first, so even a short budget ends with a candidate
             ostudy.enqueue_trial(params, skip_if_exists=True)
         try:

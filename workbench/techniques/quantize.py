@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import RecipeError
+from ..errors import RecipeError, first_line
 from ..recipe import Step, option
 from ..registry import technique
 
@@ -244,11 +244,11 @@ def _lower(model, precision: str, step: Quantize, ctx):
                                  calibration_batches=step.calibration_batches)
         except ExportError as e:
             if len(options) == 1 and ctx.target.backend == "auto" and precision == "int8-static":
-                reason = str(e).splitlines()[0].split("; use backend=")[0]
+                reason = first_line(e).split("; use backend=")[0]
                 raise RecipeError(f"{step.describe()}: {reason}; no other backend runs static int8 here, so use "
                                   "quant=int8-dynamic (torch.ao runs it on this model)") from e
             if i == len(options) - 1 or ctx.target.backend != "auto":
                 raise
-            ctx.note(f"{backend.title} could not take this model ({str(e).splitlines()[0][:160]}); "
+            ctx.note(f"{backend.title} could not take this model ({first_line(e, 160)}); "
                      f"{options[i + 1].title} runs {precision} instead")
     raise AssertionError("unreachable")

@@ -9,7 +9,7 @@ import warnings
 from typing import Any
 
 from ...contract import flat_module, has_sequence_axis, layout_of, on_cpu, values_of, without_cache
-from ...errors import ExportError
+from ...errors import ExportError, first_line
 
 OPSET = 17
 
@@ -55,7 +55,7 @@ def export_onnx(model, example_inputs: Any) -> tuple[bytes, dict]:
                               do_constant_folding=True)
     except Exception as e:
         op = _unsupported_operator(str(e))
-        what = f"operator {op!r} has no ONNX translation" if op else str(e).splitlines()[0]
+        what = f"operator {op!r} has no ONNX translation" if op else first_line(e)
         raise ExportError(f"ONNX export failed: {what}. Use backend='torch' for this model, or replace that "
                           "operation with standard torch ops.") from e
     return buf.getvalue(), layout

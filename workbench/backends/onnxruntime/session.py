@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from ...errors import DeviceError, ExportError
+from ...errors import DeviceError, ExportError, first_line
 from ...tensors import call_model, first_tensor, map_tensors
 from ...contract import bind, cache_free, other_shape, rebuild
 from .export import export_onnx
@@ -27,11 +27,6 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 def provider_for(device: str) -> str:
     return PROVIDERS["cuda" if device.startswith("cuda") else "cpu"]
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 class OrtModel:
@@ -80,7 +75,7 @@ class OrtModel:
                 import re
 
                 node = re.search(r"running (\w+) node", str(e))
-                where = f"its {node.group(1)} node fails at another shape" if node else _first_line(e)
+                where = f"its {node.group(1)} node fails at another shape" if node else first_line(e, 200)
                 raise ExportError("the exported ONNX graph runs only at the batch size or sequence length it was "
                                   f"traced with ({where}); use backend='torch' for this model") from e
         return ort_model

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ...errors import first_line
 from ...registry import register_backend
 from .. import Backend
 
@@ -127,7 +128,7 @@ class TorchBackend(Backend):
             try:
                 write(model, example_inputs, staged)
             except Exception as e:
-                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                why = first_line(e, 160)
                 other = "result.export('model.ts') writes a TorchScript trace instead, or " \
                     if path.suffix != ".ts" else ""
                 raise ExportError(f"{'torch.export' if write is export_program else 'TorchScript'} cannot capture "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import WorkbenchError
+from ...errors import WorkbenchError, first_line
 from ...contract import (bind, flat_module, has_sequence_axis, layout_of, other_shape, rebuild, values_of,
                          without_cache)
 from ...paths import write_atomic
@@ -73,7 +73,7 @@ def export_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
             program.module()(*values_of(other_shape(example_inputs)))
     except Exception as e:
         raise NotImplementedError("torch.export fixed the batch size or sequence length at the traced one "
-                                  f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+                                  f"({first_line(e, 120)})"
                                   ) from e
     torch.export.save(program, str(path))
     return layout
@@ -128,7 +128,7 @@ def save(model: nn.Module, example_inputs: Any, directory: Path) -> Path:
             break
         except Exception as e:
             target.unlink(missing_ok=True)
-            reasons.append(str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__)
+            reasons.append(first_line(e, 160))
     else:
         target = directory / "model.pt"  # see the trust model above
         torch.save(model, target)
