@@ -235,10 +235,18 @@ def test_the_rerun_command_reads_back_as_the_same_parameters():
 
 
 @pytest.mark.slow
-def test_the_pruning_templates_defaults_give_a_candidate_within_budget(tmp_path):
+def test_the_pruning_templates_defaults_give_a_candidate_within_budget():
     """The first pruning report a user runs shows the technique working (issue 19): with its default sparsities and
     fine-tuning, at least one candidate keeps digits-cnn within the 0.01 budget."""
-    notebook = wb.report("pruning", {"batch_sizes": [1]}, output=tmp_path / "p.ipynb")
-    head = reports.read_headline(notebook)
-    drops = [head["baseline_metric"] - c["metric"] for c in head["candidates_table"]]
-    assert len(drops) == 3 and min(drops) <= 0.01
+    import nbformat
+
+    # the template's own parameter and recipe cells, run as they are (no kernel, no sensitivity sweep: just the
+    # candidates a default report measures), then measured as the report's cell does
+    nb = nbformat.read(str(reports.template_path("pruning")), as_version=4)
+    scope: dict = {}
+    for cell in nb.cells[1:3]:
+        exec(cell.source, scope)
+    model, data = reports.load_model(scope["model"])
+    results = reports.run_recipes(model, data, scope["recipes"], batch_sizes=[1], seed=scope["seed"], study=False)
+    drops = [r.baseline.metric - r.measurement.metric for r in results]
+    assert len(drops) == 3 and min(drops) <= scope["max_drop"]
