@@ -249,7 +249,9 @@ class Panel:
             return None
         mine = df[df["model"] == self.name]
         if model is not None and hasattr(model, "parameters"):
-            params = sum(p.numel() for p in model.parameters())
+            from ..measure.counts import count_params
+
+            params = count_params(model)[0]  # as the Study's baseline row counted them
             bases = mine[(mine["kind"] == "baseline") & (mine["params"] == params)].index
             mine = mine[mine.index.isin(bases) | mine["parent"].isin(bases)]
         return mine if (mine["kind"] == "optimize").any() else None
@@ -302,12 +304,7 @@ class Panel:
         from .. import charts
         from ..measure.measurement import batches_in, column, significant
 
-        fig = charts.pareto(runs)
-        with self.chart.batch_update():
-            self.chart.data = []
-            self.chart.add_traces(list(fig.data))
-            for key in ("title", "xaxis.title", "yaxis.title", "legend.title"):
-                self.chart.layout[key] = fig.layout[key]
+        self._show(charts.pareto(runs))
         batches = batches_in(runs.columns)
         head = ["run", str(runs["metric_name"].dropna().iloc[0]) if runs["metric_name"].notna().any() else "metric",
                 "size MB"] + [f"p50 ms (b={b})" for b in batches] + [f"speedup (b={b})" for b in batches]
@@ -329,16 +326,16 @@ class Panel:
         if runs is not None:
             self._draw(runs)
         else:  # no Study to draw from: this panel's own results
-            self._draw_results()
+            from .. import charts
+
+            self._show(charts.pareto(self.results))
             shown = table(self.results)
             shown["verdict"] = [""] + [r.verdict for r in self.results]
             self.table.value = shown.to_html(border=0)
         self.layer_map.show_result(result)
 
-    def _draw_results(self) -> None:
-        from .. import charts
-
-        fig = charts.pareto(self.results)
+    def _show(self, fig) -> None:
+        """The live chart shows `fig`'s traces, title and axis titles."""
         with self.chart.batch_update():
             self.chart.data = []
             self.chart.add_traces(list(fig.data))
