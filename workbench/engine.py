@@ -243,7 +243,7 @@ class Baseline:
             if step.needs_train and self.data.train is None:
                 raise RecipeError(f"{step.describe()}: this step needs batches to calibrate or train on, and the "
                                   "data has no train split; build it with wb.Data(train=..., val=...)")
-        if any(step.needs_train for step in recipe.steps):  # calibration and training read them: they must run
+        if self.data.train is not None and any(step.reads_train for step in recipe.steps):  # they must run
             self.data.check_layout("train")
             inputs = next(iter(self.data.train_batches(limit=1)))[0]
             _check_inputs_run(self.model, inputs, self.target, "the first train batch")

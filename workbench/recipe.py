@@ -120,6 +120,11 @@ class Step:
         """Whether this step reads the data's train split (calibration, gradients, training)."""
         return False
 
+    @property
+    def reads_train(self) -> bool:
+        """Whether this step reads the train split where there is one (more than those that need it)."""
+        return self.needs_train
+
     def precisions(self) -> tuple:
         """For a step that lowers the model: the precisions any of which would do (empty for other steps)."""
         return ()

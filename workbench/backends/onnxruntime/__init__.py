@@ -21,6 +21,14 @@ def _ort():
     return onnxruntime
 
 
+def _linear_leaves(model, layers: tuple) -> tuple:
+    """The Linear layers at or under `layers`: each must keep nodes of its own for `exclude` to find it."""
+    from torch import nn
+
+    return tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                 and any(n == e or n.startswith(e + ".") for e in layers))
+
+
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
@@ -73,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
             fp32 = model.placed(target.device, target.threads)
         else:
             fp32 = OrtModel.from_torch(model, ctx.data.example_inputs, device=target.device, threads=target.threads,
-                                       fuse=not exclude)
+                                       keep_named=_linear_leaves(model, exclude))
         if precision == "fp32":
             return fp32
         if precision == "int8-dynamic":

@@ -24,6 +24,11 @@ def nodes_in_layers(onnx_bytes: bytes, layers: tuple) -> list[str]:
     return matched + [f"{n}_MatMul" for n in matched]  # ORT's quantizers rewrite Gemm as '<name>_MatMul' + Add
 
 
+def layers_without_nodes(onnx_bytes: bytes, layers: tuple) -> list[str]:
+    """The layers among `layers` that no node of the graph is named after (a fusion merged them away)."""
+    return [layer for layer in layers if not nodes_in_layers(onnx_bytes, (layer,))]
+
+
 def _quantized(model: OrtModel, label: str, quantize) -> OrtModel:
     """Run one of ORT's quantizers (`quantize(src_path, dst_path)`) on a pre-processed copy of the graph."""
     from onnxruntime.quantization.shape_inference import quant_pre_process

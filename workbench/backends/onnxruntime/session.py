@@ -54,11 +54,19 @@ class OrtModel:
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
     def from_torch(cls, model, example_inputs, device: str = "cpu", threads: int | None = None, check: bool = True,
-                   fuse: bool = True) -> "OrtModel":
+                   fuse: bool = True, keep_named: tuple = ()) -> "OrtModel":
         """Export `model` and check the graph against it. With `fuse`, BERT encoders get ONNX Runtime's
-        transformer fusions instead, kept where they match the torch model; fused nodes lose the per-layer names
-        that quantization `exclude=` matches. The plain export is made only when no fused graph is kept."""
+        transformer fusions instead, kept where they match the torch model and where every layer in `keep_named`
+        (those quantization `exclude=` leaves in float) still has nodes of its own: fused nodes lose the per-layer
+        names it matches. The plain export is made only when no fused graph is kept."""
         fused = fuse_bert(model, example_inputs, on_cpu=provider_for(device) == PROVIDERS["cpu"]) if fuse else None
+        if fused is not None and keep_named:
+            from .quantize import layers_without_nodes
+
+            missing = layers_without_nodes(fused[0], keep_named)
+            if missing:
+                logging.getLogger(__name__).info("unfused ONNX graph: %s fused away", missing[0])
+                fused = None
         if fused is not None:
             candidate = cls(*fused, device=device, threads=threads)
             try:

@@ -1,0 +1,115 @@
+"""Accuracy-preserving int8 (techniques/smoothing.py): smoothing is exact in float and recovers what outlier
+channels cost, mixed precision keeps the layer that stands out, bias correction takes back the mean shift, and a
+kept layer no longer costs a BERT its ONNX Runtime fusions."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+from workbench.techniques import smoothing
+
+
+def outlier_mlp():
+    """A 3-layer MLP fed inputs with two channels 100x the others (as transformers' activations have), and fidelity
+    data (train and val differ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 16)).eval()
+
+    def batches(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(4):
+            x = torch.randn(32, 64, generator=g)
+            x[:, :2] *= 100
+            with torch.no_grad():
+                out.append((x, model(x)))
+        return out
+
+    return model, wb.Data(train=batches(1), val=batches(2), metric="fidelity", name="outliers")
+
+
+def test_smoothing_is_exact_in_float_on_a_bert_and_its_packed_form():
+    pytest.importorskip("transformers")
+    from tests.test_unpad import encoder_and_data
+    from workbench.techniques.packed_bert import PackedBert
+
+    model, data = encoder_and_data()
+    packed = type(model)(PackedBert(model.encoder)).eval()
+    inputs = [x for x, _ in data.train_batches()]
+    for original in (model, packed):
+        smoothed, plan = smoothing.prepare(copy.deepcopy(original), inputs, 0.85, False, 0)
+        assert plan.folded and plan.smoothed and plan.keep == []
+        with torch.no_grad():
+            for x in inputs:
+                torch.testing.assert_close(smoothed(**x), original(**x), atol=2e-5, rtol=1e-4)
+    assert not any(n.endswith(("query", "key", "value")) for n in smoothing.prepare(
+        copy.deepcopy(model), inputs, 0.85, False, 0)[1].smoothed)  # left to the Attention fusion
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_smoothing_recovers_the_fidelity_outlier_channels_cost():
+    model, data = outlier_mlp()
+    plain = wb.optimize(model, "quant=int8:smooth=none:keep=0", data=data, study=False, batch_sizes=(1,))
+    smooth = wb.optimize(model, "quant=int8:keep=0", data=data, study=False, batch_sizes=(1,))
+    lost = (1 - smooth.measurement.metric, 1 - plain.measurement.metric)
+    assert lost[0] * 3 < lost[1], lost  # measured: 0.00046 against 0.0017
+    assert any("SmoothQuant" in n for n in smooth.notes)
+    assert not any("SmoothQuant" in n for n in plain.notes)
+    x = data.example_inputs  # the user's model is untouched
+    assert type(model[0]) is nn.Linear and torch.equal(model(x), outlier_mlp()[0](x))
+
+
+def test_mixed_precision_keeps_the_layer_whose_int8_costs_most():
+    model, data = outlier_mlp()
+    wide = nn.Sequential(*model, nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)).eval()
+    data = wb.Data(train=[(x, wide(x).detach()) for x, _ in data.train_batches()],
+                   val=[(x, wide(x).detach()) for x, _ in data.val_batches()], metric="fidelity")
+    result = wb.optimize(wide, "quant=int8:smooth=none", data=data, study=False, batch_sizes=(1,))
+    assert any("mixed precision: 1 Linear layers stay in float" in n and "'0'" not in n and "(0)" in n
+               for n in result.notes), result.notes  # the one fed the outlier channels
+    import onnx
+
+    graph = onnx.load_from_string(result.model.onnx_bytes).graph
+    assert [n.op_type for n in graph.node if n.name.startswith("/model/model.0/")] == ["MatMul", "Add"]  # float
+    assert result.measurement.metric > wb.optimize(wide, "quant=int8:smooth=none:keep=0", data=data, study=False,
+                                                   batch_sizes=(1,)).measurement.metric
+    assert smoothing.choose_keep({"a": 1.0, "b": 0.01, "c": 0.012, "d": 0.011}) == ["a"]
+    assert smoothing.choose_keep({"a": 0.011, "b": 0.01, "c": 0.012, "d": 0.011}) == []  # nothing stands out
+
+
+def test_bias_correction_takes_back_the_mean_shift():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    x = torch.randn(256, 64) + 3.0  # inputs with a large mean, where int8 weights shift outputs most
+    model = nn.Sequential(layer).eval()
+    want = layer(x).detach()
+    shifted = nn.functional.linear(x, smoothing.fake_int8_weight(layer.weight.detach()), layer.bias).detach()
+    stats = smoothing.collect(model, [x], ["0"])
+    assert smoothing.correct_bias(model, stats) == 1
+    fixed = nn.functional.linear(x, smoothing.fake_int8_weight(layer.weight.detach()), layer.bias).detach()
+    before, after = (shifted - want).mean(0).abs().mean(), (fixed - want).mean(0).abs().mean()
+    assert after < before / 10, (before, after)
+
+
+def test_int8_without_a_train_split_says_why_it_is_not_smoothed():
+    model, data = outlier_mlp()
+    bare = wb.Data(val=list(data.val_batches()), metric="fidelity")
+    result = wb.optimize(model, "quant=int8", data=bare, study=False, batch_sizes=(1,))
+    assert any("no train split" in n for n in result.notes)
+
+
+def test_a_kept_layer_outside_attention_keeps_the_bert_fusions():
+    pytest.importorskip("transformers")
+    import onnx
+
+    from tests.test_unpad import encoder_and_data
+
+    model, data = encoder_and_data()
+    result = wb.optimize(model, "quant=int8:exclude=encoder.encoder.layer.0.output.dense", data=data, study=False,
+                         batch_sizes=(1,))
+    nodes = onnx.load_from_string(result.model.onnx_bytes).graph.node
+    assert "QAttention" in {n.op_type for n in nodes}
+    kept = [n.op_type for n in nodes if "layer.0/output/dense" in n.name]
+    assert "MatMul" in kept and "MatMulInteger" not in kept and "DynamicQuantizeMatMul" not in kept, kept
