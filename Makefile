@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# constraints pin torch==2.13.0: the CPU build on this kind of machine's disk, not a multi-GB CUDA build
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[reports,search,text,gpu,dev,browser]"
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[reports,search,text,gpu,openvino,dev,browser]"
 	touch $(STAMP)
 
 # Debian's chromium for the one real-browser test (Playwright's own browser download does not work here)

@@ -4,10 +4,15 @@
     python benchmarks/autotune.py --gpu [--budget-minilm 3min] [--budget-cnn 1min]
 
 Rows per model: torch fp32 eager (the reference), torch.ao dynamic int8, ONNX Runtime quantize_dynamic with its
-defaults and with per-channel weights, ONNX Runtime's transformer optimizer + int8 (minilm), and the candidate
-wb.autotune chose within the metric budget. Columns: latency p50 at two batch sizes, ratio to torch fp32, size,
-metric. For minilm a second table measures the same models on inputs padded only to each batch's longest sentence,
-so the share of the lead that comes from skipping padding (unpad) is visible.
+defaults and with per-channel weights, ONNX Runtime's transformer optimizer + int8 (minilm), OpenVINO fp32 and
+OpenVINO + NNCF int8 with its transformer preset (minilm; when the `openvino` extra is installed), workbench's
+default `quant=int8` and `unpad,quant=int8` (minilm), and the candidate wb.autotune chose within the metric budget.
+Columns: latency p50 at two batch sizes, ratio to torch fp32 with its 95% interval, size, metric.
+
+minilm's main table is what sentence-transformers feeds a model: 512 held-out sentences, each batch padded to its
+longest sentence, batch 1 the first sentence alone (no padding); cosine to the fp32 embeddings and top-1, the
+share of sentences whose nearest neighbour among the 512 is the one fp32 finds. Calibration (NNCF, static int8,
+smoothing) reads 512 other sentences. A second table times the same models on the built-in's 64-token padding.
 
 --gpu, on CUDA: a BERT of all-MiniLM-L6-v2's shape (6 layers, 384 wide, random weights: no download) on 64-token
 batches about half padding, and digits-cnn; peer rows are plain torch as a user writes it by hand (fp32, fp16 and
@@ -73,6 +78,72 @@ class LongestPadding(wb.Data):
 
     def inputs(self, batch_size):
         return self.trim(super().inputs(batch_size))
+
+
+class Sentences(wb.Data):
+    """Sentences as sentence-transformers batches them: each batch padded to its longest; `inputs(n)` the first
+    n sentences padded to their own longest (batch 1: no padding)."""
+
+    def inputs(self, batch_size):
+        return LongestPadding.trim(super().inputs(batch_size))
+
+
+def minilm_sentences(data, batch: int = 32):
+    """(calibration, evaluation) sentence data: minilm's 1280 sentences, the first 512 to calibrate on, the last
+    512 to measure (none of them seen by calibration), padded to each batch's longest."""
+    from workbench.zoo import real_sentences
+
+    sentences = real_sentences(limit=1280)
+
+    def batches(texts):
+        out = []
+        for i in range(0, len(texts), batch):
+            enc = data.tokenizer(texts[i:i + batch], padding="longest", truncation=True, max_length=128,
+                                 return_tensors="pt")
+            out.append(({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None))
+        return out
+
+    train, val = batches(sentences[:512]), batches(sentences[-512:])
+    return Sentences(train=train, val=val, metric="fidelity", example_inputs=val[0][0], name="minilm-sentences")
+
+
+def neighbour_agreement(rows: dict, data) -> dict:
+    """{row: share of sentences whose nearest neighbour (cosine, among all evaluated) is fp32's}."""
+    import torch
+
+    def nearest(model):
+        e = torch.nn.functional.normalize(torch.cat(data.outputs(model)).float(), dim=1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-2)
+        return sim.argmax(1)
+
+    first = next(iter(rows.values()))
+    want = nearest(first)
+    return {name: float((nearest(m.model if hasattr(m, "recipe") else m) == want).float().mean())
+            for name, m in rows.items()}
+
+
+def openvino_peers(model, data, threads) -> dict:
+    """OpenVINO as its users write it: ov.convert_model on the torch model, compiled for the CPU with the threads
+    fixed (fp32 kept fp32: on CPUs with AMX OpenVINO's default would compute in bf16), and NNCF's
+    nncf.quantize with model_type=TRANSFORMER (SmoothQuant, fast bias correction) on the calibration batches."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        print("- OpenVINO rows skipped: pip install 'workbench[openvino]'")
+        return {}
+    from workbench.backends.openvino import OvModel
+    from workbench.contract import layout_of
+
+    example = data.example_inputs
+    layout = layout_of(model, example)
+    fp32 = ov.convert_model(model, example_input=dict(example))
+    calibration = [{k: v.numpy() for k, v in x.items()} for x, _ in data.train_batches()]
+    int8 = nncf.quantize(ov.convert_model(model, example_input=dict(example)), nncf.Dataset(calibration),
+                         model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    return {"openvino fp32": OvModel.from_ov(fp32, layout, threads),
+            "openvino + nncf int8 (transformer preset)": OvModel.from_ov(int8, layout, threads, "int8")}
 
 
 def minilm_shaped():
@@ -147,6 +218,9 @@ def run(name, threads, budget, gpu):
     batches, max_drop = (GPU_BATCHES, GPU_MAX_DROP) if gpu else (BATCHES, MAX_DROP)
     batches, max_drop = batches[name], max_drop[name]
     device = "cuda" if gpu else "cpu"
+    fixed = data
+    if name == "minilm" and not gpu:  # the main table: sentences padded to each batch's longest
+        data = minilm_sentences(fixed)
     if gpu:
         rows = gpu_peers(model)
     else:
@@ -156,6 +230,9 @@ def run(name, threads, budget, gpu):
         rows["onnxruntime quantize_dynamic (per-channel)"] = peer_ort_dynamic(model, data, threads, per_channel=True)
         if name == "minilm":
             rows["onnxruntime transformer optimizer + int8"] = ort_transformer_int8(model, data, threads)
+            rows.update(openvino_peers(model, data, threads))
+            for recipe in ("quant=int8", "unpad,quant=int8"):
+                rows[f"workbench {recipe}"] = wb.optimize(model, recipe, data=data, study=False, batch_sizes=(1,))
     tuned = wb.autotune(model, data, max_drop=max_drop, budget=budget, device=device, study=False,
                         batch=batches[0] if "minilm" in name else batches[1],
                         storage=f"sqlite:///{tempfile.mkdtemp()}/autotune.sqlite",
@@ -163,17 +240,30 @@ def run(name, threads, budget, gpu):
     rows[f"workbench autotune: {tuned.best.recipe}"] = tuned.best
     table = wb.compare(rows, data=data, batch_sizes=batches, threads=threads, device=device, study=False)
     first = next(iter(rows))
-    show(table, f"{name}: {len(tuned.results)} candidates searched in {tuned.seconds:.0f} s, metric budget "
-         f"{max_drop} (speedup, with its 95% interval, and size × against {first})",
-         [tuned.headline] + tuned.best.preflight + tuned.best.notes
-         + [f"failed: {recipe} ({error})" for recipe, _, error, _ in tuned.failed])
-    if name == "minilm":  # how much of the lead is skipped padding: the same models, with little padding to skip
+    notes = [tuned.headline] + tuned.best.preflight + tuned.best.notes \
+        + [f"failed: {recipe} ({error})" for recipe, _, error, _ in tuned.failed]
+
+    if name == "minilm" and not gpu:
+        from workbench.facts import padding_share
+        from workbench.tables import display_table
+
+        top1 = neighbour_agreement(rows, data)
+        shown = display_table(table)
+        shown.insert(1, "top-1", [f"{top1[r]:.3f}" for r in shown.index])
+        print(f"\n## {name}: 512 held-out sentences padded to each batch's longest ({padding_share(data):.0%} "
+              f"padding; batch 1 has none); fidelity = mean cosine to fp32, top-1 = nearest-neighbour agreement; "
+              f"{len(tuned.results)} candidates searched in {tuned.seconds:.0f} s, budget {max_drop}\n")
+        print(shown.to_string())
+        for line in notes:
+            print(f"- {line}")
+    else:
+        show(table, f"{name}: {len(tuned.results)} candidates searched in {tuned.seconds:.0f} s, metric budget "
+             f"{max_drop} (speedup, with its 95% interval, and size × against {first})", notes)
+    if name == "minilm" and not gpu:  # the built-in's fixed 64-token padding, where skipping padding pays most
         from workbench.facts import padding_share
 
-        short = LongestPadding(data)
-        show(wb.compare(rows, data=short, batch_sizes=batches, threads=threads, device=device, study=False),
-             f"{name}, inputs padded only to each batch's longest sentence ({padding_share(short):.0%} padding "
-             f"instead of {padding_share(data):.0%}; batch 1 has none)")
+        show(wb.compare(rows, data=fixed, batch_sizes=batches, threads=threads, device=device, study=False),
+             f"{name}, the built-in's validation batches padded to 64 tokens ({padding_share(fixed):.0%} padding)")
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,7 @@ class Backend:
     def load(self, path: Path, target, trust_pickle: bool = False) -> Any:
         raise NotImplementedError
 
+    calibrates_int8: ClassVar[bool] = False  # its int8 smooths and corrects itself (the workbench's is skipped)
     deploy_suffix: ClassVar[str] = ""  # the deployable file's kind; `also_exports` lists others it writes
     also_exports: ClassVar[tuple] = ()
 
@@ -86,8 +87,10 @@ class Backend:
 
 
 def _load_builtins() -> None:
-    # registration order is the order `backend="auto"` prefers for a precision both run
+    # registration order is the order `backend="auto"` prefers for a precision both run: OpenVINO last, so it
+    # runs a model when asked for by name (backend="openvino") or chosen by autotune's search
     from . import onnxruntime, torch_eager  # noqa: F401
+    from . import openvino  # noqa: F401
 
 
 _load_builtins()

@@ -253,7 +253,7 @@ def _int8_fidelity(model, precision: str, step: Quantize, ctx) -> tuple:
             or not smoothing.linears(model):
         return model, ()
     facts = ModelFacts(model, ctx.data, ctx.target)
-    if facts.conv_heavy:
+    if facts.conv_heavy or ctx.backend_for(precision, step).calibrates_int8:
         return model, ()
     if not facts.has_train:
         ctx.note("int8 without smoothing or mixed precision: they calibrate on train batches and the data has "

@@ -188,7 +188,10 @@ def sensitivities(model, batches, names, weight_bits: int = 8) -> dict:
 
     def outputs():
         with torch.inference_mode():
-            return torch.cat([first_tensor(call_model(model, b)).float().flatten(1) for b in batches])
+            return [first_tensor(call_model(model, b)).float().flatten(1) for b in batches]
+
+    def drop(got, want):  # batches may differ in width (token outputs of varying length): cosine per row
+        return float(1 - torch.cat([F.cosine_similarity(g, w, dim=1) for g, w in zip(got, want)]).mean())
 
     reference, drops = outputs(), {}
     for name in names:
@@ -197,7 +200,7 @@ def sensitivities(model, batches, names, weight_bits: int = 8) -> dict:
         handle = module.register_forward_hook(
             lambda m, args, out, w=weight: F.linear(fake_uint8_activation(args[0]), w, m.bias))
         try:
-            drops[name] = float(1 - F.cosine_similarity(outputs(), reference, dim=1).mean())
+            drops[name] = drop(outputs(), reference)
         finally:
             handle.remove()
     return drops

@@ -1,0 +1,58 @@
+"""OpenVINO as a backend: fp32 and NNCF int8 run, save as IR, reload with the same inputs and outputs, and skip
+padding after unpad; without openvino installed, a saved model says what to install."""
+import pytest
+import torch
+
+import workbench as wb
+from workbench.registry import backend_named
+from workbench.target import resolve
+
+pytest.importorskip("openvino")
+
+
+def test_openvino_fp32_and_int8_run_save_and_reload(digits_cnn, tmp_path):
+    pytest.importorskip("nncf")
+    model, data = digits_cnn
+    fp32 = wb.optimize(model, [], data=data, backend="openvino", study=False, batch_sizes=(1,))
+    assert fp32.backend == "openvino-fp32" and fp32.measurement.metric == pytest.approx(data.evaluate(model))
+    int8 = wb.optimize(model, "quant=int8-static", data=data, backend="openvino", study=False, batch_sizes=(1,))
+    assert int8.backend == "openvino-int8-static" and any("NNCF" in n for n in int8.notes)
+    assert int8.measurement.metric > data.evaluate(model) - 0.02
+    assert int8.measurement.size_bytes < fp32.measurement.size_bytes / 2  # int8 weights
+    path = int8.save(tmp_path / "int8")
+    assert {"model.xml", "model.bin"} <= {p.name for p in path.iterdir()}
+    back = wb.load(path)
+    x = data.example_inputs
+    torch.testing.assert_close(back(x), int8.model(x))
+    assert data.evaluate(back) == pytest.approx(int8.measurement.metric)
+    assert any("openvino" in line for line in int8.deploy)
+
+
+def test_openvino_runs_a_bert_with_its_dict_inputs_and_after_unpad():
+    pytest.importorskip("transformers")
+    from tests.test_unpad import encoder_and_data, padded
+
+    model, data = encoder_and_data()
+    for recipe in ([], "unpad"):
+        result = wb.optimize(model, recipe, data=data, backend="openvino", study=False, batch_sizes=(1,))
+        assert result.backend == "openvino-fp32" and result.measurement.metric > 0.9999, recipe
+        other = padded([9, 2, 5], seed=7)  # another batch size and length than the export's
+        torch.testing.assert_close(result.model(**other), model(**other), atol=1e-4, rtol=1e-3)
+
+
+def test_auto_prefers_the_other_backends_and_openvino_is_searched_for_float_models():
+    target = resolve(device="cpu")
+    from workbench.registry import backends_for
+
+    assert backends_for("int8-static", target)[-1].name == "openvino"  # last: by name or by autotune
+    assert "fp32" in backend_named("openvino").precisions(target)
+
+
+def test_a_saved_openvino_model_without_openvino_says_what_to_install(digits_mlp, tmp_path, monkeypatch):
+    model, data = digits_mlp
+    path = wb.optimize(model, [], data=data, backend="openvino", study=False, batch_sizes=(1,)).save(tmp_path / "m")
+    import workbench.backends.openvino as ov_backend
+
+    monkeypatch.setattr(ov_backend, "_ov", lambda: None)
+    with pytest.raises(wb.WorkbenchError, match=r"pip install 'workbench\[openvino\]'"):
+        wb.load(path)
