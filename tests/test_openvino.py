@@ -56,3 +56,30 @@ def test_a_saved_openvino_model_without_openvino_says_what_to_install(digits_mlp
     monkeypatch.setattr(ov_backend, "_ov", lambda: None)
     with pytest.raises(wb.WorkbenchError, match=r"pip install 'workbench\[openvino\]'"):
         wb.load(path)
+
+
+def test_default_int8_of_a_bert_goes_to_openvino_and_falls_back_with_the_reason(monkeypatch):
+    """quant=int8 on a BERT encoder with a train split: OpenVINO + NNCF where installed (measured to lead on
+    minilm); where it cannot take the model, ONNX Runtime's dynamic int8 with the reason; unpad and named
+    backends keep their paths."""
+    pytest.importorskip("nncf")
+    pytest.importorskip("transformers")
+    from tests.test_unpad import encoder_and_data
+    from workbench.backends.openvino import OpenVinoBackend
+
+    model, data = encoder_and_data()
+    result = wb.optimize(model, "quant=int8", data=data, study=False, batch_sizes=(1,))
+    assert result.backend == "openvino-int8-static" and result.measurement.metric > 0.99
+    assert any("OpenVINO + NNCF" in n and "ONNX Runtime" in n for n in result.notes)
+    for recipe, backend in (("unpad,quant=int8", "auto"), ("quant=int8", "onnxruntime"),
+                            ("quant=int8-dynamic", "auto")):
+        r = wb.optimize(model, recipe, data=data, study=False, batch_sizes=(1,), backend=backend)
+        assert r.backend == "onnxruntime-int8-dynamic", (recipe, backend)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("conversion failed: unsupported operation")
+
+    monkeypatch.setattr(OpenVinoBackend, "lower", broken)
+    r = wb.optimize(model, "quant=int8", data=data, study=False, batch_sizes=(1,))
+    assert r.backend == "onnxruntime-int8-dynamic"
+    assert any("could not take this model (conversion failed" in n for n in r.notes), r.notes

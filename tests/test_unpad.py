@@ -160,7 +160,7 @@ def test_bert_exports_get_onnxruntime_fusions_unless_layers_are_excluded():
     model, data = encoder_and_data()
     ops = {}
     for recipe in ("quant=int8", "quant=int8:exclude=encoder.encoder.layer.0"):
-        r = wb.optimize(model, recipe, data=data, study=False, batch_sizes=(1,))
+        r = wb.optimize(model, recipe, data=data, study=False, batch_sizes=(1,), backend="onnxruntime")
         ops[recipe] = {n.op_type for n in onnx.load_from_string(r.model.onnx_bytes).graph.node}
         assert r.measurement.metric > 0.98
     assert "QAttention" in ops["quant=int8"]  # fused attention, quantized

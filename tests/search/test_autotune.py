@@ -111,7 +111,8 @@ def test_the_search_proposes_no_step_the_data_cannot_feed(digits_mlp):
 
     model, data = digits_mlp
     params = {"prune": 0.5, "recovery": "finetune", "recovery_epochs": 2, "factorize_energy": 0.9,
-              "quant": "int8-dynamic", "per_channel": True, "smooth": "0.5", "keep": "0"}
+              "quant": "int8-dynamic", "per_channel": True, "smooth": "0.5", "keep": "0",
+              "backend int8-dynamic": "onnxruntime"}
     with_train = _suggest(optuna.trial.FixedTrial(params), ModelFacts(model, data, Target("cpu")), "auto")[0]
     assert with_train.startswith("prune=0.5:structured=true") and "finetune=2" in with_train
     assert with_train.endswith("quant=int8-dynamic:per_channel=true:smooth=0.5:keep=0")  # calibrated on train

@@ -76,25 +76,33 @@ def _seeds(facts) -> list[dict]:
     """Trial parameters to start from: the i-th seed of every technique that has seeds, merged."""
     from ..registry import techniques
 
+    from ..registry import backends_for
+
     lists = [t.seeds(facts) for t in techniques() if t.seeds is not None]
     lists = [seeds for seeds in lists if seeds]
-    return [{k: v for seeds in lists for k, v in seeds[min(i, len(seeds) - 1)].items()}
+    # a lowered seed runs where backend="auto" would run it (OpenVINO, say, is searched after)
+    firsts = {f"backend {p}": runs[0].name for p in ("int8-dynamic", "int8-static", "fp16", "bf16", "fp8")
+              for runs in [backends_for(p, facts.target)] if len(runs) > 1}
+    return [{**firsts, **{k: v for seeds in lists for k, v in seeds[min(i, len(seeds) - 1)].items()}}
             for i in range(max((len(s) for s in lists), default=0))]
 
 
 def _suggest(trial, facts, backend: str) -> tuple[str, str | None]:
-    """One candidate: short-form steps from every technique's search, and the backend for a float model."""
+    """One candidate: short-form steps from every technique's search, and the backend that runs it where several
+    run its precision here (fp32 for a float model)."""
     from ..recipe import Recipe
     from ..registry import backends, techniques
 
     steps = [s for t in techniques() if t.search is not None for s in t.search(trial, facts)]
     recipe = ",".join(steps)
-    lowered = recipe and any(s.stage >= 2 for s in Recipe.parse(recipe).steps)
+    lowering = [s for s in Recipe.parse(recipe).steps if s.stage == 2] if recipe else []
+    precisions = lowering[-1].precisions() if lowering else ("fp32",)
     runtime = None
-    if not lowered and backend == "auto":  # a float model: which runtime runs fp32 fastest here
-        floats = [b.name for b in backends() if b.available(facts.target) and "fp32" in b.precisions(facts.target)]
-        if len(floats) > 1:
-            runtime = trial.suggest_categorical("backend", floats)
+    if backend == "auto" and len(precisions) == 1:  # which runtime runs it fastest here: fp32, or a named precision
+        names = [b.name for b in backends() if b.available(facts.target)
+                 and precisions[0] in b.precisions(facts.target)]
+        if len(names) > 1:
+            runtime = trial.suggest_categorical("backend" if not lowering else f"backend {precisions[0]}", names)
     return recipe, runtime
 
 
