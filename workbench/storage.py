@@ -106,6 +106,13 @@ def check_deployable(model, example_inputs: Any, path: Path) -> None:
             layout_names = getattr(model, "input_names", names)
             feed = {n: v.numpy() for n, v in zip(layout_names, values) if n in names}
             got = torch.from_numpy(session.run(None, feed)[0]).float()
+        elif path.suffix == ".xml":  # OpenVINO IR, its .bin beside it; computed in f32 as it was measured
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            names = [n for port in compiled.inputs for n in port.get_names()]
+            feed = {n: v.numpy() for n, v in zip(getattr(model, "input_names", names), values) if n in names}
+            got = torch.from_numpy(compiled(feed)[compiled.outputs[0]].copy()).float()
         elif path.suffix == ".ts":
             got = torch.jit.load(str(path))(*values)[0].float()
         else:

@@ -1,10 +1,45 @@
 """PackedBert: a Hugging Face BertModel's inference forward on the real tokens only (see `techniques.unpad`)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from ..errors import ModelError
+
+_ONNXRUNTIME_ATTENTION = False
+
+
+@contextmanager
+def onnxruntime_attention():
+    """While ONNX Runtime's export traces, each layer's attention becomes one com.microsoft MultiHeadAttention node
+    (scores, mask, softmax and the weighted sum in one CPU kernel) instead of ~10 small ops: at batch 1 they cost
+    more than the matrix products they surround. Other runtimes (OpenVINO) read the plain ops."""
+    global _ONNXRUNTIME_ATTENTION
+    before, _ONNXRUNTIME_ATTENTION = _ONNXRUNTIME_ATTENTION, True
+    try:
+        yield
+    finally:
+        _ONNXRUNTIME_ATTENTION = before
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) v on [batch, length, heads * d] inputs; exported as ONNX Runtime's op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, heads: int, width: int):
+        batch, length = q.shape[:2]
+        split = lambda t: t.view(batch, length, heads, width // heads).transpose(1, 2)  # noqa: E731
+        bias = (~keep.bool())[:, None, None, :].to(q.dtype) * torch.finfo(q.dtype).min
+        scores = split(q) @ split(k).transpose(-1, -2) * (width // heads) ** -0.5 + bias
+        return (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, q, k, v, keep, heads: int, width: int):
+        zeros = g.op("Constant", value_t=torch.zeros(3 * width))  # the op's projection bias (already added)
+        mask = g.op("Cast", keep, to_i=6)  # int32: 1 attends, 0 is padding
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, zeros, mask, num_heads_i=heads)
 
 
 def _slots(keep):
@@ -46,18 +81,24 @@ class PackedLayer(nn.Module):
         self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
         self.ffn_out, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
 
-    def forward(self, h, slots, tokens, mask_bias, batch: int, length: int):
+    def forward(self, h, slots, tokens, mask_bias, batch: int, length: int, keep=None):
         # h: [1, T, hidden] packed real tokens; slots: [B*L] row of each padded position in h (T: a zero row)
         if self.heads == 0:  # every head pruned: the attention block adds only its output bias
             context = torch.zeros(h.shape[:-1] + (0,), dtype=h.dtype, device=h.device)
         else:
             qkv = self.qkv(h)[0]
             qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])
-            qkv = _gather_rows(qkv, slots).view(batch, length, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5) + mask_bias
-            context = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(batch * length,
-                                                                                 self.heads * self.head_size)
+            width = self.heads * self.head_size
+            if _ONNXRUNTIME_ATTENTION and keep is not None and torch.onnx.is_in_onnx_export():
+                qkv = _gather_rows(qkv, slots).view(batch, length, 3 * width)
+                context = _MultiHeadAttention.apply(qkv[..., :width], qkv[..., width:2 * width],
+                                                    qkv[..., 2 * width:], keep, self.heads, width)
+                context = context.reshape(batch * length, width)
+            else:
+                qkv = _gather_rows(qkv, slots).view(batch, length, 3, self.heads, self.head_size)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4)
+                scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5) + mask_bias
+                context = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(batch * length, width)
             context = _gather_rows(context, tokens).unsqueeze(0)
         a = self.attn_norm(self.attn_out(context) + h)
         return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(a))) + a)
@@ -107,7 +148,7 @@ class PackedBert(nn.Module):
         mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         h = _gather_rows(x.index_select(1, columns).reshape(batch * length, width), tokens).unsqueeze(0)
         for layer in self.layers:
-            h = layer(h, slots, tokens, mask_bias, batch, length)
+            h = layer(h, slots, tokens, mask_bias, batch, length, real)
         # back to [batch, full, hidden], zeros at padding
         h = torch.cat([h[0], h.new_zeros(1, h.shape[-1])])
         column_of = _slots(used)

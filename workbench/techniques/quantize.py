@@ -302,6 +302,8 @@ def _int8_fidelity(model, precision: str, step: Quantize, ctx) -> tuple:
         ctx.note(f"int8 smoothing (SmoothQuant, strength {step.smooth}): {len(done.smoothed) + len(done.folded)} "
                  f"Linear inputs' outlier channels moved into the weights ({len(done.folded)} folded into the "
                  "layer before, the rest by a multiply in front)")
+    if done.skipped:
+        ctx.note(f"int8 without smoothing: {done.skipped}, so it was left out")
     if done.corrected:
         ctx.note(f"bias correction: {done.corrected} biases take back their int8 weights' mean shift")
     if done.keep:
@@ -326,16 +328,18 @@ def _lower(model, precision: str, step: Quantize, ctx, exclude: tuple = ()):
     else:
         first = ctx.backend_for(precision, step)  # one clear error when none runs it
         options = [first, *[b for b in backends_for(precision, ctx.target) if b is not first]]
+    first_error = None
     for i, backend in enumerate(options):
         try:
             return backend.lower(model, precision, ctx, per_channel=step.per_channel, reduce_range=step.reduce_range,
                                  calibration=step.calibration, format=step.format, exclude=exclude,
                                  calibration_batches=step.calibration_batches)
         except ExportError as e:
-            if len(options) == 1 and ctx.target.backend == "auto" and precision == "int8-static":
-                reason = first_line(e).split("; use backend=")[0]
-                raise RecipeError(f"{step.describe()}: {reason}; no other backend runs static int8 here, so use "
-                                  "quant=int8-dynamic (torch.ao runs it on this model)") from e
+            first_error = first_error or e
+            if ctx.target.backend == "auto" and precision == "int8-static" and i == len(options) - 1:
+                reason = first_line(first_error).split("; use backend=")[0]
+                raise RecipeError(f"{step.describe()}: {reason}; no backend runs static int8 on this model here, "
+                                  "so use quant=int8-dynamic (torch.ao runs it on this model)") from e
             if i == len(options) - 1 or ctx.target.backend != "auto":
                 raise
             ctx.note(f"{backend.title} could not take this model ({first_line(e, 160)}); "

@@ -17,6 +17,8 @@ rounding), so only the int8 rounding it steers differs.
 """
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +51,7 @@ class Plan:
     corrected: int = 0
     keep: list = field(default_factory=list)
     errors: dict = field(default_factory=dict)
+    skipped: str = ""  # why smoothing was undone
 
 
 SENSITIVITY_BATCHES = 2  # per layer, one pass over these: enough to rank layers
@@ -141,10 +144,14 @@ def smooth(model, stats: dict, alpha: float) -> Plan:
     plan = Plan()
     modules = linears(model)
     folds, never = _folds(model)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name, s in stats.items():
         if name in never or name not in modules:
             continue
         linear = modules[name]
+        producer = folds.get(name, (linear,))[0]
+        if uses[id(linear.weight)] > 1 or uses[id(producer.weight)] > 1:  # tied (GPT-2's head is its embedding)
+            continue
         weight_max = linear.weight.detach().abs().amax(0).float().clamp(min=1e-5)
         act_max = s.absmax.clamp(min=1e-5)
         scale = (act_max ** alpha / weight_max ** (1 - alpha)).clamp(1e-4, 1e4)
@@ -219,6 +226,21 @@ def choose_keep(drops: dict, share: float = 0.1, factor: float = 3.0) -> list[st
     return worst[:cap]
 
 
+def _outputs(model, batches) -> list:
+    with torch.inference_mode():
+        return [first_tensor(call_model(model, b)).float().flatten(1) for b in batches]
+
+
+def _differs(model, batches, reference) -> str | None:
+    """Why the smoothed `model` does not compute what it did (None when it does, up to float rounding)."""
+    try:
+        got = _outputs(model, batches)
+    except Exception as e:
+        return f"the smoothed model fails ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+    worst = min(float(F.cosine_similarity(g, r, dim=1).min()) for g, r in zip(got, reference))
+    return None if worst > 0.9999 else f"the smoothed model's outputs moved (cosine {worst:.4f})"
+
+
 def prepare(model, batches, alpha: float | None, bias_correction: bool, keep: int | None,
             weight_bits: int = 8) -> tuple:
     """(model, Plan): `model` (a copy the caller owns) smoothed, bias-corrected and its layers to keep in float,
@@ -227,7 +249,11 @@ def prepare(model, batches, alpha: float | None, bias_correction: bool, keep: in
     names = list(linears(model))
     plan = Plan()
     if alpha:
+        original, reference = copy.deepcopy(model), _outputs(model, batches[:1])
         plan = smooth(model, collect(model, batches, names), alpha)
+        why = _differs(model, batches[:1], reference)
+        if why:  # a module that reads a layer's weight without calling it (a fused fast path) sees no multiply
+            model, plan = original, Plan(skipped=why)
         names = list(linears(model))  # a smoothed layer is now `<name>.linear`
     if bias_correction:
         plan.corrected = correct_bias(model, collect(model, batches, names), weight_bits)

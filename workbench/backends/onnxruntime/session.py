@@ -67,6 +67,14 @@ class OrtModel:
             if missing:
                 logging.getLogger(__name__).info("unfused ONNX graph: %s fused away", missing[0])
                 fused = None
+        if fused is None and any(getattr(m, "packs_tokens", False) for m in getattr(model, "modules", list)()):
+            from ...techniques.packed_bert import onnxruntime_attention
+
+            try:
+                with onnxruntime_attention():  # unpad's attention as one MultiHeadAttention node per layer
+                    fused = export_onnx(model, example_inputs)
+            except ExportError as e:
+                logging.getLogger(__name__).info("unpad's attention kept as plain ops: %s", e)
         if fused is not None:
             candidate = cls(*fused, device=device, threads=threads)
             try:

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...contract import bind, cache_free, rebuild
-from ...errors import DeviceError, ExportError
+from ...contract import bind, cache_free, other_shape, rebuild
+from ...errors import DeviceError, ExportError, WorkbenchError, first_line
 from ...registry import register_backend
 from ...tensors import call_model, first_tensor, map_tensors
 from .. import Backend
@@ -48,6 +48,10 @@ class OvModel:
         self.layout.setdefault("outputs", None)
         self.threads, self.label, self.device = threads, label, "cpu"
         self._compiled = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.layout["input_names"]
 
     @classmethod
     def from_onnx(cls, onnx_bytes: bytes, layout: dict, threads: int | None = None) -> "OvModel":
@@ -173,14 +177,21 @@ class OpenVinoBackend(Backend):
 
         if not hasattr(model, "named_modules"):
             raise DeviceError(f"OpenVINO lowers torch models; this is a {type(model).__name__}")
-        target = ctx.target
-        fp32 = OvModel.from_onnx(*export_onnx(model, ctx.data.example_inputs), threads=target.threads)
-        fp32.check_parity(model, ctx.data.example_inputs)
-        if precision == "fp32":
-            return fp32
-        if precision != "int8-static":
+        if precision not in ("fp32", "int8-static"):
             raise ValueError(f"OpenVINO does not lower to {precision}")
-        return self._nncf_int8(fp32, model, ctx, calibration_batches)
+        example = ctx.data.example_inputs
+        try:
+            lowered = OvModel.from_onnx(*export_onnx(model, example), threads=ctx.target.threads)
+            lowered.check_parity(model, example)
+            if precision == "int8-static":
+                lowered = self._nncf_int8(lowered, model, ctx, calibration_batches)
+            call_model(lowered, other_shape(example))  # runs at another batch size and length too
+        except WorkbenchError:
+            raise
+        except Exception as e:  # conversion, NNCF or inference failures: the model is not one OpenVINO takes
+            raise ExportError(f"OpenVINO could not run this model: {first_line(e, 160, named=True)}; use "
+                              "backend='onnxruntime' or 'torch'") from e
+        return lowered
 
     def _nncf_int8(self, fp32: OvModel, model, ctx, batches: int) -> OvModel:
         import nncf
@@ -233,8 +244,8 @@ class OpenVinoBackend(Backend):
     def usage(self, model, path: Path, input_names: list[str]) -> list[str]:
         feed = ", ".join(f"{n!r}: {n}" for n in input_names)
         return ["import openvino as ov",
-                f"compiled = ov.Core().compile_model({str(path)!r}, 'CPU')  # {Path(path).with_suffix('.bin').name} "
-                "beside it",
+                f"compiled = ov.Core().compile_model({str(path)!r}, 'CPU', {{'INFERENCE_PRECISION_HINT': 'f32'}})"
+                f"  # {Path(path).with_suffix('.bin').name} beside it; f32 as measured (the default may be bf16)",
                 f"outputs = compiled({{{feed}}})  # numpy arrays in, a dict of numpy arrays out"]
 
     def versions(self) -> dict:
