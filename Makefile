@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/workbench report quickstart -o reports-out/quickstart.ipynb --html reports-out/quickstart.html
 
 test: $(STAMP) chromium postgresql
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantization.py
