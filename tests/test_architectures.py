@@ -2,6 +2,7 @@
 output contracts on every backend, token-level fidelity, perplexity, saves at new shapes, models on disk, export."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
@@ -137,8 +138,13 @@ def test_models_on_disk_hugging_face_directories_and_onnx_files(tmp_path):
         wb.load_model(tmp_path)
 
 
-@pytest.mark.parametrize("recipe, suffix", [("quant=int8", ".onnx"),
-                                            pytest.param("quant=fp16", ".pt2", marks=pytest.mark.slow)])
+_openvino = importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("nncf") is not None
+
+
+@pytest.mark.parametrize("recipe, suffix", [
+    ("quant=int8-dynamic", ".onnx"),
+    pytest.param("quant=int8", ".xml", marks=pytest.mark.skipif(not _openvino, reason="needs the openvino extra")),
+    pytest.param("quant=fp16", ".pt2", marks=pytest.mark.slow)])
 def test_export_writes_a_deployable_file_that_its_three_lines_run(recipe, suffix, tmp_path, monkeypatch):
     from workbench.notebook.card import Card
 
@@ -149,7 +155,7 @@ def test_export_writes_a_deployable_file_that_its_three_lines_run(recipe, suffix
     path = result.export()
     assert path == tmp_path / f"model{suffix}" and "deployable file" in repr(Card(result))
     inputs = next(iter(data.val_batches()))[0]
-    names = {k: (v.numpy() if suffix == ".onnx" else v) for k, v in inputs.items()}
+    names = {k: (v.numpy() if suffix in (".onnx", ".xml") else v) for k, v in inputs.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exec("\n".join(result.deploy), names)  # the card's lines, without the workbench

@@ -83,3 +83,16 @@ def test_default_int8_of_a_bert_goes_to_openvino_and_falls_back_with_the_reason(
     r = wb.optimize(model, "quant=int8", data=data, study=False, batch_sizes=(1,))
     assert r.backend == "onnxruntime-int8-dynamic"
     assert any("could not take this model (conversion failed" in n for n in r.notes), r.notes
+
+
+def test_preflight_names_openvino_for_a_bert_where_it_is_missing(monkeypatch):
+    pytest.importorskip("transformers")
+    from tests.test_unpad import encoder_and_data
+    from workbench.backends.openvino import OpenVinoBackend
+
+    model, data = encoder_and_data()
+    assert not any("workbench[openvino]" in line for line in wb.preflight(model, "quant=int8", data, device="cpu"))
+    monkeypatch.setattr(OpenVinoBackend, "available", lambda self, target: False)
+    assert any("workbench[openvino]" in line for line in wb.preflight(model, "quant=int8", data, device="cpu"))
+    assert not any("workbench[openvino]" in line for line in wb.preflight(model, "quant=int8-dynamic", data,
+                                                                          device="cpu"))

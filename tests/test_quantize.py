@@ -95,7 +95,7 @@ def test_auto_says_what_it_picked_and_why(digits_mlp):
 
 def test_minilm_int8_dynamic_per_channel_keeps_fidelity(minilm):
     model, data = minilm
-    r = wb.optimize(model, "quant=int8", data=data, **FAST)
+    r = wb.optimize(model, "quant=int8-dynamic", data=data, **FAST)
     assert r.backend == "onnxruntime-int8-dynamic"
     assert r.measurement.metric >= 0.98
     assert r.measurement.size_bytes < 0.3 * r.baseline.size_bytes

@@ -125,8 +125,8 @@ def _check_inputs_run(model, inputs, target, where: str, what: str = "the model"
         raise
     except Exception as e:
         shapes = map_tensors(inputs, lambda t: tuple(t.shape))
-        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {first_line(e, named=True)}. Check that the data "
-                         "matches what the model expects.") from e
+        raise ModelError(f"{what}'s forward failed on {where} {shapes}: {first_line(e, named=True)}. Check that "
+                         "the data matches what the model expects.") from e
 
 
 def _apply(tech, model, step, ctx):
@@ -136,8 +136,8 @@ def _apply(tech, model, step, ctx):
     except (WorkbenchError, Warning):  # a warning raised as an error was asked for by the user's filters
         raise
     except Exception as e:
-        raise StepError(f"{step.describe()} failed on this model and data: {first_line(e, named=True)}. Check that the train "
-                        "and validation batches match what the model takes, or leave the step out") from e
+        raise StepError(f"{step.describe()} failed on this model and data: {first_line(e, named=True)}. Check that "
+                        "the train and validation batches match what the model takes, or leave the step out") from e
 
 
 def _still_runs(model, step, ctx) -> None:
@@ -302,7 +302,8 @@ class Baseline:
                      "the runtime's kernels do")
         from .data import follows_inputs
 
-        result = Result(model=follows_inputs(work, target), recipe=recipe, measurement=candidate, baseline=baseline, notes=ctx.notes,
+        result = Result(model=follows_inputs(work, target), recipe=recipe, measurement=candidate, baseline=baseline,
+                        notes=ctx.notes,
                         preflight=checks, backend=label, target=target, env=self.env,
                         example_inputs=self.data.example_inputs, details=ctx.details,
                         layers=layer_table(float_model if float_model is not None else work)

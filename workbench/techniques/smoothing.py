@@ -54,7 +54,7 @@ class Plan:
     skipped: str = ""  # why smoothing was undone
 
 
-SENSITIVITY_BATCHES = 2  # per layer, one pass over these: enough to rank layers
+SENSITIVITY_BATCHES = 1  # per layer, one pass over this one: enough to rank layers (32 sentences on minilm)
 
 
 class SmoothedLinear(nn.Module):
