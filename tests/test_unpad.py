@@ -135,10 +135,22 @@ def test_preflight_points_at_padding():
 
 
 def test_autotune_tries_unpad_first_on_padded_bert(tmp_path):
+    """On ONNX Runtime unpad comes first; where OpenVINO's int8 leads, what quant=int8 runs comes first, then
+    unpad (OpenVINO ran unpad's graph 2x slower at batch 1)."""
+    from workbench.facts import ModelFacts
+    from workbench.search.autotune import _seeds
+    from workbench.target import resolve
+    from workbench.techniques.quantize import openvino_leads
+
     model, data = encoder_and_data()
-    tuned = wb.autotune(model, data, budget="2min", trials=1, study=False,
+    tuned = wb.autotune(model, data, budget="2min", trials=1, study=False, backend="onnxruntime",
                         storage=f"sqlite:///{tmp_path}/autotune.sqlite")
     assert "unpad" in str(tuned.best.recipe)
+    facts = ModelFacts(model, data, resolve(device="cpu"))
+    if openvino_leads(facts):
+        first, second = _seeds(facts)[:2]
+        assert (first["unpad"], first["quant"], first["backend int8-static"]) == (False, "int8-static", "openvino")
+        assert (second["unpad"], second["quant"]) == (True, "int8-dynamic")
 
 
 def test_unpad_with_static_int8_and_no_files_left_in_the_cwd(tmp_path, monkeypatch):

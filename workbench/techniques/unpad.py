@@ -64,11 +64,13 @@ def search(trial, facts) -> list[str]:
 
 
 def seeds(facts) -> list[dict]:
-    """Where there is padding to skip; on a GPU second, after a compiled candidate (CUDA graphs need fixed shapes,
-    so the two do not combine)."""
+    """Where there is padding to skip; second on a GPU, after a compiled candidate (CUDA graphs need fixed shapes,
+    so the two do not combine), and where OpenVINO's int8 leads (its int8 after unpad ran 2x slower at batch 1)."""
+    from .quantize import openvino_leads
+
     if not facts.padded:
         return []
-    return [{"unpad": False}, {"unpad": True}] if facts.target.is_cuda else [{"unpad": True}]
+    return [{"unpad": False}, {"unpad": True}] if facts.target.is_cuda or openvino_leads(facts) else [{"unpad": True}]
 
 
 @technique(Unpad, preflight=preflight, search=search, seeds=seeds, applies=lambda facts: bool(facts.bert_encoders),
