@@ -126,10 +126,11 @@ def plan(step: Quantize, model, ctx) -> tuple[str, list[str]]:
         why.append(f"dynamic int8 on a conv net: convolutions carry {share:.0%} of the MACs, and dynamic int8 "
                    "convolutions run slowly (ONNX Runtime's ConvInteger) or stay in fp32 (torch.ao); static int8 "
                    "(with a train split to calibrate on) is the one that pays")
-    if method == "static" and not facts.conv_heavy:
+    if method == "static" and not facts.conv_heavy and not ctx.backend_for("int8-static", step).calibrates_int8:
         why.append("static int8 on a model whose MACs are in Linear/MatMul layers: transformers' activations have "
-                   "outliers that static ranges clip (all-MiniLM-L6-v2 measured here: fidelity 0.81 static vs "
-                   "0.99 dynamic); check the metric, or use dtype='int8-dynamic'")
+                   "outliers that ONNX Runtime's static ranges clip (all-MiniLM-L6-v2 measured here: fidelity 0.81 "
+                   "static vs 0.99 dynamic); check the metric, use dtype='int8-dynamic', or backend='openvino' "
+                   "(NNCF smooths them)")
     return f"int8-{method}", why
 
 
