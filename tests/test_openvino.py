@@ -10,6 +10,7 @@ from workbench.target import resolve
 pytest.importorskip("openvino")
 
 
+@pytest.mark.slow  # NNCF calibration; the fast subset keeps the BERT and missing-extra checks
 def test_openvino_fp32_and_int8_run_save_and_reload(digits_cnn, tmp_path):
     pytest.importorskip("nncf")
     model, data = digits_cnn
@@ -58,6 +59,7 @@ def test_a_saved_openvino_model_without_openvino_says_what_to_install(digits_mlp
         wb.load(path)
 
 
+@pytest.mark.slow
 def test_default_int8_of_a_bert_goes_to_openvino_and_falls_back_with_the_reason(monkeypatch):
     """quant=int8 on a BERT encoder with a train split: OpenVINO + NNCF where installed (measured to lead on
     minilm); where it cannot take the model, ONNX Runtime's dynamic int8 with the reason; unpad and named
