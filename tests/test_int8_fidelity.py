@@ -113,3 +113,18 @@ def test_a_kept_layer_outside_attention_keeps_the_bert_fusions():
     assert "QAttention" in {n.op_type for n in nodes}
     kept = [n.op_type for n in nodes if "layer.0/output/dense" in n.name]
     assert "MatMul" in kept and "MatMulInteger" not in kept and "DynamicQuantizeMatMul" not in kept, kept
+
+
+@pytest.mark.parametrize("cpu, bits", [("vnni", 8), ("avx2", 7)])
+def test_smoothing_and_sensitivity_follow_the_cpus_weight_bits(cpu, bits, monkeypatch):
+    """Without VNNI int8 weights keep 7 bits (reduce_range): the sensitivity that picks kept layers rounds to the
+    same grid, and smoothing still pays on either path."""
+    monkeypatch.setenv("WORKBENCH_CPU", cpu)
+    seen = []
+    real = smoothing.prepare
+    monkeypatch.setattr(smoothing, "prepare", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    model, data = outlier_mlp()
+    plain = wb.optimize(model, "quant=int8:smooth=none:keep=0", data=data, study=False, batch_sizes=(1,))
+    smooth = wb.optimize(model, "quant=int8:keep=0", data=data, study=False, batch_sizes=(1,))
+    assert seen == [bits]  # only the run that smooths calibrates
+    assert 1 - smooth.measurement.metric < 1 - plain.measurement.metric
