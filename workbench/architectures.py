@@ -153,6 +153,16 @@ def is_hf_bert(module: Any) -> bool:
             and hasattr(module, "embeddings") and hasattr(module, "encoder"))
 
 
+def packs_tokens(model) -> bool:
+    """Whether `model` holds an encoder that packs real tokens (unpad's PackedBert: token counts vary per batch)."""
+    return hasattr(model, "modules") and any(getattr(m, "packs_tokens", False) for m in model.modules())
+
+
+def within(name: str, layers) -> bool:
+    """Whether module path `name` is one of `layers` or inside one of them."""
+    return any(name == layer or name.startswith(layer + ".") for layer in layers)
+
+
 def bert_encoders(model) -> list[str]:
     """Names of the Hugging Face BERT encoders inside `model` ('' when the model is one)."""
     return [name for name, m in model.named_modules() if is_hf_bert(m)]

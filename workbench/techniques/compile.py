@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..architectures import packs_tokens
 from ..errors import RecipeError
 from ..recipe import Step, option
 from ..registry import technique
@@ -95,7 +96,7 @@ def apply_compile(model, step: Compile, ctx):
         ctx.note(f"compile: mode={mode}" + (" (CUDA graphs: the forward replays as one launch)"
                                             if mode in CUDA_GRAPH_MODES and ctx.target.is_cuda else ""))
     graphs = ctx.target.is_cuda and mode in CUDA_GRAPH_MODES
-    if graphs and any(getattr(m, "packs_tokens", False) for m in model.modules()):
+    if graphs and packs_tokens(model):
         ctx.note("compile after unpad: the packed encoder's token count changes with every batch, so its parts "
                  "run outside CUDA graphs (each new count may compile again)")
     return Compiled(model, mode, step.dynamic, graphs=graphs)

@@ -8,25 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ...architectures import packs_tokens, within
 from ...errors import RecipeError
 from ...registry import register_backend
-from .. import Backend
+from .. import Backend, optional
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return onnxruntime
+    return optional("onnxruntime")
 
 
 def _linear_leaves(model, layers: tuple) -> tuple:
     """The Linear layers at or under `layers`: each must keep nodes of its own for `exclude` to find it."""
     from torch import nn
 
-    return tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                 and any(n == e or n.startswith(e + ".") for e in layers))
+    return tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and within(n, layers))
 
 
 @register_backend
@@ -61,8 +57,7 @@ class OnnxRuntimeBackend(Backend):
         from .session import OrtModel
 
         target = ctx.target
-        if precision == "int8-static" and calibration != "minmax" and hasattr(model, "modules") and \
-                any(getattr(m, "packs_tokens", False) for m in model.modules()):
+        if precision == "int8-static" and calibration != "minmax" and packs_tokens(model):
             raise RecipeError(f"Quantize: calibration={calibration!r} collects histograms that ONNX Runtime needs "
                               "equally shaped across batches, and after unpad the token count varies per batch; "
                               "use calibration='minmax' (or quantize dynamically)")

@@ -9,9 +9,9 @@ import json
 import logging
 from pathlib import Path
 
+from ...architectures import packs_tokens
 from ...errors import DeviceError, ExportError, first_line
-from ...tensors import call_model, first_tensor, map_tensors
-from ...contract import bind, cache_free, other_shape, rebuild
+from ...contract import bind, other_shape, rebuild
 from .export import export_onnx
 from .fusion import fuse_bert
 
@@ -67,7 +67,7 @@ class OrtModel:
             if missing:
                 logging.getLogger(__name__).info("unfused ONNX graph: %s fused away", missing[0])
                 fused = None
-        if fused is None and any(getattr(m, "packs_tokens", False) for m in getattr(model, "modules", list)()):
+        if fused is None and packs_tokens(model):
             from ...techniques.packed_bert import onnxruntime_attention
 
             try:
@@ -148,19 +148,9 @@ class OrtModel:
 
     def check_parity(self, model, example_inputs, rtol: float = 1e-3) -> float:
         """Max abs difference between this graph and the torch model on `example_inputs`; raises if too far."""
-        import torch
+        from .. import check_parity
 
-        with torch.inference_mode():
-            expected = first_tensor(call_model(cache_free(model), example_inputs)).float().cpu()
-        got = first_tensor(call_model(self, map_tensors(example_inputs, lambda t: t.cpu()))).float()
-        if got.shape != expected.shape:
-            raise ExportError(f"the exported graph returns shape {tuple(got.shape)}, torch returns "
-                              f"{tuple(expected.shape)}")
-        diff = (got - expected).abs().max().item()
-        if diff > rtol * max(1.0, expected.abs().max().item()):
-            raise ExportError(f"the exported ONNX graph disagrees with the torch model (max abs diff {diff:.3g} "
-                              f"on the example inputs); use backend='torch' for this model")
-        return diff
+        return check_parity(self, model, example_inputs, "the exported ONNX graph", "backend='torch'", rtol)
 
     # -- properties ------------------------------------------------------------------------------------------
     def quantized_ops(self) -> list[str]:

@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from ...architectures import within
 from ...tensors import map_tensors
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,7 +50,7 @@ def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True
                                if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                                for c, _ in m.named_modules() if c}
         for name, mod in model.named_modules():
-            if any(name == e or name.startswith(e + ".") for e in exclude) or name in inside_torch_layers:
+            if within(name, exclude) or name in inside_torch_layers:
                 continue
             if isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
                 spec[name] = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
@@ -94,7 +95,7 @@ def torchao_quantize(model: nn.Module, precision: str, exclude: tuple = ()) -> n
             kept = tuple(exclude)
 
         def wanted(module, name: str) -> bool:
-            return isinstance(module, nn.Linear) and not any(name == e or name.startswith(e + ".") for e in kept) \
+            return isinstance(module, nn.Linear) and not within(name, kept) \
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0  # the kernels' tile shapes
 
         quantize_(model, config, filter_fn=wanted)
