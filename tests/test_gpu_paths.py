@@ -53,17 +53,19 @@ def test_the_search_space_follows_the_device(fake_gpu, digits_cnn):
 
 @pytest.mark.parametrize("torchao", [False, True])
 def test_int8_on_a_gpu_is_torchao_or_fp16_with_the_reason_never_an_error(fake_gpu, torchao, digits_cnn):
+    from workbench.facts import ModelFacts
     from workbench.techniques.quantize import plan
 
     fake_gpu(torchao)
     model, data = digits_cnn
     gpu = Target("cuda")
     ctx = types.SimpleNamespace(target=gpu, data=data)
+    facts = ModelFacts(model, data, gpu)
     for recipe in ("quant=int8", "quant=int8-static", "quant=int8-dynamic"):
-        precision, why = plan(Recipe.parse(recipe).steps[0], model, ctx)
+        precision, why = plan(Recipe.parse(recipe).steps[0], facts, ctx)
         assert precision == ("int8-dynamic" if torchao else "fp16")
         assert torchao or "needs torchao" in why[-1]
-    precision, why = plan(Recipe.parse("quant=fp8").steps[0], model, ctx)  # an Ampere GPU: no fp8 units
+    precision, why = plan(Recipe.parse("quant=fp8").steps[0], facts, ctx)  # an Ampere GPU: no fp8 units
     assert precision == "fp16" and "compute capability 8.9" in why[-1]
 
 

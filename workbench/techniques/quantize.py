@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import RecipeError, WorkbenchError, first_line
 from ..recipe import Step, option
-from ..registry import backend_named, backend_names, technique
+from ..registry import backend_named, technique
 
 QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "fp16", "bf16", "fp8", "auto")
 
@@ -87,12 +87,12 @@ class Quantize(Step):
         return ":".join([head] + [p for p in rest if not p.startswith("method=")])
 
 
-def plan(step: Quantize, model, ctx) -> tuple[str, list[str]]:
-    """(precision, reasons) after resolving `auto` for this model (as the earlier steps left it), data and target."""
-    from ..facts import ModelFacts
+def plan(step: Quantize, facts, ctx) -> tuple[str, list[str]]:
+    """(precision, reasons) after resolving `auto` for the model as the earlier steps left it (`facts`), the data
+    and the target."""
     from ..target import runs_somewhere
 
-    target, facts, why = ctx.target, ModelFacts(model, ctx.data, ctx.target), []
+    target, why = ctx.target, []
     dtype, method = step.dtype, step.method
     if dtype == "auto":
         dtype = "fp16" if target.is_cuda else "int8"
@@ -243,10 +243,13 @@ def seeds(facts) -> list[dict]:
 
 @technique(Quantize, preflight=preflight, search=search, seeds=seeds, suggested=lambda facts: True, graphs=True)
 def quantize(model, step: Quantize, ctx):
+    from ..facts import ModelFacts
+
     if hasattr(model, "named_modules"):
         _check_exclude(model, step)
-    precision, why = plan(step, model, ctx)
-    if precision == "int8-dynamic" and _openvino_pays(step, model, ctx):
+    facts = ModelFacts(model, ctx.data, ctx.target)  # of the model as the earlier steps left it
+    precision, why = plan(step, facts, ctx)
+    if precision == "int8-dynamic" and _openvino_pays(step, facts):
         try:
             lowered = backend_named("openvino").lower(model, "int8-static", ctx,
                                                       calibration_batches=step.calibration_batches)
@@ -261,7 +264,7 @@ def quantize(model, step: Quantize, ctx):
             return lowered
     for reason in why:
         ctx.note(reason)
-    model, keep = _int8_fidelity(model, precision, step, ctx)
+    model, keep = _int8_fidelity(model, facts, precision, step, ctx)
     return _lower(model, precision, step, ctx, exclude=tuple(dict.fromkeys(step.exclude + keep)))
 
 
@@ -272,15 +275,12 @@ OPENVINO_WHY = ("int8 through OpenVINO + NNCF (its transformer preset: SmoothQua
                 "quant=int8-dynamic or backend='onnxruntime' takes ONNX Runtime's")
 
 
-def _openvino_pays(step: Quantize, model, ctx) -> bool:
+def _openvino_pays(step: Quantize, facts) -> bool:
     """Whether the default int8 goes to OpenVINO + NNCF: a Hugging Face BERT encoder (where it was measured to
     lead; not after unpad, whose varying token counts it ran 2x slower at batch 1), a train split to calibrate on,
     backend='auto', nothing excluded, and OpenVINO with NNCF installed."""
-    from ..facts import ModelFacts
-
-    if step.method != "auto" or step.exclude or not hasattr(model, "named_modules"):
-        return False
-    return openvino_leads(ModelFacts(model, ctx.data, ctx.target))
+    return step.method == "auto" and not step.exclude and hasattr(facts.model, "named_modules") \
+        and openvino_leads(facts)
 
 
 def openvino_leads(facts) -> bool:
@@ -288,20 +288,18 @@ def openvino_leads(facts) -> bool:
     auto: where OpenVINO's int8 was measured ahead (see OPENVINO_WHY)."""
     target = facts.target
     return bool(facts.bert_encoders) and facts.has_train and target.backend == "auto" and not target.is_cuda \
-        and "openvino" in backend_names() and "int8-static" in backend_named("openvino").precisions(target)
+        and "int8-static" in backend_named("openvino").precisions(target)
 
 
-def _int8_fidelity(model, precision: str, step: Quantize, ctx) -> tuple:
+def _int8_fidelity(model, facts, precision: str, step: Quantize, ctx) -> tuple:
     """(model, layers to keep in float): smoothing, bias correction and mixed precision before int8 on a CPU, where
     Linear layers carry the MACs and there are train batches to calibrate on (see smoothing.py)."""
-    from ..facts import ModelFacts
     from . import smoothing
 
     wanted = step.smooth or step.bias_correction or step.keep != 0
     if not wanted or not precision.startswith("int8") or ctx.target.is_cuda or not hasattr(model, "named_modules") \
             or not smoothing.linears(model):
         return model, ()
-    facts = ModelFacts(model, ctx.data, ctx.target)
     if facts.conv_heavy or ctx.backend_for(precision, step).calibrates_int8:
         return model, ()
     if not facts.has_train:
