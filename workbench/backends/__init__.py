@@ -6,6 +6,7 @@ so on (`registry.backend_of`).
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,6 +85,36 @@ class Backend:
     def versions(self) -> dict:
         """Library versions for the environment record."""
         return {}
+
+
+def check_parity(runtime, model, example_inputs, what: str, instead: str, rtol: float = 1e-3) -> float:
+    """Max abs difference between a backend's `runtime` model and the torch `model` on `example_inputs` (the
+    runtime fed CPU tensors); an ExportError naming `what` disagrees and `instead` (e.g. "backend='torch'") when
+    the shapes differ or the difference passes `rtol` of the largest output."""
+    import torch
+
+    from ..contract import cache_free
+    from ..errors import ExportError
+    from ..tensors import first_tensor, map_tensors
+
+    with torch.inference_mode():
+        expected = first_tensor(call_model(cache_free(model), example_inputs)).float().cpu()
+    got = first_tensor(call_model(runtime, map_tensors(example_inputs, lambda t: t.cpu()))).float()
+    if got.shape != expected.shape:
+        raise ExportError(f"{what} returns shape {tuple(got.shape)}, torch returns {tuple(expected.shape)}")
+    diff = (got - expected).abs().max().item()
+    if diff > rtol * max(1.0, expected.abs().max().item()):
+        raise ExportError(f"{what} disagrees with the torch model (max abs diff {diff:.3g} on the example "
+                          f"inputs); use {instead} for this model")
+    return diff
+
+
+def optional(module: str):
+    """The named module where it is installed, else None: a backend imports its runtime only when it is used."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
 
 
 def _load_builtins() -> None:

@@ -16,27 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...contract import bind, cache_free, other_shape, rebuild
+from ...contract import bind, other_shape, rebuild
 from ...errors import DeviceError, ExportError, WorkbenchError, first_line
 from ...registry import register_backend
-from ...tensors import call_model, first_tensor, map_tensors
-from .. import Backend
+from ...tensors import call_model
+from .. import Backend, check_parity, optional
 
 
 def _ov():
-    try:
-        import openvino
-    except ImportError:
-        return None
-    return openvino
-
-
-def _nncf_available() -> bool:
-    try:
-        import nncf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return optional("openvino")
 
 
 class OvModel:
@@ -89,14 +77,17 @@ class OvModel:
     def placed(self, threads: int | None) -> "OvModel":
         return OvModel(self.xml, self.weights, self.layout, threads, self.label)
 
+    def feed(self, *args, **kwargs) -> dict:
+        """The compiled model's input feed (numpy arrays by input name) for a call like the original model's."""
+        values = bind(self.layout, args, kwargs)
+        wanted = {name for port in self.compiled.inputs for name in port.get_names()}
+        return {n: v.detach().cpu().numpy() for n, v in zip(self.input_names, values) if n in wanted}
+
     def __call__(self, *args, **kwargs):
         import torch
 
-        values = bind(self.layout, args, kwargs)
-        wanted = {name for port in self.compiled.inputs for name in port.get_names()}
-        feed = {n: v.detach().cpu().numpy() for n, v in zip(self.layout["input_names"], values) if n in wanted}
-        first = next((v for v in values if isinstance(v, torch.Tensor)), None)
-        results = self.compiled(feed)
+        first = next((v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)), None)
+        results = self.compiled(self.feed(*args, **kwargs))
         outputs = [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
         if first is not None and first.device.type != "cpu":
             outputs = [t.to(first.device) for t in outputs]
@@ -108,16 +99,9 @@ class OvModel:
     def __getstate__(self):
         return {**self.__dict__, "_compiled": None}
 
-    def check_parity(self, model, example_inputs, rtol: float = 1e-3) -> None:
-        import torch
-
-        with torch.inference_mode():
-            want = first_tensor(call_model(cache_free(model), example_inputs)).float().cpu()
-        got = first_tensor(call_model(self, map_tensors(example_inputs, lambda t: t.cpu()))).float()
-        diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
-        if diff > rtol * max(1.0, want.abs().max().item()):
-            raise ExportError(f"the OpenVINO model disagrees with the torch model (max abs diff {diff:.3g} on the "
-                              "example inputs); use backend='onnxruntime' or 'torch' for this model")
+    def check_parity(self, model, example_inputs, rtol: float = 1e-3) -> float:
+        return check_parity(self, model, example_inputs, "the OpenVINO model", "backend='onnxruntime' or 'torch'",
+                            rtol)
 
     def count_params(self) -> tuple[int, int]:
         """Elements and non-zeros of the model's weight constants (scalars left out)."""
@@ -164,7 +148,7 @@ class OpenVinoBackend(Backend):
     def precisions(self, target) -> tuple:
         if not self.available(target):
             return ()
-        return ("fp32", "int8-static") if _nncf_available() else ("fp32",)
+        return ("fp32", "int8-static") if optional("nncf") is not None else ("fp32",)
 
     def accepts(self, model: Any) -> bool:
         return isinstance(model, OvModel)
@@ -200,14 +184,7 @@ class OpenVinoBackend(Backend):
         from ...scoped import quiet
 
         transformer = not ModelFacts(model, ctx.data, ctx.target).conv_heavy
-        feeds = []
-        for inputs, _ in ctx.data.train_batches(limit=batches):
-            args, kwargs = ((), inputs) if isinstance(inputs, dict) else \
-                (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((inputs,), {})
-            values = bind(fp32.layout, args, kwargs)
-            feeds.append({n: v.cpu().numpy() for n, v in zip(fp32.layout["input_names"], values)})
-        names = {name for port in fp32.read().inputs for name in port.get_names()}
-        feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+        feeds = [call_model(fp32.feed, inputs) for inputs, _ in ctx.data.train_batches(limit=batches)]
         ctx.progress(f"NNCF: calibrating int8 on {len(feeds)} train batches"
                      + (" (transformer preset: SmoothQuant, bias correction)" if transformer else ""), None)
         with quiet():
@@ -249,12 +226,5 @@ class OpenVinoBackend(Backend):
                 f"outputs = compiled({{{feed}}})  # numpy arrays in, a dict of numpy arrays out"]
 
     def versions(self) -> dict:
-        ov = _ov()
-        out = {"openvino": ov.__version__.split("-")[0] if ov else None}
-        try:
-            import nncf
-
-            out["nncf"] = nncf.__version__
-        except ImportError:
-            out["nncf"] = None
-        return out
+        ov, nncf = _ov(), optional("nncf")
+        return {"openvino": ov.__version__.split("-")[0] if ov else None, "nncf": nncf.__version__ if nncf else None}
