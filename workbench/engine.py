@@ -260,6 +260,7 @@ class Baseline:
     def _run(self, recipe, progress, backend):
         import torch
 
+        from .architectures import is_causal_lm
         from .checks import preflight_lines
         from .measure import layer_table, measure, time_side_by_side
         from .registry import backend_named, backend_of
@@ -294,6 +295,12 @@ class Baseline:
         time_side_by_side({"baseline": (self.model, baseline), "candidate": (work, candidate)}, self.data,
                           self.batch_sizes, self.target, baseline="baseline", plan=self.timing,
                           progress=ctx.progress)
+        if is_causal_lm(self.model) and self.timing.generations:
+            from .decoding import generation
+
+            runs = generation({"baseline": self.model, "candidate": work}, self.data, target,
+                              repeats=self.timing.generations, reference="baseline", progress=ctx.progress)
+            baseline.generation, candidate.generation = runs["baseline"], runs["candidate"]
         slower = [s for s in candidate.speedups.values() if s.slower]
         if slower:
             fewer = candidate.macs and baseline.macs and candidate.macs < 0.95 * baseline.macs

@@ -74,8 +74,21 @@ class Result:
 
     def __repr__(self) -> str:
         m, b = self.measurement, self.baseline
-        return (f"Result({self.name!r}: {m.metric_name} {b.metric:.4g} -> {m.metric:.4g}, "
+        head = (f"Result({self.name!r}: {m.metric_name} {b.metric:.4g} -> {m.metric:.4g}, "
                 f"size {b.size_bytes / 1e6:.3g} -> {m.size_bytes / 1e6:.3g} MB, backend={self.backend!r})")
+        return "\n".join([head, *self.language_model_lines()])
+
+    def language_model_lines(self) -> list[str]:
+        """A causal language model's perplexity and generation speed, original then optimized (none otherwise)."""
+        m, b = self.measurement, self.baseline
+        out = []
+        if b.perplexity is not None and m.perplexity is not None:
+            out.append(f"  perplexity {b.perplexity:.4g} -> {m.perplexity:.4g} "
+                       f"({m.perplexity / b.perplexity - 1:+.1%}) on the validation text")
+        for who, measured in (("original", b), ("optimized", m)):
+            if measured.generation is not None:
+                out += [f"  {who}: {line}" for line in measured.generation.lines()]
+        return out
 
     def _repr_html_(self) -> str:
         from .notebook.card import Card  # rendering is the notebook layer's; imported only when a notebook asks

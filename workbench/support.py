@@ -362,7 +362,7 @@ def _plan():
     from .measure import TimingPlan
 
     return TimingPlan(sessions=1, min_rounds=1, max_rounds=1, min_seconds=0.0, min_block_s=0.001, warmup_s=0.0,
-                      max_warmup_blocks=1)
+                      max_warmup_blocks=1, generations=0)
 
 
 def check_export(result, family: str) -> str | None:

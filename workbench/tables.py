@@ -123,3 +123,25 @@ def pareto_front(df, metric: str = "metric", cost: str = "latency_p50_ms_b1") ->
         if not dominated:
             front.append(i)
     return front
+
+
+def generation_table(baseline, candidate):
+    """A causal language model's generation, original beside optimized, one row per setting (batch, prompt
+    length): time to first token and tokens per second (medians, their interval in brackets) and the
+    optimized model's tokens per second against the original's from paired runs; None when nothing was timed."""
+    import pandas as pd
+
+    from .measure.measurement import interval_text
+
+    b, c = baseline.generation, candidate.generation
+    if b is None or c is None or not b.settings or not c.settings:
+        return None
+    rows = []
+    for s in c.settings:
+        ref = b.setting(s.batch, s.prompt)
+        if ref is None:
+            continue
+        rows.append({"batch": s.batch, "prompt": s.prompt, "first token ms (original)": interval_text(ref.ttft_ms),
+                     "first token ms": interval_text(s.ttft_ms), "tokens/s (original)": interval_text(ref.tokens_per_s),
+                     "tokens/s": interval_text(s.tokens_per_s), "tokens/s ratio": interval_text(s.ratio) if s.ratio else "–"})
+    return pd.DataFrame(rows).set_index(["batch", "prompt"]) if rows else None

@@ -180,6 +180,60 @@ STATIC = ("metric", "metric_name", "perplexity", "size_bytes", "sparse_size_byte
 
 
 @dataclass
+class Setting:
+    """One generation setting's numbers for one model: time to first token and tokens per second of the decode
+    after it (rows x (new tokens - 1) / the time after the first token), each (median, low, high) over runs."""
+
+    batch: int
+    prompt: int
+    ttft_ms: tuple
+    tokens_per_s: tuple
+    ratio: tuple | None = None  # tokens per second against the reference's, (median, low, high) of paired runs
+
+    def label(self) -> str:
+        return f"b{self.batch} p{self.prompt}"
+
+
+@dataclass
+class GenerationRun:
+    settings: list = field(default_factory=list)  # of Setting
+    same_tokens: float | None = None  # share of prompts whose greedy tokens equal the original's (None: the original)
+    prompts_compared: int = 0
+    new_tokens: int = 64
+    skipped: str | None = None  # why it was not timed
+
+    def to_dict(self) -> dict:
+        return {"settings": [vars(s) for s in self.settings], "same_tokens": self.same_tokens,
+                "prompts_compared": self.prompts_compared, "new_tokens": self.new_tokens, "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "GenerationRun | None":
+        if not d:
+            return None
+        settings = [Setting(s["batch"], s["prompt"], tuple(s["ttft_ms"]), tuple(s["tokens_per_s"]),
+                            tuple(s["ratio"]) if s.get("ratio") else None) for s in d.get("settings", [])]
+        return cls(settings, d.get("same_tokens"), d.get("prompts_compared", 0), d.get("new_tokens", 64),
+                   d.get("skipped"))
+
+    def setting(self, batch: int, prompt: int) -> "Setting | None":
+        return next((s for s in self.settings if (s.batch, s.prompt) == (batch, prompt)), None)
+
+    def lines(self) -> list[str]:
+        if self.skipped:
+            return [f"generation not timed: {self.skipped}"]
+        out = [f"{s.label()}: first token {interval_text(s.ttft_ms)} ms, {interval_text(s.tokens_per_s)} tokens/s"
+               + (f" ({interval_text(s.ratio)}x the original's)" if s.ratio else "") for s in self.settings]
+        if self.same_tokens is not None:
+            out.append(f"same {self.new_tokens} greedy tokens as the original on {self.same_tokens:.0%} of "
+                       f"{self.prompts_compared} prompts")
+        return out
+
+
+def interval_text(t: tuple) -> str:
+    return f"{significant(t[0])} ({significant(t[1])}-{significant(t[2])})"
+
+
+@dataclass
 class Measurement:
     """Everything measured about one model in one session: the metric on the validation split, latency per batch
     size, speedups against the baseline timed beside it (empty for a baseline), size, parameters, MACs, memory."""
@@ -199,6 +253,7 @@ class Measurement:
     latency: dict = field(default_factory=dict)  # batch -> Latency
     speedups: dict = field(default_factory=dict)  # batch -> Speedup
     stability: Stability = field(default_factory=Stability)
+    generation: GenerationRun | None = None  # causal language models: greedy decoding timed (workbench.decoding)
 
     @property
     def batch_sizes(self) -> tuple:
@@ -226,6 +281,7 @@ class Measurement:
             row[column("samples", b)] = list(lat.samples_ms)
             row[column("iterations", b)] = lat.iterations
             row[column("sessions", b)] = list(lat.sessions)
+        row["generation"] = self.generation.to_dict() if self.generation is not None else None
         for b, s in sorted(self.speedups.items()):
             row[column("speedup", b)] = s.ratio
             row[column("low", b)] = s.low
@@ -249,4 +305,5 @@ class Measurement:
                                         bool(row.get(column("stable", b), True)))
         causes = row.get("unstable_causes") or []  # rows of version 0.1 have none
         m.stability = Stability(bool(row.get("stable", True)), tuple(causes))
+        m.generation = GenerationRun.from_dict(row.get("generation"))
         return m

@@ -47,6 +47,7 @@ class TimingPlan:
     min_block_s: float = 0.01
     warmup_s: float = 0.03  # on CUDA at least 0.5 s: GPU clocks ramp up under load
     max_warmup_blocks: int = 10
+    generations: int = 7  # causal language models: greedy generations timed per model and setting (0: none)
 
     @classmethod
     def default(cls, cuda: bool = False) -> "TimingPlan":
@@ -61,7 +62,7 @@ class TimingPlan:
             raise WorkbenchError(f"WORKBENCH_TIMING={mode!r} is not known; use 'quick' or leave it unset")
         if mode == "quick":
             return cls(sessions=2, min_rounds=3, max_rounds=3, min_seconds=0.0, min_block_s=0.005, warmup_s=0.0,
-                       max_warmup_blocks=2)
+                       max_warmup_blocks=2, generations=2)
         return cls(warmup_s=0.5) if cuda else cls()
 
 

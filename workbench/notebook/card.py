@@ -38,16 +38,33 @@ class Card:
         notes = "".join(f"\n- {n}" for n in self.result.notes)
         head, lines = self._deploy()
         deploy = f"\n{head}\n" + "\n".join(f"    {line}" for line in lines) if lines else ""
-        return f"{self._title()}\n{self.result.verdict}\n{table}{checks}{notes}{deploy}"
+        gen = self._generation()
+        gen = f"\n{self._generation_title()}\n{gen.to_string()}" if gen is not None else ""
+        return f"{self._title()}\n{self.result.verdict}\n{table}{gen}{checks}{notes}{deploy}"
+
+    def _generation(self):
+        from ..tables import generation_table
+
+        return generation_table(self.result.baseline, self.result.measurement)
+
+    def _generation_title(self) -> str:
+        g = self.result.measurement.generation
+        same = f"; same greedy tokens as the original on {g.same_tokens:.0%} of {g.prompts_compared} prompts" \
+            if g.same_tokens is not None else ""
+        return f"generation: greedy, {g.new_tokens} new tokens, cache on{same}"
 
     def _repr_html_(self) -> str:
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.notes)
         checks = "".join(f"<li>{html.escape(n)}</li>" for n in self.result.preflight)
         checks = f"<p><b>pre-flight</b> (will this be faster here?)</p><ul>{checks}</ul>" if checks else ""
         table = self._table().to_html(classes="wb-table", border=0)
+        gen = self._generation()
+        gen = (f"<p class='wb-generation'>{html.escape(self._generation_title())}</p>"
+               f"<div style='overflow-x:auto'>{gen.to_html(classes='wb-table', border=0)}</div>") \
+            if gen is not None else ""
         return (f"<div class='wb-card'><b>{html.escape(self._title())}</b>"
                 f"<p class='wb-verdict'>{html.escape(self.result.verdict)}</p>"
-                f"<div style='overflow-x:auto'>{table}</div>{checks}{f'<ul>{notes}</ul>' if notes else ''}"
+                f"<div style='overflow-x:auto'>{table}</div>{gen}{checks}{f'<ul>{notes}</ul>' if notes else ''}"
                 f"{self._deploy_html()}</div>")
 
     def _deploy_html(self) -> str:

@@ -1,4 +1,5 @@
-"""Quantize: int8 (dynamic or static), fp16, bf16 or fp8, on whichever registered backend runs that precision here.
+"""Quantize: int8 (dynamic, static or weight-only), int4 weight-only, fp16, bf16 or fp8, on whichever registered
+backend runs that precision here.
 
 What `auto` picks, and why, is written into the result's notes:
 - on CUDA: fp16 (tensor cores; at small batches add `compile`, since launches, not arithmetic, set the time).
@@ -8,6 +9,8 @@ What `auto` picks, and why, is written into the result's notes:
   convolutions are slow or left in fp32).
 - on CPU otherwise: dynamic int8 with per-channel weights (on all-MiniLM-L6-v2 it keeps cosine fidelity ~0.99
   where per-tensor gives ~0.96).
+- int4 (and `int8-weight`): weights only, a scale per group of `group_size` inputs, activations in float (ONNX
+  Runtime's MatMulNBits): for decoders generating at small batches, whose time goes to reading weights.
 
 int8 on a CPU, where Linear layers carry the MACs and a train split gives calibration batches, first smooths the
 Linear layers' inputs (SmoothQuant) and keeps in float the few layers where int8 measurably costs most
@@ -21,15 +24,16 @@ from ..errors import RecipeError, WorkbenchError, first_line
 from ..recipe import Step, option
 from ..registry import backend_named, technique
 
-QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "fp16", "bf16", "fp8", "auto")
+QUANT_DTYPES = ("int8", "int8-dynamic", "int8-static", "int8-weight", "int4", "fp16", "bf16", "fp8", "auto")
+WEIGHT_ONLY = ("int8-weight", "int4-weight")
 
 
 @dataclass
 class Quantize(Step):
-    """Lower precision: int8 (dynamic or static), fp16, bf16 or fp8 (GPUs with fp8 units, through torchao);
-    `auto` picks per model and device.
+    """Lower precision: int8 (dynamic, static or weight-only), int4 weight-only, fp16, bf16 or fp8 (GPUs with fp8
+    units, through torchao); `auto` picks per model and device.
 
-    `dtype="int8-static"` is shorthand for `dtype="int8", method="static"`.
+    `dtype="int8-static"` is shorthand for `dtype="int8", method="static"` (and `int8-weight` for weight-only).
     """
 
     kind = "quantize"
@@ -41,7 +45,8 @@ class Quantize(Step):
     colour = "#1f77b4"
 
     dtype: str = option("int8", choices=QUANT_DTYPES, help="int8 picks static for conv nets, dynamic otherwise")
-    method: str = option("auto", choices=("auto", "dynamic", "static"), help="int8 only")
+    method: str = option("auto", choices=("auto", "dynamic", "static", "weight"), help="int8 only")
+    group_size: int = option(32, choices=(16, 32, 64, 128), help="int4 and int8-weight: inputs per weight scale")
     per_channel: bool = option(True, choices=(True, False), help="a weight scale per output channel")
     calibration: str = option("minmax", choices=("minmax", "entropy", "percentile"), help="static int8 only")
     format: str = option("qdq", choices=("qdq", "qoperator"), help="static int8 graph format")
@@ -58,7 +63,7 @@ class Quantize(Step):
                                    "mean shift in the biases")
 
     def check(self):
-        if self.dtype in ("int8-dynamic", "int8-static"):
+        if self.dtype in ("int8-dynamic", "int8-static", "int8-weight"):
             if self.method not in ("auto", self.dtype[5:]):
                 raise RecipeError(f"Quantize: dtype={self.dtype!r} conflicts with method={self.method!r}")
             self.dtype, self.method = "int8", self.dtype[5:]
@@ -71,12 +76,14 @@ class Quantize(Step):
 
     @property
     def reads_train(self) -> bool:  # int8's smoothing and mixed precision calibrate on train batches where they are
-        return self.needs_train or (self.dtype in ("int8", "auto") and bool(self.smooth or self.bias_correction
-                                                                            or self.keep != 0))
+        return self.needs_train or (self.dtype in ("int8", "auto") and self.method != "weight"
+                                    and bool(self.smooth or self.bias_correction or self.keep != 0))
 
     def precisions(self) -> tuple:
         if self.dtype == "int8":
             return ("int8-dynamic", "int8-static") if self.method == "auto" else (f"int8-{self.method}",)
+        if self.dtype == "int4":
+            return ("int4-weight",)
         if self.dtype == "fp8":  # where fp8 does not run, fp16 does (with the reason on the card)
             return ("fp8", "fp16")
         return () if self.dtype == "auto" else (self.dtype,)
@@ -105,6 +112,10 @@ def plan(step: Quantize, facts, ctx) -> tuple[str, list[str]]:
         if not target.is_cuda:
             raise RecipeError(f"{step.describe()}: {why[-1]}")
         return "fp16", why
+    if dtype == "int4" or (dtype == "int8" and method == "weight"):
+        why.append(f"{dtype} weight-only: weights in {dtype[3:]} bits with a scale per {step.group_size} inputs, "
+                   "activations in float (ONNX Runtime's MatMulNBits, computing in int8 on the CPU)")
+        return f"{dtype}-weight", why
     if dtype != "int8":
         return dtype, why
     if target.is_cuda:
@@ -299,7 +310,7 @@ def _int8_fidelity(model, facts, precision: str, step: Quantize, ctx) -> tuple:
     from . import smoothing
 
     wanted = step.smooth or step.bias_correction or step.keep != 0
-    if not wanted or not precision.startswith("int8") or ctx.target.is_cuda or not hasattr(model, "named_modules") \
+    if not wanted or precision not in ("int8-dynamic", "int8-static") or ctx.target.is_cuda or not hasattr(model, "named_modules") \
             or not smoothing.linears(model):
         return model, ()
     if facts.conv_heavy or ctx.backend_for(precision, step).calibrates_int8:
@@ -348,7 +359,7 @@ def _lower(model, precision: str, step: Quantize, ctx, exclude: tuple = ()):
         try:
             return backend.lower(model, precision, ctx, per_channel=step.per_channel, reduce_range=step.reduce_range,
                                  calibration=step.calibration, format=step.format, exclude=exclude,
-                                 calibration_batches=step.calibration_batches)
+                                 calibration_batches=step.calibration_batches, group_size=step.group_size)
         except ExportError as e:
             first_error = first_error or e
             if ctx.target.backend == "auto" and precision == "int8-static" and i == len(options) - 1:

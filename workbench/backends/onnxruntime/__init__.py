@@ -40,7 +40,7 @@ class OnnxRuntimeBackend(Backend):
     def precisions(self, target) -> tuple:
         if not self.available(target):
             return ()
-        return ("fp32",) if target.is_cuda else ("fp32", "int8-dynamic", "int8-static")
+        return ("fp32",) if target.is_cuda else ("fp32", "int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 
     def accepts(self, model: Any) -> bool:
         from .session import OrtModel
@@ -52,8 +52,8 @@ class OnnxRuntimeBackend(Backend):
 
     def lower(self, model, precision: str, ctx, per_channel: bool = True, reduce_range: bool | None = None,
               calibration: str = "minmax", format: str = "qdq", exclude: tuple = (), calibration_batches: int = 8,
-              **options):
-        from .quantize import quantize_dynamic, quantize_static
+              group_size: int = 32, **options):
+        from .quantize import quantize_dynamic, quantize_static, quantize_weight_only
         from .session import OrtModel
 
         target = ctx.target
@@ -61,7 +61,7 @@ class OnnxRuntimeBackend(Backend):
             raise RecipeError(f"Quantize: calibration={calibration!r} collects histograms that ONNX Runtime needs "
                               "equally shaped across batches, and after unpad the token count varies per batch; "
                               "use calibration='minmax' (or quantize dynamically)")
-        if precision.startswith("int8") and reduce_range is None:
+        if precision in ("int8-dynamic", "int8-static") and reduce_range is None:
             reduce_range = not target.cpu.vnni
             if reduce_range:
                 ctx.note("weights use 7 bits (reduce_range): this CPU has no VNNI, and AVX2's u8 x s8 multiply-add "
@@ -84,6 +84,8 @@ class OnnxRuntimeBackend(Backend):
         if precision == "int8-static":
             return quantize_static(fp32, ctx.data.train_batches(limit=calibration_batches), per_channel=per_channel,
                                    reduce_range=reduce_range, calibration=calibration, fmt=format, exclude=exclude)
+        if precision in ("int8-weight", "int4-weight"):
+            return quantize_weight_only(fp32, bits=int(precision[3]), group_size=group_size, exclude=exclude)
         raise ValueError(f"ONNX Runtime does not lower to {precision}")
 
     def label_of(self, model) -> str:

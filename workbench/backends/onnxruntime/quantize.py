@@ -89,3 +89,59 @@ def quantize_static(model: OrtModel, batches, per_channel: bool = True, reduce_r
         nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude),
         extra_options={**UNTYPED_AS_FLOAT, **({"CalibMaxIntermediateOutputs": 64} if calibration != "minmax"
                                               else {})}))
+
+
+def quantize_weight_only(model: OrtModel, bits: int = 4, group_size: int = 32, exclude: tuple = ()) -> OrtModel:
+    """Weights in `bits` (4 or 8) with a scale per group of `group_size` input elements, activations in float:
+    ONNX Runtime's `MatMulNBitsQuantizer` (MatMul -> MatMulNBits; embedding Gathers -> GatherBlockQuantized),
+    symmetric, its CPU kernels computing in int8 (accuracy level 4). What decoders spend their time and memory on
+    at small batches is reading weights, which this divides by 8 (int4) or 4 (int8)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # ORT quantizes embeddings to 4 bits only
+    axes = (("MatMul", 0), ("Gather", 1))
+    config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=True, accuracy_level=4, bits=bits,
+                                          op_types_to_quantize=ops, quant_axes=axes)
+
+    def run(src, dst):
+        quantizer = MatMulNBitsQuantizer(gemms_as_matmuls(onnx.load(src)), bits=bits, block_size=group_size, is_symmetric=True,
+                                         accuracy_level=4, algo_config=config, op_types_to_quantize=ops,
+                                         quant_axes=axes,
+                                         nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude))
+        quantizer.process()
+        quantizer.model.save_model_to_file(dst, use_external_data_format=False)
+
+    return _quantized(model, f"int{bits}-weight", run)
+
+
+def gemms_as_matmuls(proto):
+    """`proto` with each Gemm whose weight is an initializer (GPT-2's Conv1D layers and torch's Linear layers on 2-D
+    inputs export as Gemm) rewritten as MatMul + Add, which weight-only quantizers take: ONNX Runtime's
+    MatMulNBitsQuantizer quantizes MatMul only, so on GPT-2 it left every layer but the head in fp32. The MatMul is
+    named '<gemm>_MatMul', as ORT's int8 quantizers name theirs (`nodes_in_layers` finds both)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    weights = {i.name: i for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        b = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = numpy_helper.to_array(weights[b]).T.copy()
+            b = f"{b}_transposed"
+            graph.initializer.append(numpy_helper.from_array(transposed, b))
+        product = f"{node.output[0]}_product" if len(node.input) > 2 and node.input[2] else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], b], [product], name=f"{node.name}_MatMul"))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(proto)
+    return proto

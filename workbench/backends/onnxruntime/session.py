@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from ...architectures import packs_tokens
+from ...architectures import is_causal_lm, packs_tokens
 from ...errors import DeviceError, ExportError, first_line
 from ...contract import bind, other_shape, rebuild
 from .export import export_onnx
@@ -82,6 +82,14 @@ class OrtModel:
                 return candidate
             except Exception as e:  # the fusion is an optional extra: fall back to the plain graph, say why in the log
                 logging.getLogger(__name__).info("unfused ONNX graph kept: %s", e)
+        if is_causal_lm(model) and check:  # a decoder keeps its key/value cache, so that it can generate
+            try:
+                decoder = cls(*export_onnx(model, example_inputs, cache=True), device=device, threads=threads)
+                decoder.check_parity(model, example_inputs)
+                decoder.check_parity(model, other_shape(example_inputs))
+                return decoder
+            except Exception as e:
+                logging.getLogger(__name__).info("decoder exported without its cache: %s", first_line(e))
         ort_model = cls(*export_onnx(model, example_inputs), device=device, threads=threads)
         if check:
             ort_model.check_parity(model, example_inputs)
@@ -130,7 +138,14 @@ class OrtModel:
         """The session's input feed (numpy arrays by graph input name) for a call like the original model's."""
         values = bind(self.layout, args, kwargs)
         wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs the graph never reads
-        return {n: v.detach().cpu().numpy() for n, v in zip(self.input_names, values) if n in wanted}
+        feed = {n: v.detach().cpu().numpy() for n, v in zip(self.input_names, values) if n in wanted}
+        if self.layout.get("past"):  # a decoder with its cache, called like the model: an empty past
+            import numpy as np
+
+            rows = values[0].shape[0]
+            feed.update({p["name"]: np.zeros((rows, p["shape"][0], 0, p["shape"][1]), np.float32)
+                         for p in self.layout["past"]})
+        return feed
 
     def __call__(self, *args, **kwargs):
         import torch
@@ -139,6 +154,8 @@ class OrtModel:
         first = next((v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else torch.device("cpu")
         outputs = [torch.from_numpy(a) for a in self.session.run(None, feed)]
+        if self.layout.get("past"):  # the model's own outputs come first, the cache after them
+            outputs = outputs[:len(self.layout["output_ranks"])]
         if str(out_device) != "cpu":
             outputs = [t.to(out_device) for t in outputs]
         return rebuild(self.layout, outputs)
