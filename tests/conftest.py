@@ -49,3 +49,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "minilm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def docs_lm_tiny():
+    """The test-sized docs-lm (GPT-2, 2 layers of 64; trained in seconds on first use, then cached)."""
+    pytest.importorskip("transformers", reason="the [text] extra is not installed")
+    import workbench as wb
+
+    return wb.zoo.load("docs-lm-tiny")

@@ -19,7 +19,8 @@ def test_notebooks_are_built_from_the_source():
                          cwd=ROOT)
     assert out.returncode == 0, out.stdout
     assert [p.stem for p in NOTEBOOKS] == ["00_tour", "01_quantization", "02_pruning", "03_distillation",
-                                           "04_factorization", "05_pipeline", "06_your_model"]
+                                           "04_factorization", "05_pipeline", "06_your_model",
+                                           "07_language_models"]
 
 
 @pytest.mark.slow

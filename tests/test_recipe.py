@@ -36,7 +36,7 @@ def test_parse_accepts_yaml_text_and_files(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Quantize("int4"), r"Quantize\.dtype: 'int4' is not allowed; choose one of 'int8'"),
+    (lambda: Quantize("int3"), r"Quantize\.dtype: 'int3' is not allowed; choose one of 'int8'"),
     (lambda: Quantize(calibration="max"), r"Quantize\.calibration: 'max' is not allowed"),
     (lambda: Prune(1.5), r"Prune\.sparsity: 1\.5 is out of range; allowed \[0, 1\)"),
     (lambda: Prune(-0.1), r"Prune\.sparsity: -0\.1 is out of range"),

@@ -24,9 +24,11 @@ max_drop: float = 0.01  # metric budget against the baseline, for the verdicts
 seed: int = 0'''
 
 
-def cells(title: str, intro: str, parameters: str, derive: str = "", extra: list | None = None):
+def cells(title: str, intro: str, parameters: str, derive: str = "", extra: list | None = None,
+          batch_sizes: str = "[1, 64]"):
+    common = COMMON_PARAMETERS.replace("batch_sizes: list = [1, 64]", f"batch_sizes: list = {batch_sizes}")
     out = [new_markdown_cell(f"# {title}\n\n{intro}"),
-           new_code_cell(parameters + "\n" + COMMON_PARAMETERS, metadata={"tags": ["parameters"]})]
+           new_code_cell(parameters + "\n" + common, metadata={"tags": ["parameters"]})]
     if derive:
         out.append(new_code_cell(derive))
     out += [
@@ -90,6 +92,20 @@ TEMPLATES = {
         [new_markdown_cell("## Without the teacher\n\nThe same student, same epochs and seed, trained on the "
                            "labels only."),
          new_code_cell("reports.labels_only(model_obj, data, student, epochs, results[0])")]),
+    "language-model": cells(
+        "Language-model report",
+        "A causal language model made smaller and faster: perplexity on held-out text, size, and greedy generation "
+        "timed (time to first token, tokens per second at batch 1 and 8, prompts of 32 and 256 tokens, 64 new "
+        "tokens, cache on), each candidate beside the original.",
+        'model: str = "docs-lm"  # a built-in causal LM (docs-lm, docs-lm-tiny) or an import path '
+        'package.module:factory giving (model, data)\n'
+        'recipes: list = ["quant=int8", "quant=int8-weight", "quant=int4"]',
+        extra=[new_markdown_cell("## Generation\n\nGreedy decoding with the key/value cache, the candidate and the "
+                                 "original taking turns on the same prompts; tokens per second against the "
+                                 "original's from paired runs, with the 95% interval, and the share of prompts "
+                                 "whose greedy tokens stay the same."),
+               new_code_cell("reports.generation(results)")],
+        batch_sizes="[1, 8]"),
     "pipeline": cells(
         "Pipeline report",
         "Any recipes on any model: the report an exploration turns into (`Study.to_report`, `%optimize --report`).",

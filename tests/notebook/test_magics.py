@@ -90,7 +90,7 @@ def test_flags_compose_in_the_order_given_with_quant_last():
 
 @pytest.mark.parametrize("line, message", [
     ("%optimize digits-cnx --quant int8", r"no model 'digits-cnx' in the notebook; did you mean 'digits-cnn'\?"),
-    ("%optimize digits-cnn --quant int4", r"Quantize.dtype: 'int4' is not allowed; choose one of 'int8'"),
+    ("%optimize digits-cnn --quant int3", r"Quantize.dtype: 'int3' is not allowed; choose one of 'int8'"),
     ("%optimize digits-cnn --qant int8", r"unrecognized arguments: --qant"),
     ("%optimize digits-cnn", r"nothing to do"),
     ("%optimize digits-cnn --structured --quant int8", r"--structured needs --prune"),
@@ -137,8 +137,8 @@ def test_recipe_cell_then_optimize_with_it(ip, tmp_path):
 
 
 def test_recipe_cell_errors_point_at_the_yaml_line(ip):
-    with pytest.raises(UsageError, match=r"Quantize.dtype: 'int4' is not allowed.*\(YAML line 5\)"):
-        run(ip, "%%recipe bad\nsteps:\n  - type: quantize\n    dtype: int8\n  - type: quantize\n    dtype: int4\n")
+    with pytest.raises(UsageError, match=r"Quantize.dtype: 'int3' is not allowed.*\(YAML line 5\)"):
+        run(ip, "%%recipe bad\nsteps:\n  - type: quantize\n    dtype: int8\n  - type: quantize\n    dtype: int3\n")
     assert "bad" not in ip.user_ns
 
 

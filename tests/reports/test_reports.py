@@ -17,6 +17,7 @@ TEMPLATE_RUNS = {
     "pruning": {"sparsities": [0.5], "finetune": 0},
     "distillation": {"epochs": 1},
     "pipeline": {"recipes": ["quant=int8"]},
+    "language-model": {"model": "docs-lm-tiny", "recipes": ["quant=int4"]},
 }
 
 
@@ -32,6 +33,8 @@ def test_each_template_runs_with_tiny_parameters(template, tmp_path):
     assert head["metric_name"] == "accuracy" and head["candidates"] >= 1
     if template == "pruning":
         assert "per-layer sensitivity" in page
+    if template == "language-model":
+        assert "Generation" in page and "tokens/s ratio" in page and "perplexity" in page
 
 
 def test_templates_are_built_from_the_shared_cells():
@@ -49,7 +52,7 @@ def test_template_listing_reads_every_parameter():
 
 
 @pytest.mark.parametrize("template, params, message", [
-    ("nope", {}, r"no template 'nope'; templates: distillation, pipeline, pruning, quantization, quickstart"),
+    ("nope", {}, r"no template 'nope'; templates: distillation, language-model, pipeline, pruning, quantization, quickstart"),
     ("pruning", {"sparsity": 0.5}, r"no parameter 'sparsity'; its parameters are: model, sparsities, structured"),
     ("pruning", {"finetune": "two"}, r"parameter 'finetune' of 'pruning' takes an int \(default 3\), got str"),
     ("pipeline", {"recipes": "quant=int8"}, r"takes a list"),
@@ -105,11 +108,11 @@ def test_batch_on_dask_two_workers_four_reports_then_a_broken_entry(tmp_path):
     assert "4 of 4 reports" in page and page.count('href="run-') == 4 and "Candidates across runs" in page
 
     broken = {"template": "pipeline", "parameters": {"batch_sizes": [1], "model": "digits-mlp"},
-              "runs": [{"recipes": ["quant=int8"]}, {"recipes": ["quant=int4"]}, "not a mapping"]}
+              "runs": [{"recipes": ["quant=int8"]}, {"recipes": ["quant=int3"]}, "not a mapping"]}
     index = reports.batch(broken, workers=2, out=tmp_path / "two", progress=False)
     records = json.loads((index.parent / "index.json").read_text())
     assert [r["status"] for r in records] == ["ok", "failed", "failed"]
-    assert "Quantize.dtype: 'int4' is not allowed" in records[1]["error"]
+    assert "Quantize.dtype: 'int3' is not allowed" in records[1]["error"]
     assert "malformed batch entry" in records[2]["error"]
     assert "1 of 3 reports" in index.read_text()
 

@@ -29,7 +29,8 @@ class Card:
             return "", []
         r = self.result
         head = f"deployable file: {r.exported}" if r.exported else \
-            f"deploy: result.export('{lines[1].split(chr(39))[1]}') writes the deployable file; then"
+            f"deploy: result.export('{next(x for x in lines if chr(39) in x).split(chr(39))[1]}') writes the " \
+            "deployable file; then"
         return head, lines
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ like "quickstart" resolves there. The CLI (`workbench report`, `workbench batch`
 """
 from ..errors import ReportError  # noqa: F401
 from .batch import batch, expand_batch, run_one, write_index  # noqa: F401
-from .cells import (comparison, environment_table, headline, labels_only, load_model, read_headline,  # noqa: F401
-                    run_recipes, show, show_parameters, verdicts)
+from .cells import (comparison, environment_table, generation, headline, labels_only, load_model,  # noqa: F401
+                    read_headline, run_recipes, show, show_parameters, verdicts)
 from .run import from_study, report, to_html  # noqa: F401
 from .templates import TEMPLATES, check_parameters, inspect_template, template_path, templates  # noqa: F401

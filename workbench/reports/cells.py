@@ -81,6 +81,28 @@ def comparison(results, numeric: bool = False):
     return table(results, numeric)
 
 
+def generation(results):
+    """A language model's candidates: perplexity and the share of prompts generating the same greedy tokens, then
+    each one's generation table beside the original's (time to first token, tokens per second, their ratio)."""
+    import pandas as pd
+    from IPython.display import display
+
+    from ..tables import generation_table
+
+    rows, tables = [], []
+    for r in results:
+        m, b, g = r.measurement, r.baseline, r.measurement.generation
+        rows.append({"recipe": str(r.recipe), "perplexity (original)": b.perplexity, "perplexity": m.perplexity,
+                     "same greedy tokens": None if g is None or g.same_tokens is None else f"{g.same_tokens:.0%}",
+                     "generation": g.skipped if g is not None and g.skipped else "timed" if g else "not timed"})
+        table = generation_table(b, m)
+        if table is not None:
+            tables.append(table.assign(recipe=str(r.recipe)).set_index("recipe", append=True))
+    display(pd.DataFrame(rows).set_index("recipe"))
+    if tables:
+        display(pd.concat(tables))
+
+
 def verdicts(results, max_drop: float = 0.01, numeric: bool = False):
     """Per candidate: within the metric budget? reliably faster at every timed batch? smaller? and the verdict."""
     import pandas as pd

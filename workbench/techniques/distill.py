@@ -96,9 +96,26 @@ def build_student(spec: str, teacher):
     parent, name, blocks = layers
     step = max(1, round(1 / factor))
     student = copy.deepcopy(teacher)
-    kept = torch.nn.ModuleList(copy.deepcopy(blocks[i]) for i in range(0, len(blocks), step))
+    chosen = list(range(0, len(blocks), step))
+    kept = torch.nn.ModuleList(copy.deepcopy(blocks[i]) for i in chosen)
     _set_module(student, parent, name, kept)
+    _renumber(student, kept, chosen)
     return student
+
+
+def _renumber(student, kept, chosen: list) -> None:
+    """A Hugging Face model's blocks index their key/value cache by `layer_idx`, and its config counts them: both
+    follow the kept blocks, so that the shallower student generates with a cache of its own depth."""
+    for i, block in enumerate(kept):
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = i
+    config = getattr(student, "config", None)
+    if config is not None and isinstance(getattr(config, "num_hidden_layers", None), int):
+        config.num_hidden_layers = len(kept)
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, list) and len(types) > max(chosen):
+            config.layer_types = [types[i] for i in chosen]
 
 
 def _layer_list(model):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..architectures import is_causal_lm
 from ..errors import RecipeError, WorkbenchError, first_line
 from ..recipe import Step, option
 from ..registry import backend_named, technique
@@ -222,6 +223,8 @@ def _options(facts) -> list[str]:
     wanted = [p for p in ("int8-static", "int8-dynamic") if runs_somewhere(p, target)
               and (p != "int8-static" or facts.has_train)]
     wanted += [p for p in ("fp16", "bf16", "fp8") if (p == "fp8" or target.native(p)) and runs_somewhere(p, target)]
+    if is_causal_lm(facts.model):  # decoders generating token by token: reading weights sets the time
+        wanted += [p for p in WEIGHT_ONLY if runs_somewhere(p, target)]
     return wanted + ["none"]
 
 
@@ -229,6 +232,8 @@ def search(trial, facts) -> list[str]:
     quant = trial.suggest_categorical("quant", _options(facts))
     if quant == "none":
         return []
+    if quant in WEIGHT_ONLY:
+        return ["quant=int4" if quant == "int4-weight" else "quant=int8-weight"]
     if not quant.startswith("int8") or facts.target.is_cuda:  # on a GPU int8 has one form (torchao's dynamic)
         return [f"quant={quant}"]
     per_channel = trial.suggest_categorical("per_channel", [True, False])

@@ -116,9 +116,15 @@ class OnnxRuntimeBackend(Backend):
     def usage(self, model, path: Path, input_names: list[str]) -> list[str]:
         wanted = {i.name for i in model.session.get_inputs()}  # the graph's own (an unused input is dropped)
         feed = ", ".join(f"{n!r}: {n}" for n in input_names if n in wanted)
-        return ["import onnxruntime as ort",
-                f"session = ort.InferenceSession({str(path)!r})",
-                f"outputs = session.run(None, {{{feed}}})  # numpy arrays in (tensor.numpy()), numpy out"]
+        lines = ["import onnxruntime as ort", f"session = ort.InferenceSession({str(path)!r})"]
+        if model.layout.get("past"):  # a decoder with its cache: the prompt's call takes an empty one
+            first = next(n for n in input_names if n in wanted)
+            return [lines[0], "import numpy as np", lines[1],
+                    "past = {i.name: np.zeros((len(" + first + "), i.shape[1], 0, i.shape[3]), np.float32) "
+                    "for i in session.get_inputs() if i.name.startswith('past_key_values.')}",
+                    f"logits, *present = session.run(None, {{{feed}, **past}})  # numpy in, numpy out; next token: "
+                    "feed present.<i>.key/value back as past_key_values.<i>.key/value, the mask one longer"]
+        return lines + [f"outputs = session.run(None, {{{feed}}})  # numpy arrays in (tensor.numpy()), numpy out"]
 
     def versions(self) -> dict:
         out = {}
