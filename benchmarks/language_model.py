@@ -115,6 +115,23 @@ def run(name: str, threads: int, repeats: int):
     return pd.DataFrame(table).set_index("model"), runs
 
 
+def lead(table, runs, ours: str = "workbench quant=int4") -> None:
+    """Ours against the fastest peer of equal or better perplexity, per setting, from paired runs."""
+    from workbench.decoding import paired_ratio
+    from workbench.measure.measurement import interval_text
+
+    perplexity = {label: float(table.loc[label, "perplexity"].split()[0]) for label in table.index}
+    peers = [label for label in table.index if "(peer)" in label and perplexity[label] <= perplexity[ours]]
+    print(f"\n## {ours} against each peer of equal or better perplexity ({', '.join(peers) or 'none'}): "
+          "tokens/s ratio, paired runs, 95% interval\n")
+    for mine in runs[ours].settings:
+        cells = []
+        for peer in peers:
+            theirs = runs[peer].setting(mine.batch, mine.prompt)
+            cells.append(f"{interval_text(paired_ratio(mine, theirs))}x {peer}" if theirs else f"– {peer}")
+        print(f"- {mine.label()}: " + "; ".join(cells))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="docs-lm")
@@ -128,6 +145,7 @@ def main(argv=None) -> int:
     print(table[tok].to_string())
     print(f"\n## {args.model}: time to first token (ms, median and 95% interval)\n")
     print(table[[c for c in table.columns if c.startswith("first token")]].to_string())
+    lead(table, runs)
     prompts = next((r.prompts_compared for r in runs.values() if r.prompts_compared), 0)
     print(f"\n- same tokens: share of {prompts} prompts (batch-8 settings) whose 64 greedy tokens equal torch "
           "fp32's; tokens/s: rows x 63 tokens after the first / their time")

@@ -152,3 +152,16 @@ def test_generation_is_skipped_with_the_reason_where_it_cannot_run(digits_mlp):
     runs = decoding.generation({"a": model}, data, resolve(device="cpu"), repeats=1)
     assert "does not generate here" in runs["a"].skipped
     assert runs["a"].lines() == [f"generation not timed: {runs['a'].skipped}"]
+
+
+def test_a_shallower_distilled_decoder_generates_with_a_cache_of_its_depth(docs_lm_tiny):
+    from workbench.techniques.distill import build_student
+
+    model, data = docs_lm_tiny
+    student = build_student("depth=0.5", model)
+    assert len(student.transformer.h) == 1 and student.config.num_hidden_layers == 1
+    assert len(model.transformer.h) == 2 and model.config.num_hidden_layers == 2  # the teacher untouched
+    graph = _ort(student, data.example_inputs)
+    assert len(graph.layout["past"]) == 2  # one layer's key and value
+    ids = decoding.prompts(data, 2, 32)
+    assert torch.equal(decoding.greedy(student, ids, 8)[0], decoding.greedy(graph, ids, 8)[0])

@@ -160,6 +160,12 @@ def greedy(model, ids, new_tokens: int = NEW_TOKENS, steps=None) -> tuple[Any, f
 
 
 # -- timing ----------------------------------------------------------------------------------------------------
+def paired_ratio(a: Setting, b: Setting) -> tuple:
+    """(median, low, high) of `a`'s tokens per second over `b`'s, run by run: both from one `generation` call,
+    whose runs took turns, so that each pair was timed moments apart."""
+    return median_interval([x / y for x, y in zip(a.rates, b.rates)])
+
+
 def prompts(data, rows: int, length: int):
     """`rows` prompts of `length` tokens: the starts of the validation batches' token rows (rows of real tokens
     only); None when the validation text has too few rows that long."""
@@ -224,9 +230,9 @@ def generation(models: dict, data, target, batches=BATCHES, lengths=PROMPTS, new
                         rate[label].append(b * (new_tokens - 1) / max(total - ttft, 1e-9))
                 for label in live:
                     ratio = median_interval([x / y for x, y in zip(rate[label], rate[reference])]) \
-                        if reference in rate and label != reference else None
+                        if reference in rate and label != reference else None  # as paired_ratio does
                     runs[label].settings.append(Setting(b, length, median_interval(first[label]),
-                                                        median_interval(rate[label]), ratio))
+                                                        median_interval(rate[label]), ratio, tuple(rate[label])))
     if reference in tokens:
         import torch
 

@@ -189,6 +189,7 @@ class Setting:
     ttft_ms: tuple
     tokens_per_s: tuple
     ratio: tuple | None = None  # tokens per second against the reference's, (median, low, high) of paired runs
+    rates: tuple = ()  # tokens per second of each timed run, in the order the runs took turns (pairs line up)
 
     def label(self) -> str:
         return f"b{self.batch} p{self.prompt}"
@@ -211,7 +212,8 @@ class GenerationRun:
         if not d:
             return None
         settings = [Setting(s["batch"], s["prompt"], tuple(s["ttft_ms"]), tuple(s["tokens_per_s"]),
-                            tuple(s["ratio"]) if s.get("ratio") else None) for s in d.get("settings", [])]
+                            tuple(s["ratio"]) if s.get("ratio") else None, tuple(s.get("rates") or ()))
+                    for s in d.get("settings", [])]
         return cls(settings, d.get("same_tokens"), d.get("prompts_compared", 0), d.get("new_tokens", 64),
                    d.get("skipped"))
 
