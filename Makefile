@@ -36,6 +36,7 @@ test: $(STAMP) chromium postgresql
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantization.py
 	$(BIN)/python benchmarks/pruning.py
+	$(BIN)/python benchmarks/language_model.py
 
 clean:
 	rm -rf $(VENV) .workbench .pytest_cache test-artifacts

@@ -107,6 +107,7 @@ def test_weight_only_spellings():
         wb.Recipe.parse("quant=int4:group_size=48")
 
 
+@pytest.mark.slow
 def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_tiny, tmp_path):
     import onnx
 
@@ -137,6 +138,7 @@ def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_ti
     assert wb.measure.Measurement.from_row(row).generation.settings[0].ratio == g.settings[0].ratio
 
 
+@pytest.mark.slow
 def test_quant_int8_and_pruning_of_a_decoder_generate(docs_lm_tiny):
     model, data = docs_lm_tiny
     r = wb.optimize(model, "quant=int8", data=data, study=False)

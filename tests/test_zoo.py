@@ -8,7 +8,7 @@ from workbench.errors import WorkbenchError
 
 
 def test_list_names_the_builtins():
-    assert wb.zoo.list() == ["digits-mlp", "digits-cnn", "minilm"]
+    assert wb.zoo.list() == ["digits-mlp", "digits-cnn", "minilm", "docs-lm", "docs-lm-tiny"]
 
 
 @pytest.mark.parametrize("fixture", ["digits_mlp", "digits_cnn"])

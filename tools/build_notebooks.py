@@ -294,7 +294,7 @@ except wb.WorkbenchError as e:
     print(e)  # pip install 'workbench[text]'
 else:
     print(type(hf_model.encoder).__name__, sum(p.numel() for p in hf_model.parameters()), "parameters")
-    for recipe in ("quant=int8", "unpad,quant=int8"):
+    for recipe in ("unpad,quant=int8",) if quick else ("quant=int8", "unpad,quant=int8"):
         print(wb.optimize(hf_model, recipe, data=hf_data, batch_sizes=(1,)).table()[
             ["fidelity", "speedup (b=1)", "size ×"]])
 """),
