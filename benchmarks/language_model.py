@@ -106,7 +106,7 @@ def run(name: str, threads: int, repeats: int):
         g = runs[label]
         out = {"model": label, "size": f"{row['size MB']:.3g} MB ({row['size MB'] / fp32['size MB']:.2f}x)",
                "perplexity": f"{row['perplexity']:.4g} ({row['perplexity'] / fp32['perplexity'] - 1:+.1%})",
-               "same tokens": "–" if g.same_tokens is None else f"{g.same_tokens:.0%}"}
+               "same tokens": "–" if g.same_tokens is None else f"{g.same_tokens:.0%}, {g.same_prefix:.3g}"}
         for s in g.settings:
             ratio = wb.measure.measurement.interval_text(s.ratio) + "x" if s.ratio else "1x"
             out[f"tok/s {s.label()}"] = f"{s.tokens_per_s[0]:.0f}, {ratio}"
@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     lead(table, runs)
     prompts = next((r.prompts_compared for r in runs.values() if r.prompts_compared), 0)
     print(f"\n- same tokens: share of {prompts} prompts (batch-8 settings) whose 64 greedy tokens equal torch "
-          "fp32's; tokens/s: rows x 63 tokens after the first / their time")
+          "fp32's, then how many leading tokens agree on average; tokens/s: rows x 63 tokens after the first / their "
+          "time")
     return 0
 
 

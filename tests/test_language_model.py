@@ -123,6 +123,7 @@ def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_ti
     assert {(s.batch, s.prompt) for s in g.settings} == {(1, 32), (1, 256), (8, 32), (8, 256)}
     assert all(s.ratio is not None and s.ratio[1] <= s.ratio[0] <= s.ratio[2] for s in g.settings)
     assert b.same_tokens is None and 0 <= g.same_tokens <= 1 and g.prompts_compared == 16
+    assert g.same_tokens * 64 <= g.same_prefix <= 64  # prompts agreeing in full count 64 leading tokens
     text = repr(r)
     assert "perplexity" in text and "tokens/s" in text and "first token" in text
     from workbench.notebook.card import Card

@@ -241,6 +241,7 @@ def generation(models: dict, data, target, batches=BATCHES, lengths=PROMPTS, new
             if label != reference and ref is not None:
                 mine = torch.cat(tokens[label])
                 runs[label].same_tokens = float((mine == ref).all(dim=1).float().mean())
+                runs[label].same_prefix = float((mine == ref).int().cumprod(dim=1).sum(dim=1).float().mean())
                 runs[label].prompts_compared = int(ref.shape[0])
     for label in live:
         if runs[label].settings:

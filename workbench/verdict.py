@@ -58,7 +58,23 @@ def judge(baseline, candidate, max_drop: float = DEFAULT_MAX_DROP) -> Verdict:
         text = f"smaller only ({size}), not reliably faster here"
     else:
         text = "no reliable gain measured"
+    generating = _generation(candidate)
+    if generating and within:  # a language model: the forward pass is a prompt's prefill, generation is the rest
+        text = text.replace("slower here", "slower on a whole forward pass here") + f"; {generating}"
     return Verdict(within, faster, slower, smaller, stable, drop, worst, text)
+
+
+def _generation(candidate) -> str:
+    """A causal LM's generation against the original's, slowest and fastest setting (empty when not timed)."""
+    from .measure.measurement import interval_text
+
+    settings = [s for s in (candidate.generation.settings if candidate.generation else []) if s.ratio]
+    if not settings:
+        return ""
+    low, high = min(settings, key=lambda s: s.ratio[1]), max(settings, key=lambda s: s.ratio[0])
+    what = "faster" if low.ratio[1] > 1 else "slower" if high.ratio[2] < 1 else "mixed"
+    return (f"generating {what}: {interval_text(low.ratio)}x ({low.label()}) to {interval_text(high.ratio)}x "
+            f"({high.label()}) the original's tokens/s")
 
 
 def best(results, max_drop: float = DEFAULT_MAX_DROP):

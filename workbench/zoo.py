@@ -227,12 +227,13 @@ DOCS_LM_HELD_OUT = 0.1
 
 
 def docs_text() -> list[str]:
-    """The documents of CPython's `pydoc_data` (the help() topics: English prose with some code), whitespace
-    normalised, in a seeded order; the last tenth is held out for validation."""
+    """The documents of CPython's `pydoc_data` (the help() topics: English prose with some code), each on one line
+    (runs of whitespace made one space: a small model trained on the layout's blank lines and indentation learns to
+    continue any prompt with newlines), in a seeded order; the last tenth is held out for validation."""
     import random
     from pydoc_data.topics import topics
 
-    texts = [re.sub(r"[ \t]+", " ", topics[key]).strip() for key in sorted(topics)]
+    texts = [re.sub(r"\s+", " ", topics[key]).strip() for key in sorted(topics)]
     random.Random(SEED).shuffle(texts)
     return texts
 

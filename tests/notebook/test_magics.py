@@ -61,6 +61,16 @@ def test_optimize_a_builtin_in_an_empty_notebook(ip):
     assert len(wb.Study.default()) == 2  # recorded in the notebook's study
 
 
+@pytest.mark.slow
+def test_optimize_a_language_model_shows_generation_on_the_card(ip, docs_lm_tiny):
+    out = run(ip, "%optimize docs-lm-tiny --quant int4")
+    result = ip.user_ns["docs_lm_tiny_opt"]
+    assert result.backend == "onnxruntime-int4-weight" and result.measurement.perplexity is not None
+    card = out.outputs[0].data
+    assert "generation: greedy, 64 new tokens" in card["text/plain"] and "tokens/s ratio" in card["text/html"]
+    assert "generating" in result.verdict and "the original's tokens/s" in result.verdict
+
+
 def test_names_resolve_from_the_namespace_and_as_names_the_result(ip, digits_mlp):
     ip.user_ns.update(net=digits_mlp[0], val=digits_mlp[1])
     out = run(ip, "%optimize net --quant int8-dynamic --backend torch --device cpu --data val --as net8 --no-card")

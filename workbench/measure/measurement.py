@@ -200,12 +200,14 @@ class GenerationRun:
     settings: list = field(default_factory=list)  # of Setting
     same_tokens: float | None = None  # share of prompts whose greedy tokens equal the original's (None: the original)
     prompts_compared: int = 0
+    same_prefix: float | None = None  # mean count of leading greedy tokens equal to the original's
     new_tokens: int = 64
     skipped: str | None = None  # why it was not timed
 
     def to_dict(self) -> dict:
         return {"settings": [vars(s) for s in self.settings], "same_tokens": self.same_tokens,
-                "prompts_compared": self.prompts_compared, "new_tokens": self.new_tokens, "skipped": self.skipped}
+                "prompts_compared": self.prompts_compared, "new_tokens": self.new_tokens, "skipped": self.skipped,
+                "same_prefix": self.same_prefix}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GenerationRun | None":
@@ -214,8 +216,14 @@ class GenerationRun:
         settings = [Setting(s["batch"], s["prompt"], tuple(s["ttft_ms"]), tuple(s["tokens_per_s"]),
                             tuple(s["ratio"]) if s.get("ratio") else None, tuple(s.get("rates") or ()))
                     for s in d.get("settings", [])]
-        return cls(settings, d.get("same_tokens"), d.get("prompts_compared", 0), d.get("new_tokens", 64),
-                   d.get("skipped"))
+        return cls(settings, d.get("same_tokens"), d.get("prompts_compared", 0), d.get("same_prefix"),
+                   d.get("new_tokens", 64), d.get("skipped"))
+
+    def agreement(self) -> str:
+        """How far greedy decoding follows the original's, in words."""
+        prefix = f"; on average the first {self.same_prefix:.3g} agree" if self.same_prefix is not None else ""
+        return (f"same {self.new_tokens} greedy tokens as the original on {self.same_tokens:.0%} of "
+                f"{self.prompts_compared} prompts{prefix}")
 
     def setting(self, batch: int, prompt: int) -> "Setting | None":
         return next((s for s in self.settings if (s.batch, s.prompt) == (batch, prompt)), None)
@@ -226,8 +234,7 @@ class GenerationRun:
         out = [f"{s.label()}: first token {interval_text(s.ttft_ms)} ms, {interval_text(s.tokens_per_s)} tokens/s"
                + (f" ({interval_text(s.ratio)}x the original's)" if s.ratio else "") for s in self.settings]
         if self.same_tokens is not None:
-            out.append(f"same {self.new_tokens} greedy tokens as the original on {self.same_tokens:.0%} of "
-                       f"{self.prompts_compared} prompts")
+            out.append(self.agreement())
         return out
 
 

@@ -50,8 +50,7 @@ class Card:
 
     def _generation_title(self) -> str:
         g = self.result.measurement.generation
-        same = f"; same greedy tokens as the original on {g.same_tokens:.0%} of {g.prompts_compared} prompts" \
-            if g.same_tokens is not None else ""
+        same = f"; {g.agreement()}" if g.same_tokens is not None else ""
         return f"generation: greedy, {g.new_tokens} new tokens, cache on{same}"
 
     def _repr_html_(self) -> str:

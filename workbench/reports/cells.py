@@ -94,6 +94,7 @@ def generation(results):
         m, b, g = r.measurement, r.baseline, r.measurement.generation
         rows.append({"recipe": str(r.recipe), "perplexity (original)": b.perplexity, "perplexity": m.perplexity,
                      "same greedy tokens": None if g is None or g.same_tokens is None else f"{g.same_tokens:.0%}",
+                     "agreeing prefix": None if g is None or g.same_prefix is None else round(g.same_prefix, 1),
                      "generation": g.skipped if g is not None and g.skipped else "timed" if g else "not timed"})
         table = generation_table(b, m)
         if table is not None:
