@@ -112,7 +112,9 @@ def run(name: str, threads: int, repeats: int):
             out[f"tok/s {s.label()}"] = f"{s.tokens_per_s[0]:.0f}, {ratio}"
             out[f"first token ms {s.label()}"] = wb.measure.measurement.interval_text(s.ttft_ms)
         table.append(out)
-    return pd.DataFrame(table).set_index("model"), runs
+    frame = pd.DataFrame(table).set_index("model")
+    frame.attrs["perplexity"] = {label: row["perplexity"] for label, row in rows.items()}
+    return frame, runs
 
 
 def lead(table, runs, ours: str = "workbench quant=int4") -> None:
@@ -120,7 +122,7 @@ def lead(table, runs, ours: str = "workbench quant=int4") -> None:
     from workbench.decoding import paired_ratio
     from workbench.measure.measurement import interval_text
 
-    perplexity = {label: float(table.loc[label, "perplexity"].split()[0]) for label in table.index}
+    perplexity = table.attrs["perplexity"]
     peers = [label for label in table.index if "(peer)" in label and perplexity[label] <= perplexity[ours]]
     print(f"\n## {ours} against each peer of equal or better perplexity ({', '.join(peers) or 'none'}): "
           "tokens/s ratio, paired runs, 95% interval\n")

@@ -41,7 +41,7 @@ def test_the_onnx_graph_keeps_the_cache_and_generates_what_torch_does(docs_lm_ti
     ids = decoding.prompts(data, 3, 40)
     want, _, _ = decoding.greedy(model, ids, 12)
     got, first, total = decoding.greedy(graph, ids, 12)
-    assert torch.equal(want, got) and want.shape == (3, 12) and 0 < first <= total
+    assert torch.equal(want, got) and want.shape == (3, 12) and first <= total
     # called like the model (no past given), it returns the model's logits
     logits = graph(**data.example_inputs)
     with torch.no_grad():
@@ -168,3 +168,34 @@ def test_a_shallower_distilled_decoder_generates_with_a_cache_of_its_depth(docs_
     assert len(graph.layout["past"]) == 2  # one layer's key and value
     ids = decoding.prompts(data, 2, 32)
     assert torch.equal(decoding.greedy(student, ids, 8)[0], decoding.greedy(graph, ids, 8)[0])
+
+
+def test_generation_refuses_settings_it_cannot_time_in_one_line(docs_lm_tiny):
+    from workbench.target import resolve
+
+    model, data = docs_lm_tiny
+    for bad in ({"new_tokens": 1}, {"repeats": 0}):
+        with pytest.raises(WorkbenchError, match="generation timing needs new_tokens >= 2"):
+            decoding.generation({"a": model}, data, resolve(device="cpu"), **bad)
+    with pytest.raises(WorkbenchError, match="too few rows that long"):
+        decoding.greedy(model, decoding.prompts(data, 1, 10_000), 4)
+    runs = decoding.generation({"a": model}, data, resolve(device="cpu"), batches=(1,), lengths=(16, 10_000),
+                               new_tokens=3, repeats=1)
+    lines = runs["a"].lines()
+    assert [s.prompt for s in runs["a"].settings] == [16] and "fewer than 1 rows of 10000" in runs["a"].skipped
+    assert lines[0].startswith("b1 p16: first token") and lines[-1].startswith("some settings not timed")
+
+
+def test_a_decoder_graph_without_its_sidecar_still_generates(docs_lm_tiny, tmp_path):
+    from workbench.backends.onnxruntime.session import OrtModel
+
+    model, data = docs_lm_tiny
+    graph = _ort(model, data.example_inputs)
+    path = graph.save(tmp_path / "model.onnx")
+    path.with_suffix(".json").unlink()  # a graph from elsewhere: only the .onnx file
+    loaded = OrtModel.load(path)
+    assert loaded.layout["past"] == graph.layout["past"]
+    ids = decoding.prompts(data, 2, 20)
+    assert torch.equal(decoding.greedy(graph, ids, 6)[0], decoding.greedy(loaded, ids, 6)[0])
+    # called like the model, it returns the logits (its first output: the sidecar's output structure is gone)
+    torch.testing.assert_close(loaded(**data.example_inputs), graph(**data.example_inputs).logits)

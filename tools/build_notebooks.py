@@ -306,7 +306,7 @@ else:
 A decoder language model writes one token at a time. It reads the prompt once (the time to the first token), then,
 for each new token, runs every layer on that single token against its key/value cache: a sliver of arithmetic per
 weight read. At batch 1 the time goes to reading weights, so storing them in 4 bits pays where int8 activations
-barely would. This notebook measures that on `docs-lm`, a small GPT-2 trained (about two minutes on 2 cores, the
+barely would. This notebook measures that on `docs-lm`, a small GPT-2 trained (under 3 minutes on 2 cores, the
 first time; then cached) on the English prose of CPython's documentation, with a tenth of it held out.
 """),
         params(),
@@ -371,8 +371,8 @@ print(data.tokenizer.decode(int4_tokens[0]))
         md("""
 ## Structured pruning costs a small model more
 
-Removing a quarter of the heads and MLP neurons (grouped-query attention kept consistent) makes the model smaller
-and its generation faster, but without retraining its perplexity rises: compare with int4 above.
+Removing a quarter of the attention heads and MLP neurons makes the model smaller and its generation faster, but
+without retraining its perplexity rises: compare with int4 above.
 """),
         code("""
 pruned = wb.optimize(model, "prune=0.25:structured=true", data=data, batch_sizes=(1,))

@@ -68,6 +68,25 @@ def cached_decoder(model):
     return CachedDecoder()
 
 
+def empty_past(specs, rows: int) -> dict:
+    """{name: zero-length cache array (rows x heads x 0 x head size)} for a decoder graph's past inputs, `specs`
+    being (name, heads, head size): what its first call (the prompt) takes."""
+    import numpy as np
+
+    return {name: np.zeros((rows, heads, 0, dim), np.float32) for name, heads, dim in specs}
+
+
+def graph_past(graph_inputs) -> list[tuple]:
+    """(name, heads, head size) of a decoder graph's past inputs, read from its inputs (ONNX Runtime's NodeArgs or
+    onnx ValueInfos' names and shapes)."""
+    return [(i.name, i.shape[1], i.shape[3]) for i in graph_inputs if i.name.startswith("past_key_values.")]
+
+
+def past_specs(layout: dict) -> list[tuple]:
+    """(name, heads, head size) of each past input of an exported decoder's layout."""
+    return [(p["name"], *p["shape"]) for p in layout.get("past") or ()]
+
+
 def past_names(layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
@@ -101,15 +120,11 @@ class _GraphSteps:
 
     def __init__(self, model):
         self.session = model.session
-        self.past = [p["name"] for p in model.layout["past"]]
-        self.shapes = [p["shape"] for p in model.layout["past"]]
+        self.specs = past_specs(model.layout)
+        self.past = [name for name, _, _ in self.specs]
 
     def prefill(self, ids):
-        import numpy as np
-
-        rows = ids.shape[0]
-        past = {n: np.zeros((rows, s[0], 0, s[1]), np.float32) for n, s in zip(self.past, self.shapes)}
-        return self._run(ids.numpy(), past)
+        return self._run(ids.numpy(), empty_past(self.specs, ids.shape[0]))
 
     def step(self, ids):
         return self._run(ids.numpy(), dict(zip(self.past, self.present)))
@@ -130,8 +145,9 @@ def steps_for(model):
     if isinstance(getattr(model, "layout", None), dict):
         if model.layout.get("past"):
             return _GraphSteps(model)
+        why = model.layout.get("cache_lost")
         raise WorkbenchError("this ONNX graph was exported without the key/value cache, so it cannot generate "
-                             "token by token")
+                             "token by token" + (f" (the cache export failed: {why})" if why else ""))
     if hasattr(model, "named_modules") and is_causal_lm(getattr(model, "module", model)):
         return _TorchSteps(getattr(model, "module", model))
     raise WorkbenchError(f"a {type(model).__name__} does not generate here: greedy decoding takes a Hugging Face "
@@ -144,8 +160,13 @@ def greedy(model, ids, new_tokens: int = NEW_TOKENS, steps=None) -> tuple[Any, f
     same number of tokens, so that runs compare)."""
     import torch
 
+    if ids is None or getattr(ids, "dim", lambda: 0)() != 2 or ids.shape[1] == 0:
+        raise WorkbenchError("greedy decoding needs prompts as token ids, rows x length (decoding.prompts gives None "
+                             "when the validation text has too few rows that long)")
+    if new_tokens < 1:
+        raise WorkbenchError(f"new_tokens={new_tokens}: decode at least one token")
     steps = steps or steps_for(model)
-    ids = ids.cpu()
+    ids = ids.to(_device_of(steps.model)) if isinstance(steps, _TorchSteps) else ids.cpu()
     out = []
     with torch.inference_mode():
         start = time.perf_counter()
@@ -156,7 +177,7 @@ def greedy(model, ids, new_tokens: int = NEW_TOKENS, steps=None) -> tuple[Any, f
             token = steps.step(token).argmax(-1, keepdim=True)
             out.append(token)
         total = time.perf_counter() - start
-    return torch.cat(out, dim=1), first, total
+    return torch.cat(out, dim=1).cpu(), first, total
 
 
 # -- timing ----------------------------------------------------------------------------------------------------
@@ -179,8 +200,7 @@ def prompts(data, rows: int, length: int):
             return None
         ids, mask = inputs["input_ids"].cpu(), token_mask(inputs)
         for i in range(ids.shape[0]):
-            real = int(mask[i].sum()) if mask is not None else ids.shape[1]
-            if real >= length and (mask is None or bool(mask[i, :length].all())):
+            if ids.shape[1] >= length and (mask is None or bool(mask[i, :length].all())):
                 found.append(ids[i, :length])
             if len(found) == rows:
                 return torch.stack(found)
@@ -193,6 +213,9 @@ def generation(models: dict, data, target, batches=BATCHES, lengths=PROMPTS, new
     (A B, B A, ...) on the same prompts; `reference` (a label) is the model whose greedy tokens the others are
     compared with; `repeats` timed generations per model and setting after one untimed. CPU only: a model on a
     GPU is reported as not timed."""
+    if new_tokens < 2 or repeats < 1:
+        raise WorkbenchError(f"generation timing needs new_tokens >= 2 (tokens/s is timed after the first) and "
+                             f"repeats >= 1; got new_tokens={new_tokens}, repeats={repeats}")
     runs, steps = {}, {}
     for label, model in models.items():
         try:
@@ -228,11 +251,12 @@ def generation(models: dict, data, target, batches=BATCHES, lengths=PROMPTS, new
                             continue
                         first[label].append(ttft * 1e3)
                         rate[label].append(b * (new_tokens - 1) / max(total - ttft, 1e-9))
-                for label in live:
-                    ratio = median_interval([x / y for x, y in zip(rate[label], rate[reference])]) \
-                        if reference in rate and label != reference else None  # as paired_ratio does
-                    runs[label].settings.append(Setting(b, length, median_interval(first[label]),
-                                                        median_interval(rate[label]), ratio, tuple(rate[label])))
+                done = {label: Setting(b, length, median_interval(first[label]), median_interval(rate[label]),
+                                       rates=tuple(rate[label])) for label in live}
+                for label, setting in done.items():
+                    if reference in done and label != reference:
+                        setting.ratio = paired_ratio(setting, done[reference])
+                    runs[label].settings.append(setting)
     if reference in tokens:
         import torch
 
@@ -243,7 +267,4 @@ def generation(models: dict, data, target, batches=BATCHES, lengths=PROMPTS, new
                 runs[label].same_tokens = float((mine == ref).all(dim=1).float().mean())
                 runs[label].same_prefix = float((mine == ref).int().cumprod(dim=1).sum(dim=1).float().mean())
                 runs[label].prompts_compared = int(ref.shape[0])
-    for label in live:
-        if runs[label].settings:
-            runs[label].skipped = None
     return runs

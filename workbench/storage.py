@@ -81,20 +81,12 @@ def export_deployable(backend, model, example_inputs: Any, path=None) -> Path:
     return path
 
 
-def empty_past(session_inputs, rows: int) -> dict:
-    """Zero-length key/value cache arrays (rows x heads x 0 x head size) for a decoder graph's past inputs: what
-    its first call (the prompt) takes."""
-    import numpy as np
-
-    return {i.name: np.zeros((rows, i.shape[1], 0, i.shape[3]), np.float32) for i in session_inputs
-            if i.name.startswith("past_key_values.")}
-
-
 def check_deployable(model, example_inputs: Any, path: Path) -> None:
     """Load the exported file with its runtime alone and compare its first output with the model's."""
     import torch
 
     from .contract import cache_free, values_of
+    from .decoding import empty_past, graph_past
     from .errors import ExportError
     from .tensors import call_model, flatten_output, map_tensors
 
@@ -114,7 +106,7 @@ def check_deployable(model, example_inputs: Any, path: Path) -> None:
             names = [i.name for i in session.get_inputs()]
             layout_names = getattr(model, "input_names", names)
             feed = {n: v.numpy() for n, v in zip(layout_names, values) if n in names}
-            feed.update(empty_past(session.get_inputs(), values[0].shape[0]))  # a decoder's cache: empty
+            feed.update(empty_past(graph_past(session.get_inputs()), values[0].shape[0]))  # a decoder's: empty
             got = torch.from_numpy(session.run(None, feed)[0]).float()
         elif path.suffix == ".xml":  # OpenVINO IR, its .bin beside it; computed in f32 as it was measured
             import openvino as ov

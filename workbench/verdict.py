@@ -71,8 +71,9 @@ def _generation(candidate) -> str:
     settings = [s for s in (candidate.generation.settings if candidate.generation else []) if s.ratio]
     if not settings:
         return ""
-    low, high = min(settings, key=lambda s: s.ratio[1]), max(settings, key=lambda s: s.ratio[0])
-    what = "faster" if low.ratio[1] > 1 else "slower" if high.ratio[2] < 1 else "mixed"
+    low, high = min(settings, key=lambda s: s.ratio[0]), max(settings, key=lambda s: s.ratio[0])
+    what = "faster" if all(s.ratio[1] > 1 for s in settings) else \
+        "slower" if all(s.ratio[2] < 1 for s in settings) else "mixed"
     return (f"generating {what}: {interval_text(low.ratio)}x ({low.label()}) to {interval_text(high.ratio)}x "
             f"({high.label()}) the original's tokens/s")
 

@@ -216,7 +216,7 @@ class _DictBatches:
 
 
 # -- docs-lm: a causal language model ------------------------------------------------------------------------
-# GPT-2 shaped (Hugging Face's GPT2LMHeadModel), a byte-level BPE tokenizer trained on the same text; about 2 minutes
+# GPT-2 shaped (Hugging Face's GPT2LMHeadModel), a byte-level BPE tokenizer trained on the same text; under 3 minutes
 # of training on 2 cores the first time, then cached. 'docs-lm-tiny' is the test-sized sibling (seconds).
 _DOCS_LM = {
     "docs-lm": dict(vocab=2048, width=256, layers=4, heads=4, steps=400, window=320, batch=6, lr=2e-3),

@@ -202,7 +202,7 @@ class GenerationRun:
     prompts_compared: int = 0
     same_prefix: float | None = None  # mean count of leading greedy tokens equal to the original's
     new_tokens: int = 64
-    skipped: str | None = None  # why it was not timed
+    skipped: str | None = None  # why it (or some of its settings) was not timed
 
     def to_dict(self) -> dict:
         return {"settings": [vars(s) for s in self.settings], "same_tokens": self.same_tokens,
@@ -216,11 +216,13 @@ class GenerationRun:
         settings = [Setting(s["batch"], s["prompt"], tuple(s["ttft_ms"]), tuple(s["tokens_per_s"]),
                             tuple(s["ratio"]) if s.get("ratio") else None, tuple(s.get("rates") or ()))
                     for s in d.get("settings", [])]
-        return cls(settings, d.get("same_tokens"), d.get("prompts_compared", 0), d.get("same_prefix"),
-                   d.get("new_tokens", 64), d.get("skipped"))
+        return cls(settings=settings, same_tokens=d.get("same_tokens"), prompts_compared=d.get("prompts_compared", 0),
+                   same_prefix=d.get("same_prefix"), new_tokens=d.get("new_tokens", 64), skipped=d.get("skipped"))
 
     def agreement(self) -> str:
         """How far greedy decoding follows the original's, in words."""
+        if self.same_tokens is None:
+            return "greedy tokens not compared with the original's"
         prefix = f"; on average the first {self.same_prefix:.3g} agree" if self.same_prefix is not None else ""
         return (f"same {self.new_tokens} greedy tokens as the original on {self.same_tokens:.0%} of "
                 f"{self.prompts_compared} prompts{prefix}")
@@ -229,10 +231,12 @@ class GenerationRun:
         return next((s for s in self.settings if (s.batch, s.prompt) == (batch, prompt)), None)
 
     def lines(self) -> list[str]:
-        if self.skipped:
-            return [f"generation not timed: {self.skipped}"]
+        if not self.settings:
+            return [f"generation not timed: {self.skipped or 'no setting ran'}"]
         out = [f"{s.label()}: first token {interval_text(s.ttft_ms)} ms, {interval_text(s.tokens_per_s)} tokens/s"
                + (f" ({interval_text(s.ratio)}x the original's)" if s.ratio else "") for s in self.settings]
+        if self.skipped:
+            out.append(f"some settings not timed: {self.skipped}")
         if self.same_tokens is not None:
             out.append(self.agreement())
         return out

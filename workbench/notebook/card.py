@@ -40,13 +40,17 @@ class Card:
         head, lines = self._deploy()
         deploy = f"\n{head}\n" + "\n".join(f"    {line}" for line in lines) if lines else ""
         gen = self._generation()
-        gen = f"\n{self._generation_title()}\n{gen.to_string()}" if gen is not None else ""
+        gen = f"\n{gen}" if isinstance(gen, str) else \
+            f"\n{self._generation_title()}\n{gen.to_string()}" if gen is not None else ""
         return f"{self._title()}\n{self.result.verdict}\n{table}{gen}{checks}{notes}{deploy}"
 
     def _generation(self):
+        """The generation table, or the line saying why generation was not timed (None for other models)."""
         from ..tables import generation_table
 
-        return generation_table(self.result.baseline, self.result.measurement)
+        table = generation_table(self.result.baseline, self.result.measurement)
+        g = self.result.measurement.generation
+        return table if table is not None or g is None else g.lines()[0]
 
     def _generation_title(self) -> str:
         g = self.result.measurement.generation
@@ -59,8 +63,9 @@ class Card:
         checks = f"<p><b>pre-flight</b> (will this be faster here?)</p><ul>{checks}</ul>" if checks else ""
         table = self._table().to_html(classes="wb-table", border=0)
         gen = self._generation()
-        gen = (f"<p class='wb-generation'>{html.escape(self._generation_title())}</p>"
-               f"<div style='overflow-x:auto'>{gen.to_html(classes='wb-table', border=0)}</div>") \
+        gen = f"<p class='wb-generation'>{html.escape(gen)}</p>" if isinstance(gen, str) else \
+            (f"<p class='wb-generation'>{html.escape(self._generation_title())}</p>"
+             f"<div style='overflow-x:auto'>{gen.to_html(classes='wb-table', border=0)}</div>") \
             if gen is not None else ""
         return (f"<div class='wb-card'><b>{html.escape(self._title())}</b>"
                 f"<p class='wb-verdict'>{html.escape(self.result.verdict)}</p>"

@@ -95,7 +95,8 @@ def generation(results):
         rows.append({"recipe": str(r.recipe), "perplexity (original)": b.perplexity, "perplexity": m.perplexity,
                      "same greedy tokens": None if g is None or g.same_tokens is None else f"{g.same_tokens:.0%}",
                      "agreeing prefix": None if g is None or g.same_prefix is None else round(g.same_prefix, 1),
-                     "generation": g.skipped if g is not None and g.skipped else "timed" if g else "not timed"})
+                     "generation": "not timed" if g is None else g.lines()[0] if not g.settings
+                     else f"timed; some settings not: {g.skipped}" if g.skipped else "timed"})
         table = generation_table(b, m)
         if table is not None:
             tables.append(table.assign(recipe=str(r.recipe)).set_index("recipe", append=True))

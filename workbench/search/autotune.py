@@ -14,6 +14,7 @@ name, e.g. `workbench autotune digits-cnn --storage postgresql://host/db --study
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -179,6 +180,9 @@ def autotune(model, data, max_drop: float = 0.01, objective: str = "latency", ba
     facts = base.facts
     batch = batch or (64 if facts.conv_heavy else 1)
     base.batch_sizes = (batch,)
+    # trials rank on the forward pass at `batch`; a causal LM's generation timing (tens of seconds) would be paid by
+    # every trial and ranks nothing, so it is left to wb.optimize of the chosen recipe
+    base.timing = dataclasses.replace(base.timing, generations=0)
     name = study_name or f"autotune-{base.name}-{objective}-{int(started)}"
 
     results: list = []

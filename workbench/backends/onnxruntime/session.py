@@ -29,6 +29,15 @@ def provider_for(device: str) -> str:
     return PROVIDERS["cuda" if device.startswith("cuda") else "cpu"]
 
 
+class _Input:
+    """An onnx graph input's name and shape (dims as ints or names), as ONNX Runtime's NodeArg gives them."""
+
+    def __init__(self, value_info):
+        self.name = value_info.name
+        self.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                      for d in value_info.type.tensor_type.shape.dim]
+
+
 class OrtModel:
     """An ONNX Runtime inference session, callable like the torch model it came from."""
 
@@ -82,6 +91,7 @@ class OrtModel:
                 return candidate
             except Exception as e:  # the fusion is an optional extra: fall back to the plain graph, say why in the log
                 logging.getLogger(__name__).info("unfused ONNX graph kept: %s", e)
+        lost = None
         if is_causal_lm(model) and check:  # a decoder keeps its key/value cache, so that it can generate
             try:
                 decoder = cls(*export_onnx(model, example_inputs, cache=True), device=device, threads=threads)
@@ -89,8 +99,11 @@ class OrtModel:
                 decoder.check_parity(model, other_shape(example_inputs))
                 return decoder
             except Exception as e:
-                logging.getLogger(__name__).info("decoder exported without its cache: %s", first_line(e))
+                lost = first_line(e, 200)
+                logging.getLogger(__name__).info("decoder exported without its cache: %s", lost)
         ort_model = cls(*export_onnx(model, example_inputs), device=device, threads=threads)
+        if lost:  # said again where it matters: when asked to generate
+            ort_model.layout["cache_lost"] = lost
         if check:
             ort_model.check_parity(model, example_inputs)
             try:
@@ -140,11 +153,9 @@ class OrtModel:
         wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs the graph never reads
         feed = {n: v.detach().cpu().numpy() for n, v in zip(self.input_names, values) if n in wanted}
         if self.layout.get("past"):  # a decoder with its cache, called like the model: an empty past
-            import numpy as np
+            from ...decoding import empty_past, past_specs
 
-            rows = values[0].shape[0]
-            feed.update({p["name"]: np.zeros((rows, p["shape"][0], 0, p["shape"][1]), np.float32)
-                         for p in self.layout["past"]})
+            feed.update(empty_past(past_specs(self.layout), values[0].shape[0]))
         return feed
 
     def __call__(self, *args, **kwargs):
@@ -224,8 +235,15 @@ class OrtModel:
         if meta is None:
             import onnx
 
-            names = [i.name for i in onnx.load_from_string(data).graph.input]
-            # a graph from elsewhere: inputs by name or in the graph's order, its first output returned
+            from ...decoding import graph_past
+
+            inputs = [_Input(i) for i in onnx.load_from_string(data).graph.input]
+            past = graph_past(inputs)
+            names = [i.name for i in inputs if i.name not in {p[0] for p in past}]
+            # a graph from elsewhere: inputs by name or in the graph's order, its first output returned (a
+            # decoder's past inputs, named as the workbench and Optimum name them, start empty)
             meta = {"input_kind": "dict", "input_names": names, "call_names": names, "label": "onnx"}
+            if past:
+                meta.update(past=[{"name": n, "shape": [h, d]} for n, h, d in past], output_ranks=[3])
         label = meta.pop("label", "onnx")
         return cls(data, meta, device, threads, label)
