@@ -27,6 +27,7 @@ TECHNIQUES = {
     "int8": "quant=int8",
     "int8-dynamic": "quant=int8-dynamic",
     "int8-static": "quant=int8-static",
+    "int4": "quant=int4",
     "fp16": "quant=fp16",
     "bf16": "quant=bf16",
     "prune (structured)": "prune=0.25:structured=true",

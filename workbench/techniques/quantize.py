@@ -367,9 +367,9 @@ def _lower(model, precision: str, step: Quantize, ctx, exclude: tuple = ()):
                                  calibration_batches=step.calibration_batches, group_size=step.group_size)
         except ExportError as e:
             first_error = first_error or e
-            if ctx.target.backend == "auto" and precision == "int8-static" and i == len(options) - 1:
+            if ctx.target.backend == "auto" and precision in ("int8-static", *WEIGHT_ONLY) and i == len(options) - 1:
                 reason = first_line(first_error).split("; use backend=")[0]
-                raise RecipeError(f"{step.describe()}: {reason}; no backend runs static int8 on this model here, "
+                raise RecipeError(f"{step.describe()}: {reason}; no backend runs {precision} on this model here, "
                                   "so use quant=int8-dynamic (torch.ao runs it on this model)") from e
             if i == len(options) - 1 or ctx.target.backend != "auto":
                 raise

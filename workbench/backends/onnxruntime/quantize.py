@@ -105,7 +105,7 @@ def quantize_weight_only(model: OrtModel, bits: int = 4, group_size: int = 32, e
                                           op_types_to_quantize=ops, quant_axes=axes)
 
     def run(src, dst):
-        quantizer = MatMulNBitsQuantizer(gemms_as_matmuls(onnx.load(src)), bits=bits, block_size=group_size, is_symmetric=True,
+        quantizer = MatMulNBitsQuantizer(_at_opset(gemms_as_matmuls(onnx.load(src)), QUANTIZER_OPSET), bits=bits, block_size=group_size, is_symmetric=True,
                                          accuracy_level=4, algo_config=config, op_types_to_quantize=ops,
                                          quant_axes=axes,
                                          nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude))
@@ -113,6 +113,18 @@ def quantize_weight_only(model: OrtModel, bits: int = 4, group_size: int = 32, e
         quantizer.model.save_model_to_file(dst, use_external_data_format=False)
 
     return _quantized(model, f"int{bits}-weight", run)
+
+
+QUANTIZER_OPSET = 21  # MatMulNBitsQuantizer declares this opset on what it writes, without converting the nodes
+
+
+def _at_opset(proto, version: int):
+    """`proto` converted to `version` of the default ONNX domain (ReduceMean's axes, an attribute up to opset 17,
+    become an input at 18: left as they were, LLaMA's RMSNorm and ConvNeXt's pooling made invalid graphs)."""
+    from onnx import version_converter
+
+    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), version)
+    return proto if current >= version else version_converter.convert_version(proto, version)
 
 
 def gemms_as_matmuls(proto):
