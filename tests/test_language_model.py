@@ -199,3 +199,30 @@ def test_a_decoder_graph_without_its_sidecar_still_generates(docs_lm_tiny, tmp_p
     assert torch.equal(decoding.greedy(graph, ids, 6)[0], decoding.greedy(loaded, ids, 6)[0])
     # called like the model, it returns the logits (its first output: the sidecar's output structure is gone)
     torch.testing.assert_close(loaded(**data.example_inputs), graph(**data.example_inputs).logits)
+
+
+@pytest.mark.slow
+def test_card_and_report_say_why_generation_was_not_timed(docs_lm_tiny):
+    import copy
+
+    from workbench.measure.measurement import GenerationRun
+    from workbench.notebook.card import Card
+
+    model, data = docs_lm_tiny
+    r = wb.optimize(model, "quant=int8-weight", data=data, study=False)
+    assert r.model.label == "int8-weight" and r.measurement.generation.settings
+    skipped = copy.copy(r)
+    skipped.measurement = copy.copy(r.measurement)
+    skipped.measurement.generation = GenerationRun(skipped="generation is timed on the CPU here")
+    assert "generation not timed: generation is timed on the CPU here" in repr(Card(skipped))
+    assert "generation not timed" in Card(skipped)._repr_html_()
+    assert "generating" not in skipped.verdict  # nothing timed, nothing claimed
+    from IPython.utils.capture import capture_output
+
+    import pandas as pd
+
+    with capture_output() as out, pd.option_context("display.max_columns", None, "display.width", 1000,
+                                                    "display.max_colwidth", 200):
+        wb.reports.generation([r, skipped])
+    shown = out.stdout + "".join(str(o.data.get("text/plain", "")) for o in out.outputs)  # no kernel: stdout
+    assert "timed" in shown and "generation not timed: generation is timed on the CPU here" in shown
