@@ -159,3 +159,18 @@ def test_a_gpu_report_names_the_gpu(tmp_path):
               output=tmp_path / "r.ipynb", html=tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert torch.cuda.get_device_name(0) in page and "gpu_driver" in page
+
+
+def test_a_decoder_on_the_gpu_decodes_there_and_its_card_says_generation_is_timed_on_the_cpu():
+    pytest.importorskip("transformers")
+    import copy
+
+    from workbench import decoding
+
+    model, data = wb.zoo.load("docs-lm-tiny")
+    ids = decoding.prompts(data, 2, 16)
+    tokens, _, _ = decoding.greedy(copy.deepcopy(model).cuda(), ids, 8)  # prompts move to the model's device
+    assert tokens.shape == (2, 8) and tokens.device.type == "cpu"
+    r = gpu_run(model, data, "quant=fp16", batch_sizes=(1,))
+    assert r.measurement.perplexity is not None
+    assert "generation is timed on the CPU here" in r.measurement.generation.lines()[0]
