@@ -107,14 +107,21 @@ def test_weight_only_spellings():
         wb.Recipe.parse("quant=int4:group_size=48")
 
 
-@pytest.mark.slow
-def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_tiny, tmp_path):
-    import onnx
-
+@pytest.fixture(scope="module")
+def int4_result(docs_lm_tiny):
     model, data = docs_lm_tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     r = wb.optimize(model, "quant=int4", data=data, study=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    return r
+
+
+@pytest.mark.slow
+def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_tiny, int4_result, tmp_path):
+    import onnx
+
+    model, data = docs_lm_tiny
+    r = int4_result
     ops = {n.op_type for n in onnx.load_from_string(r.model.onnx_bytes).graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
     assert r.measurement.size_bytes < 0.5 * r.baseline.size_bytes
@@ -140,10 +147,11 @@ def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_ti
 
 
 @pytest.mark.slow
-def test_quant_int8_and_pruning_of_a_decoder_generate(docs_lm_tiny):
+def test_int8_weight_only_and_pruning_of_a_decoder_generate(docs_lm_tiny):
     model, data = docs_lm_tiny
-    r = wb.optimize(model, "quant=int8", data=data, study=False)
-    assert r.measurement.generation.settings and r.measurement.perplexity is not None
+    r = wb.optimize(model, "quant=int8-weight", data=data, study=False)
+    assert r.model.label == "int8-weight" and r.measurement.generation.settings
+    assert r.measurement.perplexity is not None
     pruned = wb.optimize(model, "prune=0.25:structured=true", data=data, study=False)
     assert pruned.measurement.generation.settings  # a torch decoder with fewer heads and neurons still generates
 
@@ -202,15 +210,13 @@ def test_a_decoder_graph_without_its_sidecar_still_generates(docs_lm_tiny, tmp_p
 
 
 @pytest.mark.slow
-def test_card_and_report_say_why_generation_was_not_timed(docs_lm_tiny):
+def test_card_and_report_say_why_generation_was_not_timed(int4_result):
     import copy
 
     from workbench.measure.measurement import GenerationRun
     from workbench.notebook.card import Card
 
-    model, data = docs_lm_tiny
-    r = wb.optimize(model, "quant=int8-weight", data=data, study=False)
-    assert r.model.label == "int8-weight" and r.measurement.generation.settings
+    r = int4_result
     skipped = copy.copy(r)
     skipped.measurement = copy.copy(r.measurement)
     skipped.measurement.generation = GenerationRun(skipped="generation is timed on the CPU here")
