@@ -26,6 +26,7 @@ def test_half_width_student_distilled_from_the_cnn(digits_cnn):
     assert any("new student width=0.5" in n for n in r.notes)
 
 
+@pytest.mark.slow
 def test_prune_then_distill_recovers_with_the_original_as_teacher(digits_cnn):
     model, data = digits_cnn
     pruned = wb.optimize(model, wb.Prune(0.5, structured=True, scope="layer"), data=data, **FAST)

@@ -50,6 +50,7 @@ def test_the_engine_imports_none_of_the_faces_or_their_libraries():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_engine_runs_with_the_faces_blocked(tmp_path):
     """An optimize with IPython, plotly, papermill, dask and optuna unimportable (what a minimal install has)."""
     code = ("import sys\n"

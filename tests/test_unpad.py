@@ -153,6 +153,7 @@ def test_autotune_tries_unpad_first_on_padded_bert(tmp_path):
         assert (second["unpad"], second["quant"]) == (True, "int8-dynamic")
 
 
+@pytest.mark.slow
 def test_unpad_with_static_int8_and_no_files_left_in_the_cwd(tmp_path, monkeypatch):
     """Static int8 calibrates on batches whose token counts differ after unpad (MinMax copes, histograms are
     refused with a way out); ORT's shape inference leaves no temp files in the user's working directory."""

@@ -45,6 +45,7 @@ def test_autotune_respects_the_time_budget_and_the_metric_budget(digits_cnn, tmp
     assert all("recipe" in t.user_attrs for t in trials if t.state.name == "COMPLETE")
 
 
+@pytest.mark.slow
 def test_autotune_shares_an_optuna_storage(digits_mlp, tmp_path):
     model, data = digits_mlp
     storage = f"sqlite:///{tmp_path / 'shared.sqlite'}"
