@@ -108,7 +108,7 @@ def run(name: str, threads: int, repeats: int):
                "perplexity": f"{row['perplexity']:.4g} ({row['perplexity'] / fp32['perplexity'] - 1:+.1%})",
                "same tokens": "–" if g.same_tokens is None else f"{g.same_tokens:.0%}, {g.same_prefix:.3g}"}
         for s in g.settings:
-            ratio = wb.measure.measurement.interval_text(s.ratio) + "x" if s.ratio else "1x"
+            ratio = wb.measure.measurement.interval_text(s.ratio, "x") if s.ratio else "1x"
             out[f"tok/s {s.label()}"] = f"{s.tokens_per_s[0]:.0f}, {ratio}"
             out[f"first token ms {s.label()}"] = wb.measure.measurement.interval_text(s.ttft_ms)
         table.append(out)
@@ -130,7 +130,7 @@ def lead(table, runs, ours: str = "workbench quant=int4") -> None:
         cells = []
         for peer in peers:
             theirs = runs[peer].setting(mine.batch, mine.prompt)
-            cells.append(f"{interval_text(paired_ratio(mine, theirs))}x {peer}" if theirs else f"– {peer}")
+            cells.append(f"{interval_text(paired_ratio(mine, theirs), 'x')} {peer}" if theirs else f"– {peer}")
         print(f"- {mine.label()}: " + "; ".join(cells))
 
 

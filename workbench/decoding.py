@@ -25,26 +25,19 @@ NEW_TOKENS = 64
 # -- the cache through export ----------------------------------------------------------------------------------
 def cache_shapes(model) -> list[tuple[int, int]] | None:
     """(key/value heads, head size) of each layer's cache, read from one cached forward (so that pruned heads and
-    grouped-query attention show as they are); None when `model` is not a Hugging Face decoder with a cache."""
+    grouped-query attention show as they are); None when `model` is not a Hugging Face decoder returning a cache
+    (a forward that fails raises, so that its caller can say why)."""
     import torch
+
+    from .target import of_model
 
     if not is_causal_lm(model) or not hasattr(model, "config"):
         return None
-    ids = torch.zeros(1, 2, dtype=torch.long, device=_device_of(model))
-    try:
-        with torch.inference_mode():
-            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
-        layers = getattr(cache, "layers", None)
-        return [(int(layer.keys.shape[1]), int(layer.keys.shape[-1])) for layer in layers] if layers else None
-    except Exception:
-        return None
-
-
-def _device_of(model):
-    import torch
-
-    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return first.device if first is not None else torch.device("cpu")
+    ids = torch.zeros(1, 2, dtype=torch.long, device=of_model(model).device)
+    with torch.inference_mode():
+        cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    return [(int(layer.keys.shape[1]), int(layer.keys.shape[-1])) for layer in layers] if layers else None
 
 
 def cached_decoder(model):
@@ -160,13 +153,15 @@ def greedy(model, ids, new_tokens: int = NEW_TOKENS, steps=None) -> tuple[Any, f
     same number of tokens, so that runs compare)."""
     import torch
 
+    from .target import of_model
+
     if ids is None or getattr(ids, "dim", lambda: 0)() != 2 or ids.shape[1] == 0:
         raise WorkbenchError("greedy decoding needs prompts as token ids, rows x length (decoding.prompts gives None "
                              "when the validation text has too few rows that long)")
     if new_tokens < 1:
         raise WorkbenchError(f"new_tokens={new_tokens}: decode at least one token")
     steps = steps or steps_for(model)
-    ids = ids.to(_device_of(steps.model)) if isinstance(steps, _TorchSteps) else ids.cpu()
+    ids = ids.to(of_model(steps.model).device) if isinstance(steps, _TorchSteps) else ids.cpu()
     out = []
     with torch.inference_mode():
         start = time.perf_counter()

@@ -83,7 +83,9 @@ def speedup_text(ratio, low, high, stable: bool = True) -> str:
         return "–"
     if low == high == ratio == 1.0:
         return "1x"
-    return f"{significant(ratio, 2)}x ({significant(low, 2)}-{significant(high, 2)})" + ("" if stable else " ?")
+    from .measure.measurement import interval_text
+
+    return interval_text((ratio, low, high), "x", 2) + ("" if stable else " ?")
 
 
 def display_table(df):
@@ -143,5 +145,6 @@ def generation_table(baseline, candidate):
             continue
         rows.append({"batch": s.batch, "prompt": s.prompt, "first token ms (original)": interval_text(ref.ttft_ms),
                      "first token ms": interval_text(s.ttft_ms), "tokens/s (original)": interval_text(ref.tokens_per_s),
-                     "tokens/s": interval_text(s.tokens_per_s), "tokens/s ratio": interval_text(s.ratio) if s.ratio else "–"})
+                     "tokens/s": interval_text(s.tokens_per_s),
+                     "tokens/s ratio": interval_text(s.ratio, "x") if s.ratio else "–"})
     return pd.DataFrame(rows).set_index(["batch", "prompt"]) if rows else None

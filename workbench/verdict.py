@@ -74,7 +74,7 @@ def _generation(candidate) -> str:
     low, high = min(settings, key=lambda s: s.ratio[0]), max(settings, key=lambda s: s.ratio[0])
     what = "faster" if all(s.ratio[1] > 1 for s in settings) else \
         "slower" if all(s.ratio[2] < 1 for s in settings) else "mixed"
-    return (f"generating {what}: {interval_text(low.ratio)}x ({low.label()}) to {interval_text(high.ratio)}x "
+    return (f"generating {what}: {interval_text(low.ratio, 'x')} ({low.label()}) to {interval_text(high.ratio, 'x')} "
             f"({high.label()}) the original's tokens/s")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .data import Data
 from .errors import WorkbenchError, first_line
-from .paths import cache_dir
+from .paths import cache_dir, write_atomic
 from .tensors import seeded
 
 SEED = 0
@@ -254,9 +254,7 @@ def _docs_tokenizer(vocab: int, texts: list[str]):
         tok.train_from_iterator(texts, trainers.BpeTrainer(
             vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False))
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        write_atomic(path, tok.to_str())
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 

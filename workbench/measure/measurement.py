@@ -142,7 +142,7 @@ class Speedup:
         return self.stable and self.high < 1
 
     def __str__(self) -> str:
-        return f"{significant(self.ratio, 2)}x ({significant(self.low, 2)}-{significant(self.high, 2)})"
+        return interval_text((self.ratio, self.low, self.high), "x", 2)
 
 
 @dataclass
@@ -234,7 +234,7 @@ class GenerationRun:
         if not self.settings:
             return [f"generation not timed: {self.skipped or 'no setting ran'}"]
         out = [f"{s.label()}: first token {interval_text(s.ttft_ms)} ms, {interval_text(s.tokens_per_s)} tokens/s"
-               + (f" ({interval_text(s.ratio)}x the original's)" if s.ratio else "") for s in self.settings]
+               + (f" ({interval_text(s.ratio, 'x')} the original's)" if s.ratio else "") for s in self.settings]
         if self.skipped:
             out.append(f"some settings not timed: {self.skipped}")
         if self.same_tokens is not None:
@@ -242,8 +242,9 @@ class GenerationRun:
         return out
 
 
-def interval_text(t: tuple) -> str:
-    return f"{significant(t[0])} ({significant(t[1])}-{significant(t[2])})"
+def interval_text(t: tuple, unit: str = "", digits: int = 3) -> str:
+    """'median<unit> (low-high)' of a (median, low, high) triple, e.g. '2.9x (2.6-3.1)'."""
+    return f"{significant(t[0], digits)}{unit} ({significant(t[1], digits)}-{significant(t[2], digits)})"
 
 
 @dataclass

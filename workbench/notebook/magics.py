@@ -46,7 +46,8 @@ def optimize_parser() -> MagicArgumentParser:
     from ..registry import backend_names
 
     p = _parser("%optimize", OPTIMIZE_DOC.splitlines()[0])
-    p.add_argument("model", help="a model in the notebook, or a built-in name (digits-mlp, digits-cnn, minilm, docs-lm)")
+    p.add_argument("model", help="a model in the notebook, or a built-in name (digits-mlp, digits-cnn, minilm, "
+                   "docs-lm)")
     add_flags(p)
     p.add_argument("--recipe", metavar="NAME_OR_PATH",
                    help="a Recipe in the notebook, a YAML file or 'prune=0.5,quant=int8'")

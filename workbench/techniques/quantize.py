@@ -315,8 +315,8 @@ def _int8_fidelity(model, facts, precision: str, step: Quantize, ctx) -> tuple:
     from . import smoothing
 
     wanted = step.smooth or step.bias_correction or step.keep != 0
-    if not wanted or precision not in ("int8-dynamic", "int8-static") or ctx.target.is_cuda or not hasattr(model, "named_modules") \
-            or not smoothing.linears(model):
+    if not wanted or precision not in ("int8-dynamic", "int8-static") or ctx.target.is_cuda \
+            or not hasattr(model, "named_modules") or not smoothing.linears(model):
         return model, ()
     if facts.conv_heavy or ctx.backend_for(precision, step).calibrates_int8:
         return model, ()

@@ -95,8 +95,8 @@ def export_decoder(model, example_inputs: Any, layout: dict) -> tuple[bytes, dic
     names_in = ["input_ids", "attention_mask", *past_names(len(shapes))]
     names_out = ["logits", *present_names(len(shapes))]
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
-               "logits": {0: "batch", 1: "sequence"},
-               **{n: {0: "batch", 2: "past"} for n in names_in[2:]}, **{n: {0: "batch", 2: "total"} for n in names_out[1:]}}
+               "logits": {0: "batch", 1: "sequence"}, **{n: {0: "batch", 2: "past"} for n in names_in[2:]},
+               **{n: {0: "batch", 2: "total"} for n in names_out[1:]}}
     graph = _traced(cached_decoder(model), [ids, mask, *past], names_in, names_out, dynamic)
     layout = {**layout, "input_names": ["input_ids", "attention_mask"],
               "past": [{"name": n, "shape": list(shapes[i // 2])} for i, n in enumerate(names_in[2:])]}

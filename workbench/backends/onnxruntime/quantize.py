@@ -97,18 +97,14 @@ def quantize_weight_only(model: OrtModel, bits: int = 4, group_size: int = 32, e
     symmetric, its CPU kernels computing in int8 (accuracy level 4). What decoders spend their time and memory on
     at small batches is reading weights, which this divides by 8 (int4) or 4 (int8)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # ORT quantizes embeddings to 4 bits only
-    axes = (("MatMul", 0), ("Gather", 1))
-    config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=True, accuracy_level=4, bits=bits,
-                                          op_types_to_quantize=ops, quant_axes=axes)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     def run(src, dst):
-        quantizer = MatMulNBitsQuantizer(_at_opset(gemms_as_matmuls(onnx.load(src)), QUANTIZER_OPSET), bits=bits, block_size=group_size, is_symmetric=True,
-                                         accuracy_level=4, algo_config=config, op_types_to_quantize=ops,
-                                         quant_axes=axes,
-                                         nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude))
+        proto = _at_opset(gemms_as_matmuls(onnx.load(src)), QUANTIZER_OPSET)
+        quantizer = MatMulNBitsQuantizer(
+            proto, bits=bits, block_size=group_size, is_symmetric=True, accuracy_level=4,
+            op_types_to_quantize=("MatMul", "Gather") if bits == 4 else ("MatMul",),  # embeddings: 4 bits only
+            quant_axes=(("MatMul", 0), ("Gather", 1)), nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude))
         quantizer.process()
         quantizer.model.save_model_to_file(dst, use_external_data_format=False)
 
