@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -92,6 +93,27 @@ def write_atomic(path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise it: for a write that another library makes and that a
+    KeyboardInterrupt in the middle would leave broken (optuna's journal lock turns one into a FileNotFoundError and
+    leaves its lock file behind). Outside the main thread, where signals cannot be caught, the block runs as is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -1,5 +1,8 @@
 """Autotune: a budgeted, accuracy-constrained search that always ends with a candidate; the pre-flight check."""
 
+import os
+import signal
+
 import pytest
 
 import workbench as wb
@@ -120,3 +123,27 @@ def test_the_search_proposes_no_step_the_data_cannot_feed(digits_mlp):
     val_only = wb.Data(val=data.val, metric=data.metric)
     recipe = _suggest(optuna.trial.FixedTrial(params), ModelFacts(model, val_only, Target("cpu")), "auto")[0]
     assert recipe == "factorize:energy=0.9,quant=int8-dynamic:per_channel=true"
+
+
+def test_ctrl_c_inside_a_journal_write_waits_for_the_lock_then_interrupts(tmp_path, monkeypatch):
+    """optuna's journal lock, interrupted just after it removed its lock file, raised FileNotFoundError instead of
+    KeyboardInterrupt (CI caught it): the workbench's journal holds Ctrl-C until the append and the release are done."""
+    import optuna
+
+    from workbench.search.autotune import _storage
+
+    storage = _storage(optuna, tmp_path / "search.journal")
+    unlink = os.unlink
+
+    def unlink_then_ctrl_c(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if str(path).endswith(".rename"):  # the lock's release, done: the worst moment for the old code
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "unlink", unlink_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        optuna.create_study(storage=storage, study_name="s")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.journal"]  # no lock left behind
+    assert optuna.load_study(storage=_storage(optuna, tmp_path / "search.journal"), study_name="s").trials == []

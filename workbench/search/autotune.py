@@ -119,7 +119,16 @@ def _storage(optuna, storage):
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    from ..paths import interrupts_held
+
+    class Journal(JournalFileBackend):
+        """Each append whole, Ctrl-C or not: the interrupt waits for the lock's release."""
+
+        def append_logs(self, logs):
+            with interrupts_held():
+                super().append_logs(logs)
+
+    return optuna.storages.JournalStorage(Journal(str(path)))
 
 
 def _study_best(ostudy, max_drop: float, objective: str, ours: set):
