@@ -48,6 +48,7 @@ def test_int8_keeps_the_contract_reports_fidelity_and_perplexity_and_reloads_at_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
 
 
+@pytest.mark.slow
 def test_an_onnx_result_takes_the_original_positional_call_and_says_what_is_missing():
     model, data = support.load("bert")
     result = _optimize(model, "quant=int8", data)
@@ -119,6 +120,7 @@ def test_recurrent_saves_are_torchscript_and_run_at_a_new_sequence_length(tmp_pa
     torch.testing.assert_close(wb.load(path)(new), result.model(new))
 
 
+@pytest.mark.slow
 def test_models_on_disk_hugging_face_directories_and_onnx_files(tmp_path):
     model, data = support.load("roberta")
     model.save_pretrained(tmp_path / "roberta")
@@ -143,7 +145,8 @@ _openvino = importlib.util.find_spec("openvino") is not None and importlib.util.
 
 @pytest.mark.parametrize("recipe, suffix", [
     ("quant=int8-dynamic", ".onnx"),
-    pytest.param("quant=int8", ".xml", marks=pytest.mark.skipif(not _openvino, reason="needs the openvino extra")),
+    pytest.param("quant=int8", ".xml", marks=[pytest.mark.slow,
+                                             pytest.mark.skipif(not _openvino, reason="needs the openvino extra")]),
     pytest.param("quant=fp16", ".pt2", marks=pytest.mark.slow)])
 def test_export_writes_a_deployable_file_that_its_three_lines_run(recipe, suffix, tmp_path, monkeypatch):
     from workbench.notebook.card import Card

@@ -37,6 +37,7 @@ def test_prune_then_distill_recovers_with_the_original_as_teacher(digits_cnn):
     assert any("from the original teacher" in n for n in r.notes)
 
 
+@pytest.mark.slow
 def test_feature_matching_learns_a_projection_when_widths_differ(digits_cnn):
     model, data = digits_cnn
     r = wb.optimize(model, wb.Distill(epochs=1, student="width=0.5", features=("4:4",), patience=None),

@@ -29,6 +29,7 @@ def test_openvino_fp32_and_int8_run_save_and_reload(digits_cnn, tmp_path):
     assert any("openvino" in line for line in int8.deploy)
 
 
+@pytest.mark.slow
 def test_openvino_runs_a_bert_with_its_dict_inputs_and_after_unpad():
     pytest.importorskip("transformers")
     from tests.test_unpad import encoder_and_data, padded

@@ -135,6 +135,7 @@ def test_schedules():
     assert wb.Prune(0.5).ratios() == [0.5]
 
 
+@pytest.mark.slow
 def test_sensitivity_table(digits_cnn):
     model, data = digits_cnn
     before = state_bytes(model)

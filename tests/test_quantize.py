@@ -30,6 +30,7 @@ def test_cnn_int8_keeps_accuracy_and_shrinks_to_under_0_3x(digits_cnn):
     assert table.loc["baseline", "speedup (b=1)"] == 1.0
 
 
+@pytest.mark.slow
 def test_static_qoperator_runs_integer_convolutions(digits_cnn):
     model, data = digits_cnn
     r = wb.optimize(model, wb.Quantize("int8-static", format="qoperator", calibration="entropy"), data=data, **FAST)

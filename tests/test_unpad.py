@@ -167,6 +167,7 @@ def test_unpad_with_static_int8_and_no_files_left_in_the_cwd(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bert_exports_get_onnxruntime_fusions_unless_layers_are_excluded():
     import onnx
 

@@ -135,6 +135,7 @@ def test_cuda_without_a_gpu(ip):
         run(ip, "%optimize digits-cnn --quant fp16 --device cuda")
 
 
+@pytest.mark.slow
 def test_recipe_cell_then_optimize_with_it(ip, tmp_path):
     run(ip, "%%recipe fast\nsteps:\n  - type: quantize\n    dtype: int8-dynamic\n")
     assert ip.user_ns["fast"] == Recipe([wb.Quantize("int8-dynamic")], name="fast")
@@ -256,6 +257,7 @@ def test_optimize_a_model_on_disk_a_hugging_face_directory_and_an_onnx_file(ip, 
         run(ip, f"%optimize hf:{tmp_path} --quant int8 --data val")
 
 
+@pytest.mark.slow
 def test_a_second_recipe_does_not_overwrite_the_first_result(ip, digits_mlp):
     ip.user_ns.update(net=digits_mlp[0], val=digits_mlp[1])
     run(ip, "%optimize net --quant int8 --data val --no-card")

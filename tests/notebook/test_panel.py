@@ -22,6 +22,7 @@ def test_panel_run_button_adds_a_study_row_and_a_chart_point(digits_mlp):
     assert "<table" in p.table.value and p.layer_map.colour_by == "share kept"  # structured: channels kept
 
 
+@pytest.mark.slow
 def test_panel_sweep_adds_a_point_per_recipe(digits_mlp):
     model, data = digits_mlp
     study = wb.Study()
