@@ -147,6 +147,23 @@ def test_int4_on_docs_lm_prints_perplexity_and_generation_and_reloads(docs_lm_ti
 
 
 @pytest.mark.slow
+def test_compare_times_generation_of_language_models(docs_lm_tiny, int4_result, digits_mlp):
+    from workbench.tables import display_table
+
+    model, data = docs_lm_tiny
+    table = wb.compare({"fp32": model, "int4": int4_result}, data=data, batch_sizes=(1,), study=False)
+    where = "(b=1, p=32)"
+    assert table.loc["fp32", f"tokens/s × {where}"] == 1.0 and table.loc["fp32", "same greedy tokens"] == 1.0
+    low, ratio, high = (table.loc["int4", f"tokens/s × {c}{where}"] for c in ("low ", "", "high "))
+    assert 0 < low <= ratio <= high and table.loc["int4", f"tokens/s {where}"] > 0
+    assert 0 <= table.loc["int4", "same greedy tokens"] <= 1
+    shown = display_table(table)
+    assert shown.loc["fp32", f"tokens/s × {where}"] == "1x" and "x (" in shown.loc["int4", f"tokens/s × {where}"]
+    plain = wb.compare({"mlp": digits_mlp[0]}, data=digits_mlp[1], batch_sizes=(1,), study=False)
+    assert not [c for c in plain.columns if c.startswith("tokens/s")]  # only language models generate
+
+
+@pytest.mark.slow
 def test_int8_weight_only_and_pruning_of_a_decoder_generate(docs_lm_tiny):
     model, data = docs_lm_tiny
     r = wb.optimize(model, "quant=int8-weight", data=data, study=False)

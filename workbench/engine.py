@@ -391,7 +391,8 @@ def compare(models: dict, data=None, *, device: str = "auto", batch_sizes=None, 
             baseline: str | None = None, study=None, progress: Callable | None = None, example_inputs=None,
             timing=None):
     """Measure several models side by side in one process, timed interleaved; a DataFrame with speedups (and their
-    intervals) against `baseline` (default: the first).
+    intervals) against `baseline` (default: the first). When the baseline is a causal language model, greedy
+    generation is timed too (tokens/s against the baseline's, per batch and prompt length; see `decoding`).
 
     models: {"fp32": model, "int8": result, ...}; values are torch modules, models a backend made, or `Result`s.
     """
@@ -403,7 +404,8 @@ def compare(models: dict, data=None, *, device: str = "auto", batch_sizes=None, 
 
 
 def _compare(models, data, device, batch_sizes, threads, baseline, study, progress, example_inputs, timing):
-    from .measure import measure, time_side_by_side
+    from .architectures import is_causal_lm
+    from .measure import TimingPlan, measure, time_side_by_side
     from .registry import backend_of
     from .result import Result
     from .tables import results_table
@@ -434,7 +436,15 @@ def _compare(models, data, device, batch_sizes, threads, baseline, study, progre
         entries[label] = (m, measure(m, data, target, reference=reference))
         if label in counted and entries[label][1].macs is None:
             entries[label][1].macs = counted[label].macs
-    time_side_by_side(entries, data, batch_sizes, target, baseline=baseline, plan=timing, progress=progress)
+    plan = timing or TimingPlan.default(target.is_cuda)
+    time_side_by_side(entries, data, batch_sizes, target, baseline=baseline, plan=plan, progress=progress)
+    if plan.generations and is_causal_lm(reference):  # a language model's speed is its generation's
+        from .decoding import generation
+
+        runs = generation({label: m for label, (m, _) in entries.items()}, data, target, repeats=plan.generations,
+                          reference=baseline, progress=progress)
+        for label, (_, row) in entries.items():
+            row.generation = runs[label]
     store = _study(study)
     if store is not None:
         env = target.environment()

@@ -12,7 +12,7 @@ from .measure.measurement import Measurement, significant
 
 def results_table(rows: dict[str, Measurement], baseline: str | None = None):
     """A comparison DataFrame: metric, latency p50/p95 per batch size, speedup with its interval, size, params,
-    MACs. Ratios are against `baseline` (default: the first row); the baseline's own speedup is 1."""
+    MACs; for causal language models also tokens/s and its ratio with interval per generation setting. Ratios are against `baseline` (default: the first row); the baseline's own speedup is 1."""
     import pandas as pd
 
     if not rows:
@@ -35,6 +35,14 @@ def results_table(rows: dict[str, Measurement], baseline: str | None = None):
             out[f"speedup (b={b})"] = 1.0 if own else (s.ratio if s else None)
             out[f"speedup low (b={b})"] = 1.0 if own else (s.low if s else None)
             out[f"speedup high (b={b})"] = 1.0 if own else (s.high if s else None)
+        for g in base.generation.settings if base.generation is not None else ():  # causal LMs (see decoding)
+            mine = m.generation.setting(g.batch, g.prompt) if m.generation is not None else None
+            where = f"(b={g.batch}, p={g.prompt})"
+            ratio = (1.0, 1.0, 1.0) if m is base or name == baseline else (mine.ratio if mine else None) or (None,) * 3
+            out[f"tokens/s {where}"] = mine.tokens_per_s[0] if mine else None
+            out[f"tokens/s × {where}"], out[f"tokens/s × low {where}"], out[f"tokens/s × high {where}"] = ratio
+        if base.generation is not None and base.generation.settings:
+            out["same greedy tokens"] = 1.0 if m is base else (m.generation.same_tokens if m.generation else None)
         out["stable"] = m.stable
         out["size MB"] = m.size_bytes / 1e6
         out["size ×"] = m.size_bytes / base.size_bytes
@@ -107,6 +115,14 @@ def display_table(df):
         out[f"speedup (b={b})"] = [speedup_text(r, lo, hi, st) for r, lo, hi, st in
                                    zip(df[f"speedup (b={b})"], df[f"speedup low (b={b})"],
                                        df[f"speedup high (b={b})"], df["stable"])]
+    for where in [c[len("tokens/s × low "):] for c in df.columns if c.startswith("tokens/s × low ")]:
+        out[f"tokens/s {where}"] = [significant(v, 3) if v == v and v is not None else "–"
+                                    for v in df[f"tokens/s {where}"]]
+        out[f"tokens/s × {where}"] = [speedup_text(r, lo, hi) for r, lo, hi in
+                                      zip(df[f"tokens/s × {where}"], df[f"tokens/s × low {where}"],
+                                          df[f"tokens/s × high {where}"])]
+    if "same greedy tokens" in df:
+        out["same greedy tokens"] = [f"{v:.0%}" if v == v and v is not None else "–" for v in df["same greedy tokens"]]
     out["size"] = [f"{significant(v, 3)} MB" for v in df["size MB"]]
     out["size ×"] = [significant(v, 2) for v in df["size ×"]]
     if "sparse size ×" in df:
