@@ -110,8 +110,8 @@ def interrupts_held():
     previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # None: the previous handler was not installed from Python; Python's own is the closest
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     if caught:
         raise KeyboardInterrupt
 
