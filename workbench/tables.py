@@ -12,7 +12,8 @@ from .measure.measurement import Measurement, significant
 
 def results_table(rows: dict[str, Measurement], baseline: str | None = None):
     """A comparison DataFrame: metric, latency p50/p95 per batch size, speedup with its interval, size, params,
-    MACs; for causal language models also tokens/s and its ratio with interval per generation setting. Ratios are against `baseline` (default: the first row); the baseline's own speedup is 1."""
+    MACs; for causal language models also tokens/s and its ratio with interval per generation setting. Ratios are
+    against `baseline` (default: the first row); the baseline's own speedup is 1."""
     import pandas as pd
 
     if not rows:
@@ -122,7 +123,8 @@ def display_table(df):
                                       zip(df[f"tokens/s × {where}"], df[f"tokens/s × low {where}"],
                                           df[f"tokens/s × high {where}"])]
     if "same greedy tokens" in df:
-        out["same greedy tokens"] = [f"{v:.0%}" if v == v and v is not None else "–" for v in df["same greedy tokens"]]
+        out["same greedy tokens"] = [f"{v:.0%}" if v == v and v is not None else "–"
+                                     for v in df["same greedy tokens"]]
     out["size"] = [f"{significant(v, 3)} MB" for v in df["size MB"]]
     out["size ×"] = [significant(v, 2) for v in df["size ×"]]
     if "sparse size ×" in df:
