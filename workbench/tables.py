@@ -21,29 +21,30 @@ def results_table(rows: dict[str, Measurement], baseline: str | None = None):
     names = list(rows)
     base = rows[baseline or names[0]]
     batches = base.batch_sizes or next(iter(rows.values())).batch_sizes
+    generated = base.generation.settings if base.generation is not None else []  # causal LMs (see decoding)
     table = {}
     for name in names:
         m = rows[name]
+        own = m is base or name == baseline
         out: dict[str, Any] = {m.metric_name: m.metric, f"Δ {m.metric_name}": m.metric - base.metric}
         if base.perplexity is not None:  # causal language models
             out["perplexity"] = m.perplexity
         for b in batches:
             lat = m.latency.get(b)
-            own = m is base or name == baseline
             s = m.speedups.get(b)
             out[f"p50 ms (b={b})"] = lat.p50_ms if lat else None
             out[f"p95 ms (b={b})"] = lat.p95_ms if lat else None
             out[f"speedup (b={b})"] = 1.0 if own else (s.ratio if s else None)
             out[f"speedup low (b={b})"] = 1.0 if own else (s.low if s else None)
             out[f"speedup high (b={b})"] = 1.0 if own else (s.high if s else None)
-        for g in base.generation.settings if base.generation is not None else ():  # causal LMs (see decoding)
+        for g in generated:
             mine = m.generation.setting(g.batch, g.prompt) if m.generation is not None else None
             where = f"(b={g.batch}, p={g.prompt})"
-            ratio = (1.0, 1.0, 1.0) if m is base or name == baseline else (mine.ratio if mine else None) or (None,) * 3
+            ratio = (1.0, 1.0, 1.0) if own else (mine.ratio if mine else None) or (None,) * 3
             out[f"tokens/s {where}"] = mine.tokens_per_s[0] if mine else None
             out[f"tokens/s × {where}"], out[f"tokens/s × low {where}"], out[f"tokens/s × high {where}"] = ratio
-        if base.generation is not None and base.generation.settings:
-            out["same greedy tokens"] = 1.0 if m is base else (m.generation.same_tokens if m.generation else None)
+        if generated:
+            out["same greedy tokens"] = 1.0 if own else (m.generation.same_tokens if m.generation else None)
         out["stable"] = m.stable
         out["size MB"] = m.size_bytes / 1e6
         out["size ×"] = m.size_bytes / base.size_bytes
