@@ -240,6 +240,13 @@ def test_card_and_report_say_why_generation_was_not_timed(int4_result):
     assert "generation not timed: generation is timed on the CPU here" in repr(Card(skipped))
     assert "generation not timed" in Card(skipped)._repr_html_()
     assert "generating" not in skipped.verdict  # nothing timed, nothing claimed
+    from workbench.measure.measurement import Stability
+    from workbench.verdict import judge
+
+    busy = copy.copy(r.measurement)
+    busy.stability = Stability(False, ("the machine was busy while timing",))
+    text = judge(r.baseline, busy, max_drop=1).text  # timed while busy: neither forward pass nor generation judged
+    assert text.startswith("timing unstable") and "generating" not in text and "no verdict on it either" in text
     from IPython.utils.capture import capture_output
 
     import pandas as pd

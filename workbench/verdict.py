@@ -59,7 +59,9 @@ def judge(baseline, candidate, max_drop: float = DEFAULT_MAX_DROP) -> Verdict:
     else:
         text = "no reliable gain measured"
     generating = _generation(candidate)
-    if generating and within:  # a language model: the forward pass is a prompt's prefill, generation is the rest
+    if generating and within and speedups and not stable:  # timed on the same busy machine: not claimed either
+        text += "; generation timed in the same conditions, so no verdict on it either"
+    elif generating and within:  # a language model: the forward pass is a prompt's prefill, generation the rest
         text = text.replace("slower here", "slower on a whole forward pass here") + f"; {generating}"
     return Verdict(within, faster, slower, smaller, stable, drop, worst, text)
 
