@@ -44,6 +44,17 @@ def test_smoothing_is_exact_in_float_on_a_bert_and_its_packed_form():
         with torch.no_grad():
             for x in inputs:
                 torch.testing.assert_close(smoothed(**x), original(**x), atol=2e-5, rtol=1e-4)
+    # unpad's fast path lays the smoothed packed encoder back out dense (Q/K/V unsmoothed, as BERT leaves them)
+    from workbench.techniques.packed_bert import dense_twin
+    from workbench.techniques.smoothing import SmoothedLinear
+
+    assert isinstance(smoothed.encoder.layers[0].qkv, SmoothedLinear)
+    twin, _ = dense_twin(smoothed)
+    assert type(twin.encoder.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    full = {k: v[:, :5] for k, v in inputs[0].items() if k != "attention_mask"}
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**full), smoothed(**full), atol=2e-5, rtol=1e-4)
     assert not any(n.endswith(("query", "key", "value")) for n in smoothing.prepare(
         copy.deepcopy(model), inputs, 0.85, False, 0)[1].smoothed)  # left to the Attention fusion
     assert all(p.grad is None for p in model.parameters())

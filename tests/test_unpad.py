@@ -75,6 +75,12 @@ def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
     assert result.backend.startswith("onnxruntime-int8")
     assert result.measurement.metric > 0.98
     assert any("padding" in n and "unpad" in n for n in result.notes)
+    from workbench.registry import backend_named
+    from workbench.target import resolve
+    from workbench.techniques.quantize import UNPAD_ON_OPENVINO
+
+    openvino = "int8-static" in backend_named("openvino").precisions(resolve(device="cpu"))
+    assert (UNPAD_ON_OPENVINO in result.notes) == openvino  # where plain int8 would run elsewhere, it says so
     # the exported graph is not tied to the example's shape: another batch size and length, other padding
     other = padded([9, 2, 6], total=20, seed=7)
     with torch.no_grad():
@@ -82,6 +88,50 @@ def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
     got = result.model(**other)
     assert got.shape == want.shape
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.97
+
+
+def _ops_run(model, inputs) -> set:
+    """The operator kinds ONNX Runtime ran for one call (its profile): which branch of a merged graph ran."""
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    session = ort.InferenceSession(model.onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    session.run(None, model.feed(**inputs))
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_unpad_int8_runs_batches_without_padding_on_the_dense_graph(tmp_path):
+    """unpad's int8 graph holds the dense graph (ONNX Runtime's fused QAttention) as a fast path that runs where a
+    batch has no padding, and the packed one elsewhere; the two share their weights, save and reload as one."""
+    import onnx
+
+    model, data = encoder_and_data()
+    result = wb.optimize(model, "unpad,quant=int8-dynamic", data=data, study=False, batch_sizes=(1,))
+    assert any("batches without padding" in n for n in result.notes)
+    graph = onnx.load_from_string(result.model.onnx_bytes).graph
+    assert [n.op_type for n in graph.node][-1] == "If"
+    full = padded([12, 12, 12], seed=4)
+    some = padded([12, 5, 3], seed=4)
+    assert "QAttention" in _ops_run(result.model, full) and "MultiHeadAttention" not in _ops_run(result.model, full)
+    assert "MultiHeadAttention" in _ops_run(result.model, some) and "QAttention" not in _ops_run(result.model, some)
+    with torch.no_grad():
+        for inputs in (full, some):
+            cosine = torch.nn.functional.cosine_similarity(result.model(**inputs), model(**inputs))
+            assert cosine.min() > 0.97
+    packed_only = wb.optimize(model, "unpad,quant=int8-dynamic:exclude=encoder.layers.0.qkv", data=data,
+                              study=False, batch_sizes=(1,))  # Q/K/V kept float: the dense graph fuses no attention
+    assert [n.op_type for n in onnx.load_from_string(packed_only.model.onnx_bytes).graph.node][-1] != "If"
+    # the fast path adds only Q/K/V laid out for QAttention: weights counted once, a small share more bytes
+    counted, alone = result.model.count_params()[0], packed_only.model.count_params()[0]
+    every = sum(onnx.numpy_helper.to_array(i).size for i in graph.initializer if i.dims)
+    assert abs(counted - alone) < 0.01 * alone and alone < every < 1.5 * alone  # (equal constants stored once)
+    reloaded = wb.load(result.save(tmp_path / "merged"))
+    assert torch.equal(reloaded(**full), result.model(**full)) and torch.equal(reloaded(**some), result.model(**some))
 
 
 def test_unpad_alone_is_exact_on_torch_and_saves_and_reloads(tmp_path):
@@ -109,6 +159,17 @@ def test_unpad_after_pruning_or_factorizing_matches_that_model(before):
     inputs = padded([12, 4, 7], seed=5)
     with torch.no_grad():
         assert torch.allclose(unpadded(**inputs), changed(**inputs), atol=1e-5)
+    # laid back out dense (unpad's fast path for batches without padding), on the same weights, same function
+    from workbench.techniques.packed_bert import dense_twin
+
+    twin, rename = dense_twin(unpadded)
+    full = padded([12, 12], seed=6)
+    with torch.no_grad():
+        assert torch.allclose(twin(**full), changed(**full), atol=1e-5)
+    assert rename("encoder.layers.1.qkv") == tuple(f"encoder.encoder.layer.1.attention.self.{p}"
+                                                   for p in ("query", "key", "value"))
+    assert rename("encoder.layers.0.ffn_in.linear") == ("encoder.encoder.layer.0.intermediate.dense.linear",)
+    assert rename("encoder.layers.1") == ("encoder.encoder.layer.1",) and rename("head") == ("head",)
 
 
 def test_unpad_on_a_model_without_bert_says_so(digits_mlp):

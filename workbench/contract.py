@@ -121,7 +121,8 @@ def has_sequence_axis(t) -> bool:
 
 def uses_cache(model) -> bool:
     """Whether a Hugging Face model returns a key/value cache object by default."""
-    return any(getattr(getattr(m, "config", None), "use_cache", None) for m in model.modules())
+    return hasattr(model, "modules") and any(getattr(getattr(m, "config", None), "use_cache", None)
+                                             for m in model.modules())
 
 
 def cache_free(model):

@@ -157,3 +157,97 @@ class PackedBert(nn.Module):
         hidden = padded.index_select(1, column_of)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+# PackedLayer's parts and where each sits in a BertLayer
+_DENSE_PARTS = {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+                "attn_out": ("attention.output.dense",), "attn_norm": ("attention.output.LayerNorm",),
+                "ffn_in": ("intermediate.dense",), "ffn_out": ("output.dense",), "ffn_norm": ("output.LayerNorm",)}
+
+
+def _split_qkv(qkv) -> tuple | None:
+    """Q, K and V as three modules computing what `qkv` computes, or None for a projection of another kind."""
+    from .smoothing import SmoothedLinear
+
+    if isinstance(qkv, _Concat):
+        return tuple(qkv.parts)
+    scale = None
+    if isinstance(qkv, SmoothedLinear):  # undone: the same function in float, and Q/K/V as BERT leaves them
+        qkv, scale = qkv.linear, qkv.inverse_scale
+    if type(qkv) is not nn.Linear or qkv.bias is None or qkv.out_features % 3:
+        return None
+    weight = qkv.weight.detach() * scale if scale is not None else qkv.weight.detach()
+    parts = []
+    for w, b in zip(weight.chunk(3), qkv.bias.detach().chunk(3)):
+        linear = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            linear.bias.copy_(b)
+        parts.append(linear)
+    return tuple(parts)
+
+
+def dense_bert(packed: PackedBert):
+    """A BertModel on PackedBert's own modules (Q/K/V split out of the fused projection): the same function on
+    batches without padding, laid out [batch, length] as ONNX Runtime's fused attention wants. None where a layer
+    cannot be laid back (every head pruned, a projection of another kind)."""
+    from transformers import BertModel
+
+    with torch.device("meta"):  # the structure only: every weight is replaced by PackedBert's below
+        bert = BertModel(packed.config, add_pooling_layer=packed.pooler is not None)
+    bert.embeddings, bert.pooler = packed.embeddings, packed.pooler
+    for dense, layer in zip(bert.encoder.layer, packed.layers):
+        qkv = _split_qkv(layer.qkv) if layer.heads else None
+        if qkv is None:
+            return None
+        attn = dense.attention.self
+        attn.query, attn.key, attn.value = qkv
+        attn.num_attention_heads, attn.attention_head_size = layer.heads, layer.head_size
+        attn.all_head_size = layer.heads * layer.head_size
+        dense.attention.output.dense, dense.attention.output.LayerNorm = layer.attn_out, layer.attn_norm
+        dense.intermediate.dense, dense.intermediate.intermediate_act_fn = layer.ffn_in, layer.act
+        dense.output.dense, dense.output.LayerNorm = layer.ffn_out, layer.ffn_norm
+    if any(t.is_meta for t in [*bert.parameters(), *bert.buffers()]):
+        return None
+    return bert.eval()
+
+
+def dense_twin(model):
+    """(a model computing what `model` does, each PackedBert laid back as a BertModel on the same weights, and a
+    function from a layer name of `model` to that layer's names in the twin), or None where a PackedBert cannot be
+    laid back. Nothing is copied but Q/K/V."""
+    import copy
+    import re
+
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, PackedBert)]
+    if not packed:
+        return None
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # share every weight, copy the structure
+    twin = copy.deepcopy(model, memo)
+    for name, _ in packed:
+        dense = dense_bert(twin if name == "" else twin.get_submodule(name))
+        if dense is None:
+            return None
+        if name == "":
+            twin = dense
+        else:
+            from ..architectures import set_submodule
+
+            set_submodule(twin, name, dense)
+    prefixes = "|".join(re.escape(f"{n}.") if n else "" for n, _ in packed)
+    pattern = re.compile(rf"^({prefixes})layers(?:\.(\d+)(?:\.(\w+)(.*))?)?$")
+
+    def rename(name: str) -> tuple[str, ...]:
+        match = pattern.match(name)
+        if not match:
+            return (name,)
+        prefix, index, part, rest = match.groups()
+        if index is None:
+            return (f"{prefix}encoder.layer",)
+        if part is None:
+            return (f"{prefix}encoder.layer.{index}",)
+        if part == "qkv":  # split into plain Linear layers
+            return tuple(f"{prefix}encoder.layer.{index}.{p}" for p in _DENSE_PARTS[part])
+        return tuple(f"{prefix}encoder.layer.{index}.{p}{rest}" for p in _DENSE_PARTS.get(part, (part,)))
+
+    return twin, rename

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..architectures import is_causal_lm
+from ..architectures import is_causal_lm, packs_tokens
 from ..errors import RecipeError, WorkbenchError, first_line
 from ..recipe import Step, option
 from ..registry import backend_named, technique
@@ -281,6 +281,8 @@ def quantize(model, step: Quantize, ctx):
             return lowered
     for reason in why:
         ctx.note(reason)
+    if precision == "int8-dynamic" and step.method == "auto" and packs_tokens(model) and _openvino_runs_int8(facts):
+        ctx.note(UNPAD_ON_OPENVINO)
     model, keep = _int8_fidelity(model, facts, precision, step, ctx)
     return _lower(model, precision, step, ctx, exclude=tuple(dict.fromkeys(step.exclude + keep)))
 
@@ -291,6 +293,12 @@ OPENVINO_WHY = ("int8 through OpenVINO + NNCF (its transformer preset: SmoothQua
                 "dynamic int8 kept 0.997 and 94%; against torch fp32 in the same run 3.9x (3.0-4.4) vs 3.5x "
                 "(3.1-3.8) at batch 1 and 3.5x (3.2-3.6) vs 1.8x (1.7-1.9) at batch 32; "
                 "quant=int8-dynamic or backend='onnxruntime' takes ONNX Runtime's")
+
+
+UNPAD_ON_OPENVINO = ("after unpad, int8 runs on ONNX Runtime (OpenVINO ran unpad's packed graph 2x slower at batch 1); "
+                     "without unpad, quant=int8 runs OpenVINO's int8, which was ahead at batch 32 on "
+                     "all-MiniLM-L6-v2 here even with 59% padding (Xeon with VNNI and AMX, 2 threads: 3.2x (3.0-3.3) "
+                     "torch fp32 against unpad's 2.3x (2.1-2.4), one run): time both on your data with wb.compare")
 
 
 def _openvino_pays(step: Quantize, facts) -> bool:
@@ -304,8 +312,12 @@ def _openvino_pays(step: Quantize, facts) -> bool:
 def openvino_leads(facts) -> bool:
     """A Hugging Face BERT encoder with a train split, on a CPU where OpenVINO + NNCF run int8 and the backend is
     auto: where OpenVINO's int8 was measured ahead (see OPENVINO_WHY)."""
+    return bool(facts.bert_encoders) and _openvino_runs_int8(facts)
+
+
+def _openvino_runs_int8(facts) -> bool:
     target = facts.target
-    return bool(facts.bert_encoders) and facts.has_train and target.backend == "auto" and not target.is_cuda \
+    return facts.has_train and target.backend == "auto" and not target.is_cuda \
         and "int8-static" in backend_named("openvino").precisions(target)
 
 

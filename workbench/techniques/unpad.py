@@ -13,7 +13,9 @@ This is the "effective transformer" idea (FasterTransformer, TurboTransformers, 
 RemovePadding). Outputs at real tokens are those of the original encoder up to float rounding; outputs at
 padded positions are zeros (the original computes meaningless values there, which masked pooling ignores).
 The gain is exactly the share of padding in the batches: none on inputs without padding. The graph is plain
-ONNX (NonZero, Gather, CumSum), so ONNX Runtime's int8 quantization applies to its matmuls as usual.
+ONNX (NonZero, Gather, CumSum), so ONNX Runtime's int8 quantization applies to its matmuls as usual; quantized on
+ONNX Runtime, it carries the dense graph of the same weights (with ONNX Runtime's fused attention) as a fast path
+that batches without padding take (`backends/onnxruntime/fast_path.py`), so unpad costs nothing there.
 """
 from __future__ import annotations
 

@@ -50,9 +50,18 @@ class OnnxRuntimeBackend(Backend):
     def place(self, model, target):
         return model.placed(target.device, target.threads)  # a fresh session on the same graph
 
-    def lower(self, model, precision: str, ctx, per_channel: bool = True, reduce_range: bool | None = None,
-              calibration: str = "minmax", format: str = "qdq", exclude: tuple = (), calibration_batches: int = 8,
-              group_size: int = 32, **options):
+    def lower(self, model, precision: str, ctx, exclude: tuple = (), **options):
+        lowered = self._lower(model, precision, ctx, exclude=exclude, **options)
+        if precision != "fp32" and not ctx.target.is_cuda and packs_tokens(model):
+            from .fast_path import add_fast_path
+
+            return add_fast_path(model, lowered, lambda twin, excluded: self._lower(
+                twin, precision, ctx, exclude=excluded, **options), exclude, ctx)
+        return lowered
+
+    def _lower(self, model, precision: str, ctx, per_channel: bool = True, reduce_range: bool | None = None,
+               calibration: str = "minmax", format: str = "qdq", exclude: tuple = (), calibration_batches: int = 8,
+               group_size: int = 32, **options):
         from .quantize import quantize_dynamic, quantize_static, quantize_weight_only
         from .session import OrtModel
 

@@ -185,7 +185,9 @@ class OrtModel:
         """The graph's integer operators (a graph quantized before), by kind."""
         import onnx
 
-        kinds = {n.op_type for n in onnx.load_from_string(self.onnx_bytes).graph.node}
+        from .fast_path import nodes
+
+        kinds = {n.op_type for n in nodes(onnx.load_from_string(self.onnx_bytes).graph)}
         return sorted(k for k in kinds if k in ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger",
                                                  "ConvInteger", "QLinearMatMul", "QLinearConv", "QAttention",
                                                  "DynamicQuantizeMatMul", "MatMulNBits"))
@@ -199,8 +201,10 @@ class OrtModel:
         import onnx
         from onnx import numpy_helper
 
+        from .fast_path import weights
+
         total = nonzero = 0
-        for init in onnx.load_from_string(self.onnx_bytes).graph.initializer:
+        for init in weights(onnx.load_from_string(self.onnx_bytes).graph):
             if init.name.endswith(("_scale", "_zero_point")) or len(init.dims) < 1:
                 continue
             arr = numpy_helper.to_array(init)
