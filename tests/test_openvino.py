@@ -42,6 +42,31 @@ def test_openvino_runs_a_bert_with_its_dict_inputs_and_after_unpad():
         torch.testing.assert_close(result.model(**other), model(**other), atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("route", ["pytorch frontend", "onnx"])
+def test_both_conversion_routes_give_a_model_that_runs_at_other_shapes(route, monkeypatch):
+    """OpenVINO's PyTorch frontend first; the workbench's ONNX graph where the frontend fails (forced here)."""
+    pytest.importorskip("transformers")
+    from tests.test_unpad import encoder_and_data, padded
+    from workbench.backends.openvino import OvModel
+
+    used = []
+    for name in ("from_torch", "from_onnx"):
+        real = getattr(OvModel, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            used.append(_name)
+            if route == "onnx" and _name == "from_torch":
+                raise RuntimeError("frontend cannot take this model")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(OvModel, name, staticmethod(spy))
+    model, data = encoder_and_data()
+    result = wb.optimize(model, [], data=data, backend="openvino", study=False, batch_sizes=(1,))
+    assert used == (["from_torch"] if route != "onnx" else ["from_torch", "from_onnx"])
+    other = padded([9, 2, 5], seed=7)
+    torch.testing.assert_close(result.model(**other), model(**other), atol=1e-4, rtol=1e-3)
+
+
 def test_auto_prefers_the_other_backends_and_openvino_is_searched_for_float_models():
     target = resolve(device="cpu")
     from workbench.registry import backends_for
