@@ -270,7 +270,8 @@ def test_unpad_refuses_what_it_cannot_do():
     with pytest.raises(ModelError, match="output_hidden_states"):
         packed(**padded([3, 2]), output_hidden_states=True)
     with torch.no_grad():  # a batch of empty rows: zeros, not a reshape error
-        empty = packed(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.zeros(2, 5, dtype=torch.long))
+        none = torch.zeros(2, 5, dtype=torch.long)
+        empty = packed(input_ids=none, attention_mask=none)
     assert empty.last_hidden_state.shape == (2, 5, 32) and empty.last_hidden_state.abs().max() == 0
 
 

@@ -3,10 +3,10 @@ OpenVINO IR (`model.xml` + `model.bin`) and reloaded with the same inputs and ou
 
 The torch model, flattened to the workbench's tensors-in, tensors-out contract, goes through OpenVINO's own
 PyTorch frontend (`ov.convert_model`), or, where that cannot take it or its trace keeps the example's shapes,
-through the workbench's ONNX export, which OpenVINO reads. fp32 runs with `INFERENCE_PRECISION_HINT=f32`: on CPUs with AMX or
-AVX-512 bf16 OpenVINO otherwise computes an "fp32" model in bf16, which is a different precision with a different
-fidelity. int8 is NNCF's post-training quantization with its transformer preset (SmoothQuant and fast bias
-correction) where Linear layers carry the MACs, its default preset for conv nets; calibrated on train batches.
+through the workbench's ONNX export, which OpenVINO reads. fp32 runs with `INFERENCE_PRECISION_HINT=f32`: on CPUs
+with AMX or AVX-512 bf16 OpenVINO otherwise computes an "fp32" model in bf16, which is a different precision with
+a different fidelity. int8 is NNCF's post-training quantization with its transformer preset (SmoothQuant and fast
+bias correction) where Linear layers carry the MACs, its default preset for conv nets; calibrated on train batches.
 
 Importing this package stays light: openvino and nncf load when a model is lowered, run or saved.
 """
