@@ -147,6 +147,17 @@ def on_cpu(example_inputs: Any):
     return map_tensors(example_inputs, lambda t: t.cpu())
 
 
+def to_trace(model, example_inputs: Any) -> tuple:
+    """(a copy of `model` in eval mode on the CPU without its key/value cache, the inputs on the CPU, its layout):
+    what a graph exporter traces. A copy, because tracing a Hugging Face model was seen to change the eager
+    model's later outputs."""
+    import copy
+
+    model = without_cache(copy.deepcopy(model).eval().cpu())
+    example_inputs = on_cpu(example_inputs)
+    return model, example_inputs, layout_of(model, example_inputs)
+
+
 def other_shape(example_inputs: Any):
     """The example inputs at a batch size and sequence length they do not have (one row and three steps more,
     copied from the first), to check that an exported graph is general rather than traced to one shape."""

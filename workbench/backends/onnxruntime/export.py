@@ -2,13 +2,12 @@
 the sequence axis of token and sequence inputs too."""
 from __future__ import annotations
 
-import copy
 import io
 import re
 import warnings
 from typing import Any
 
-from ...contract import flat_module, has_sequence_axis, layout_of, on_cpu, values_of, without_cache
+from ...contract import flat_module, has_sequence_axis, to_trace, values_of
 from ...errors import ExportError, first_line
 
 OPSET = 17
@@ -29,15 +28,12 @@ def export_onnx(model, example_inputs: Any, cache: bool = False) -> tuple[bytes,
     cache: a Hugging Face decoder called with input_ids and attention_mask is exported with its key/value cache
     (`export_decoder`); an ExportError says why when it cannot be.
 
-    A copy, because tracing a Hugging Face model was seen to change the eager model's later outputs.
-    Uses the TorchScript exporter: ~0.1 s per model here where the dynamo exporter takes seconds, and its
-    graphs are the ones ONNX Runtime's quantization tools are tested on.
+    A copy (`contract.to_trace` says why). Uses the TorchScript exporter: ~0.1 s per model here where the dynamo
+    exporter takes seconds, and its graphs are the ones ONNX Runtime's quantization tools are tested on.
     """
     import torch
 
-    model = without_cache(copy.deepcopy(model).eval().cpu())
-    example_inputs = on_cpu(example_inputs)
-    layout = layout_of(model, example_inputs)
+    model, example_inputs, layout = to_trace(model, example_inputs)
     names, values = layout["input_names"], values_of(example_inputs)
     if not layout["output_ranks"]:
         raise ExportError("the model returns no tensor, so there is nothing to export")

@@ -57,16 +57,12 @@ class OvModel:
         one ScaledDotProductAttention op, which NNCF leaves in float, where the ONNX route hands OpenVINO ~10 ops
         per layer and NNCF quantizes the two attention products (minilm int8, batch 1 of 64 tokens, 2 threads:
         2.9 against 3.2 ms)."""
-        import copy
-
         import torch
 
-        from ...contract import flat_module, layout_of, on_cpu, values_of, without_cache
+        from ...contract import flat_module, to_trace, values_of
 
         ov = _ov()
-        model = without_cache(copy.deepcopy(model).eval().cpu())  # a copy: tracing may touch the model
-        example_inputs = on_cpu(example_inputs)
-        layout = layout_of(model, example_inputs)
+        model, example_inputs, layout = to_trace(model, example_inputs)
         with torch.inference_mode():
             converted = ov.convert_model(flat_module(model, layout), example_input=tuple(values_of(example_inputs)))
         for port, name in zip(converted.inputs, layout["input_names"]):
