@@ -134,6 +134,20 @@ def test_unpad_int8_runs_batches_without_padding_on_the_dense_graph(tmp_path):
     assert torch.equal(reloaded(**full), result.model(**full)) and torch.equal(reloaded(**some), result.model(**some))
 
 
+@pytest.mark.parametrize("cpu", ["vnni", "avx2"])
+def test_the_fast_path_is_built_on_either_cpu_path_and_its_notes_said_once(cpu, monkeypatch):
+    """Forced CPU paths: on AVX2 both graphs get 7-bit weights, and the note saying so (the dense twin is lowered
+    too) is on the card once."""
+    import onnx
+
+    monkeypatch.setenv("WORKBENCH_CPU", cpu)
+    model, data = encoder_and_data()
+    result = wb.optimize(model, "unpad,quant=int8-dynamic", data=data, study=False, batch_sizes=(1,))
+    assert [n.op_type for n in onnx.load_from_string(result.model.onnx_bytes).graph.node][-1] == "If"
+    assert len(result.notes) == len(set(result.notes))
+    assert sum("reduce_range" in n for n in result.notes) == (cpu == "avx2")
+
+
 def test_unpad_alone_is_exact_on_torch_and_saves_and_reloads(tmp_path):
     model, data = encoder_and_data()
     result = wb.optimize(model, Unpad(), data=data, backend="torch", study=False, batch_sizes=(1,))

@@ -35,7 +35,8 @@ class Context:
     details: dict = field(default_factory=dict)  # tables a technique leaves for the result (e.g. ranks per layer)
 
     def note(self, message: str) -> None:
-        self.notes.append(message)
+        if message not in self.notes:  # a step that lowers twice (unpad's fast path) says a thing once
+            self.notes.append(message)
 
     def progress(self, message: str, fraction: float | None = None) -> None:
         if self.on_progress is not None:
