@@ -297,8 +297,9 @@ OPENVINO_WHY = ("int8 through OpenVINO + NNCF (its transformer preset: SmoothQua
 
 UNPAD_ON_OPENVINO = ("after unpad, int8 runs on ONNX Runtime (OpenVINO ran unpad's packed graph 2x slower at batch 1); "
                      "without unpad, quant=int8 runs OpenVINO's int8, which was ahead at batch 32 on "
-                     "all-MiniLM-L6-v2 here even with 59% padding (Xeon with VNNI and AMX, 2 threads: 3.2x (3.0-3.3) "
-                     "torch fp32 against unpad's 2.3x (2.1-2.4), one run): time both on your data with wb.compare")
+                     "all-MiniLM-L6-v2 here even with 59% padding (Xeon with VNNI and AMX, 2 threads: 3.2x (2.6-4.1) "
+                     "torch fp32 against unpad's 2.3x (2.1-2.9), one benchmarks/autotune.py run): time both on your "
+                     "data with wb.compare")
 
 
 def _openvino_pays(step: Quantize, facts) -> bool:
