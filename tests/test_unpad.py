@@ -90,14 +90,16 @@ def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.97
 
 
-def _ops_run(model, inputs) -> set:
-    """The operator kinds ONNX Runtime ran for one call (its profile): which branch of a merged graph ran."""
+def _ops_run(model, inputs, folder) -> set:
+    """The operator kinds ONNX Runtime ran for one call (its profile, written under `folder`, not the working
+    directory): which branch of a merged graph ran."""
     import json
 
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.enable_profiling = True
+    opts.profile_file_prefix = str(folder / "profile")
     session = ort.InferenceSession(model.onnx_bytes, opts, providers=["CPUExecutionProvider"])
     session.run(None, model.feed(**inputs))
     with open(session.end_profiling()) as f:
@@ -117,8 +119,9 @@ def test_unpad_int8_runs_batches_without_padding_on_the_dense_graph(tmp_path):
     assert [n.op_type for n in graph.node][-1] == "If"
     full = padded([12, 12, 12], seed=4)
     some = padded([12, 5, 3], seed=4)
-    assert "QAttention" in _ops_run(result.model, full) and "MultiHeadAttention" not in _ops_run(result.model, full)
-    assert "MultiHeadAttention" in _ops_run(result.model, some) and "QAttention" not in _ops_run(result.model, some)
+    dense, packed = _ops_run(result.model, full, tmp_path), _ops_run(result.model, some, tmp_path)
+    assert "QAttention" in dense and "MultiHeadAttention" not in dense
+    assert "MultiHeadAttention" in packed and "QAttention" not in packed
     with torch.no_grad():
         for inputs in (full, some):
             cosine = torch.nn.functional.cosine_similarity(result.model(**inputs), model(**inputs))
