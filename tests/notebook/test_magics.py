@@ -68,7 +68,10 @@ def test_optimize_a_language_model_shows_generation_on_the_card(ip, docs_lm_tiny
     assert result.backend == "onnxruntime-int4-weight" and result.measurement.perplexity is not None
     card = out.outputs[0].data
     assert "generation: greedy, 64 new tokens" in card["text/plain"] and "tokens/s ratio" in card["text/html"]
-    assert "generating" in result.verdict and "the original's tokens/s" in result.verdict
+    if result.judge().stable:  # generation is judged where the timing could be trusted
+        assert "generating" in result.verdict and "the original's tokens/s" in result.verdict
+    else:  # a busy machine: neither the forward pass nor generation gets a verdict, and the card says so
+        assert "no verdict on it either" in result.verdict and "generating" not in result.verdict
 
 
 def test_names_resolve_from_the_namespace_and_as_names_the_result(ip, digits_mlp):
