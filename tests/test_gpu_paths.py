@@ -154,14 +154,32 @@ def test_each_compiled_model_has_its_own_recompile_slots(monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend="eager",
                                                                                      dynamic=dynamic))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     counters.clear()
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):  # three models: graphs that cannot be shared
-        model = Compiled(nn.Sequential(nn.Linear(4, 4)).to(dtype), dynamic=False)
-        for rows in (1, 2):
-            model(torch.randn(rows, 4, dtype=dtype))
+    # torch's own patch: pytest's monkeypatch undoes a config attribute by deleting it, which hides it for good
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):  # three models: graphs that cannot be shared
+            model = Compiled(nn.Sequential(nn.Linear(4, 4)).to(dtype), dynamic=False)
+            for rows in (1, 2):
+                model(torch.randn(rows, 4, dtype=dtype))
     assert counters["stats"]["unique_graphs"] == 6
+
+
+def test_counting_macs_leaves_a_users_compiled_model_compiled():
+    """`wb.compare` counts MACs with a forward pass under torch's FlopCounterMode. A model the user compiled
+    (`torch.compile`, the peer rows of benchmarks/autotune.py --gpu) that first ran there was left uncompiled for
+    good: on the GPU those rows timed as eager (0.89x where CUDA graphs give 6x)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from workbench.measure.counts import count_macs
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), backend="eager")
+    assert count_macs(compiled, torch.randn(2, 4)) == 2 * 4 * 4
+    compiled(torch.randn(2, 4))
+    assert counters["stats"]["unique_graphs"] == 1  # compiled on its first call outside the counter
 
 
 def test_a_model_already_on_its_device_is_not_moved(monkeypatch):

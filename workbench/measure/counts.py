@@ -75,7 +75,9 @@ def _flop_counts(model: Any, inputs: Any):
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
+    # a compiled model (workbench's compile step, or a user's torch.compile) runs eager here: compiled under the
+    # counter's dispatch mode and hooks, dynamo would give up on its frame and run it uncompiled from then on
+    with counter, torch.inference_mode(), torch.compiler.set_stance("force_eager"):
         call_model(model, inputs)
     return counter
 
