@@ -94,6 +94,14 @@ def _train_classifier(model, train, epochs: int, lr: float, progress=None):
     return model.eval()
 
 
+def _architecture(model) -> tuple:
+    """What the cache key knows of a model: its layers' types and its tensors' shapes. Not `str(model)`, whose text
+    changes between torch versions (2.13's BatchNorm2d repr gained `bias=True`), which made a cache filled under one
+    version miss under another and train again."""
+    return (tuple((n, type(m).__name__) for n, m in model.named_modules()),
+            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+
+
 def _load_digits(name: str, progress=None):
     import torch
 
@@ -105,7 +113,7 @@ def _load_digits(name: str, progress=None):
     with seeded(SEED):
         model = getattr(modules, spec["builder"])()
     model.workbench_family = spec["builder"]  # lets Distill(student="width=0.5") build a narrower sibling
-    key = hashlib.sha256(repr((name, spec["epochs"], spec["lr"], str(model), SEED)).encode()).hexdigest()[:12]
+    key = hashlib.sha256(repr((name, spec["epochs"], spec["lr"], _architecture(model), SEED)).encode()).hexdigest()[:12]
     path = cache_dir() / f"{name}-{key}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
