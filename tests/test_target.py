@@ -69,6 +69,26 @@ def test_device_auto_never_picks_a_device_where_the_recipe_cannot_run(monkeypatc
     assert resolve(device="auto").device == "cuda"
     monkeypatch.setattr(lowering, "torchao_available", lambda: True)  # with torchao, int8 runs on the GPU
     assert resolve(device="auto", precisions=[("int8-dynamic", "int8-static")]).device == "cuda"
+    # a backend asked for by name, or a model compare is given, that has no CUDA here: the CPU (on the H100 these
+    # raised "backend 'onnxruntime' cannot run on 'cuda' here" and "ONNX Runtime here has no CUDAExecutionProvider")
+    assert resolve(backend="onnxruntime", device="auto").device == "cpu"
+    with pytest.raises(DeviceError, match="backend 'onnxruntime' cannot run on 'cuda' here"):
+        resolve(backend="onnxruntime", device="cuda")
+    from workbench.registry import backend_named
+
+    assert resolve(device="auto", backends=(backend_named("torch"), backend_named("onnxruntime"))).device == "cpu"
+
+
+def test_compare_on_a_machine_with_a_gpu_runs_an_onnx_graph_on_the_cpu(monkeypatch, digits_mlp):
+    import torch
+
+    from workbench.backends.onnxruntime.session import OrtModel
+
+    model, data = digits_mlp
+    graph = OrtModel.from_torch(model, data.example_inputs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve would pick the GPU for torch alone
+    df = wb.compare({"fp32": model, "ort": graph}, data=data, batch_sizes=(1,), study=False)
+    assert list(df["backend"]) == ["torch", "onnxruntime-fp32"] and df.loc["ort", "Δ accuracy"] == 0
 
 
 def test_the_result_records_the_target_it_ran_on(digits_mlp):

@@ -413,21 +413,24 @@ def _compare(models, data, device, batch_sizes, threads, baseline, study, progre
     from .target import resolve
 
     data = Data.coerce(data, example_inputs)
-    target = resolve(device=device, threads=threads)
-    batch_sizes = _batch_sizes(batch_sizes, data)
     baseline = baseline or next(iter(models))
     if baseline not in models:
         raise ModelError(f"baseline {baseline!r} is not one of the models: {', '.join(models)}")
-    prepared, counted = {}, {}
+    given, counted = {}, {}
     for label, m in models.items():
         if isinstance(m, Result):  # its float model's MACs and parameters, which a runtime graph does not give
             counted[label] = m.measurement
             m = m.model
         try:
-            backend = backend_of(m)
+            given[label] = (m, backend_of(m))
         except DeviceError:
             raise ModelError(f"compare: {label!r} is a {type(m).__name__}; expected a torch module, a model a "
                              "backend made, or a Result") from None
+    # device="auto": the GPU only where every model runs there (an ONNX Runtime graph on its CPU build does not)
+    target = resolve(device=device, threads=threads, backends=tuple(b for _, b in given.values()))
+    batch_sizes = _batch_sizes(batch_sizes, data)
+    prepared = {}
+    for label, (m, backend) in given.items():
         prepared[label] = backend.place(m, target)
         _check_runs(prepared[label], data, target, f"compare: {label!r}")
     reference = prepared[baseline]

@@ -223,12 +223,13 @@ def cuda_available() -> bool:
 
 
 def resolve(backend: str = "auto", device: str = "auto", threads: int | None = None,
-            precisions: list = ()) -> Target:
+            precisions: list = (), backends: tuple = ()) -> Target:
     """The Target for a request, checked once: the device exists, the backend is known and runs there.
 
-    device="auto" is CUDA when there is a GPU, unless a lowering step of the recipe has no backend on CUDA here
-    (`precisions`: per step, the precisions any of which would do, e.g. ('int8-dynamic', 'int8-static')): then the
-    CPU, so that `quant=int8` runs instead of failing.
+    device="auto" is CUDA when there is a GPU, unless something asked for cannot run on CUDA here: a lowering step
+    of the recipe (`precisions`: per step, the precisions any of which would do, e.g. ('int8-dynamic',
+    'int8-static')), the backend named, or one of `backends` (those of the models `compare` is given, an ONNX
+    Runtime graph say). Then the CPU, so that `quant=int8` or `backend='onnxruntime'` runs instead of failing.
     """
     from .registry import backend_named
 
@@ -248,8 +249,9 @@ def resolve(backend: str = "auto", device: str = "auto", threads: int | None = N
         device = "cpu"
         if cuda_available():
             cuda = Target("cuda", backend, threads)
-            device = "cuda" if all(any(runs_somewhere(p, cuda) for p in alternatives)
-                                   for alternatives in precisions) else "cpu"
+            named = (backend_named(backend),) if backend != "auto" else ()
+            device = "cuda" if all(any(runs_somewhere(p, cuda) for p in alternatives) for alternatives in precisions) \
+                and all(b.available(cuda) for b in (*named, *backends)) else "cpu"
     target = Target(device, backend, threads)
     if backend != "auto":
         impl = backend_named(backend)
