@@ -99,6 +99,36 @@ def test_a_model_that_follows_its_inputs_device():
     assert same_device("cpu", torch.device("cpu")) and not same_device("cpu", "meta")
 
 
+def test_a_gpu_result_reads_as_the_users_model():
+    """On the GPU the result's model is wrapped to follow its inputs' device; it must still read as the user's
+    model: attributes, indexing, layer names and state_dict keys (on the H100, 11 tests failed on `module.` names,
+    `'FollowsInputs' object has no attribute 'fc1'` and `... is not subscriptable`)."""
+    from workbench import charts
+    from workbench.measure.counts import layer_table
+    from workbench.wrappers import FollowsInputs
+
+    torch.manual_seed(0)
+    user = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    user.classes = list("ab")  # a plain attribute of the user's model
+    wrapped = FollowsInputs(copy.deepcopy(user), "cpu")
+    assert wrapped.classes == ["a", "b"] and wrapped[0] is wrapped.module[0] and getattr(wrapped, "2") is wrapped[2]
+    assert len(wrapped) == 3 and list(wrapped)[1] is wrapped[1]
+    assert list(wrapped.state_dict()) == list(user.state_dict())
+    assert [n for n, _ in wrapped.named_modules()] == [n for n, _ in user.named_modules()]
+    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in user.named_parameters()]
+    assert list(layer_table(wrapped).index) == ["0", "2"]
+    with torch.no_grad():
+        wrapped[0].weight.zero_()
+    user.load_state_dict(wrapped.state_dict())  # a state_dict saved from the result loads into the user's class
+    assert torch.count_nonzero(user[0].weight) == 0
+    wrapped.load_state_dict(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).state_dict())
+    assert charts.weight_histograms(user, wrapped).layout.title.text == "weights of 0"
+    with pytest.raises(AttributeError, match="no_such"):
+        wrapped.no_such
+    again = pickle.loads(pickle.dumps(wrapped))
+    assert torch.equal(again[0].weight, wrapped[0].weight) and copy.deepcopy(wrapped)[2] is not wrapped[2]
+
+
 def test_an_eval_fn_gets_a_model_that_takes_cpu_inputs_on_a_gpu_target(monkeypatch):
     from workbench.data import follows_inputs
     from workbench.wrappers import FollowsInputs

@@ -62,11 +62,41 @@ _entries = itertools.count()
 class FollowsInputs(nn.Module):
     """A model kept on one device (a GPU) that takes inputs on any device and returns its outputs on the device
     the inputs came on: `result.model(x_cpu)` works like the user's CPU model, `result.model(x_gpu)` stays on the
-    GPU with no copy."""
+    GPU with no copy.
+
+    Otherwise it reads as the model it wraps: its attributes (`result.model.fc1`), indexing (`result.model[0]`),
+    layer names and state_dict keys are the wrapped model's, with no `module.` prefix, so a state_dict saved from
+    a GPU result loads into the user's own class and charts and layer tables line up with the original."""
 
     def __init__(self, module: nn.Module, device: str):
         super().__init__()
         self.module, self.device = module, device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":  # not set yet (while unpickling): no wrapped model to ask
+                raise
+            return getattr(self.module, name)
+
+    def __getitem__(self, index):
+        return self.module[index]
+
+    def __len__(self):
+        return len(self.module)
+
+    def __iter__(self):
+        return iter(self.module)
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        return self.module.named_modules(memo, prefix, remove_duplicate)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, *args, **kwargs):
         where = next((t.device for t in _tensors((args, kwargs))), None)
