@@ -17,6 +17,25 @@ def _study_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_unless_marked_cuda(request):
+    """Tests not marked `cuda` test the CPU paths, and on a machine with a GPU they see none: device="auto" would
+    pick the GPU there, and they check CPU behaviour (ONNX Runtime's int8, the CPU's units, a save's model.onnx;
+    on an H100, 52 of them failed for that alone). The GPU paths are tests/test_cuda.py's; what a CPU can check of
+    them (device choice, wrappers, saves across devices) is tests/test_gpu_paths.py's, with torch told it has one.
+    Module-scoped, so module fixtures (a module's saved results) are made on the CPU too; subprocesses (report
+    kernels, the CLI) get no GPU through CUDA_VISIBLE_DEVICES."""
+    if request.node.get_closest_marker("cuda") is not None:
+        yield
+        return
+    import torch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def builtins():
     """{name: (model, data)} of the digits built-ins (minilm has its own fixture: it needs the [text] extra),
