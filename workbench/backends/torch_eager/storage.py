@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,11 @@ def load(path: Path, device: str, trust_pickle: bool = False) -> nn.Module:
         meta = path.with_suffix(".json")
         layout = json.loads(meta.read_text()) if meta.exists() else None
         if path.suffix == ".pt2":  # a program records the device it was traced on (the CPU): moved as a whole
-            program = torch.export.load(str(path))
+            with warnings.catch_warnings():  # what a load says that no user can act on: torchao's deprecations
+                # (its int8 weights), torch 2.11's "The given buffer is not writable" (seen for those on a GPU)
+                warnings.filterwarnings("ignore", category=UserWarning, module="torchao")
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                program = torch.export.load(str(path))
             if torch.device(device).type != "cpu":
                 from torch.export.passes import move_to_device_pass
 
