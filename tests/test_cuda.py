@@ -131,6 +131,26 @@ def test_factorize_by_energy_on_the_gpu(digits_mlp):
     assert r.device == "cuda" and r.details.get("factorize") is not None
 
 
+def test_two_four_sparsity_runs_on_sparse_tensor_cores_and_saves_dense(tmp_path):
+    from torch import nn
+
+    from workbench.techniques.prune import is_two_four
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 16))
+    x = torch.randn(256, 1024)
+    data = wb.Data(val=[(x, None)], metric="fidelity")
+    r = gpu_run(model, data, "prune:semi_structured=true,quant=fp16", batch_sizes=(256,))
+    assert r.backend == "torch-fp16+2:4" and any("2 Linear layers run on sparse tensor cores" in n for n in r.notes)
+    path = r.save(tmp_path / "sparse")
+    on_cpu = wb.load(path, device="cpu")  # saved dense, with its zeros
+    square = [t for t in on_cpu.state_dict().values() if tuple(t.shape) == (1024, 1024)]
+    assert len(square) == 2 and all(is_two_four(t) for t in square)
+    with torch.inference_mode():
+        got, expected = on_cpu(x[:8]).float(), r.model(x[:8]).float()
+    assert torch.nn.functional.cosine_similarity(got, expected).min() > 0.999
+
+
 @pytest.mark.slow
 def test_autotune_on_the_gpu_ends_with_a_candidate(digits_mlp, tmp_path):
     pytest.importorskip("optuna")

@@ -200,3 +200,43 @@ def test_pruning_an_onnxruntime_model_is_refused(digits_mlp):
                                                 "put prune before it"):
         wb.optimize(model, "quant=int8,prune=0.5", data=data, progress=lambda m, f: seen.append(m), **FAST)
     assert seen == []  # refused before any work
+
+
+def test_semi_structured_keeps_2_of_every_4_through_fine_tuning_and_says_where_it_pays(digits_mlp):
+    from workbench.techniques.prune import is_two_four
+
+    model, data = digits_mlp
+    before = state_bytes(model)
+    r = wb.optimize(model, "prune:semi_structured=true:criterion=taylor,finetune=1", data=data, device="cpu", **FAST)
+    layers = prunable_layers(r.model)
+    for name in ("1", "3"):  # every 4 consecutive weights of a row keep 2, the fine-tuning after it too
+        w = layers[name].weight
+        assert is_two_four(w) and float((w == 0).float().mean()) == 0.5
+    assert sparsity_of(layers["5"]) == 0 and r.details["semi_structured"] == ["1", "3"]  # the head is left alone
+    assert r.measurement.metric >= r.baseline.metric - 0.03
+    assert any("2:4 semi-structured: 2 Linear layers keep 2 of every 4" in n and "no faster" in n for n in r.notes)
+    assert any("runs no faster on a CPU" in p for p in r.preflight)
+    assert state_bytes(model) == before
+    assert not is_two_four(torch.ones(2, 8)) and is_two_four(torch.tensor([[1.0, 0, 0, 2, 0, 3, 4, 0]]))
+    for spec, why in (("prune=0.3:semi_structured=true", "drop sparsity=0.3"),
+                      ("prune:semi_structured=true:structured=true", "drop structured=true")):
+        with pytest.raises(wb.WorkbenchError, match=why):
+            wb.optimize(model, spec, data=data, device="cpu", **FAST)
+
+
+def test_two_four_weights_stay_dense_with_the_reason_where_the_sparse_kernels_refuse(monkeypatch):
+    """On a GPU the fp16/bf16 lowering moves 2:4 Linear weights to sparse tensor cores; where the kernels refuse a
+    layer (here: CPU tensors, as a GPU refuses shapes off its tiles) the model stays dense and the card says why."""
+    from workbench.backends.torch_eager.lowering import densified, sparse_two_four, two_four_layers
+    from workbench.engine import Context
+    from workbench.target import Target
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([1.0, 1, 0, 0] * 2))
+    assert list(two_four_layers(model)) == ["0"]
+    ctx = Context(data=None, original=model, target=Target("cuda"), facts=None)
+    assert sparse_two_four(model, ctx, torch.randn(2, 8)) is model and type(model[0].weight) is nn.Parameter
+    assert "the sparse kernels take none of the 1 2:4 layers (0: " in ctx.notes[0] and "stay dense" in ctx.notes[0]
+    assert densified(model) is model  # nothing sparse: saved as it is

@@ -37,8 +37,19 @@ class Prune(Step):
     ignore: tuple = option((), names=True, excludes=True, help="layers left alone")
     per_layer: str = option("uniform", choices=("uniform", "sensitivity"),
                             help="sensitivity: prune less where the metric is fragile")
+    semi_structured: bool = option(False, choices=(True, False),
+                                   help="2:4: keep the 2 largest of every 4 consecutive weights in each Linear row "
+                                        "(GPU sparse tensor cores run it with quant=fp16/bf16)")
 
     def check(self):
+        if self.semi_structured:
+            clash = [why for why, bad in (("structured=true", self.structured),
+                                          (f"sparsity={self.sparsity}", self.sparsity != 0.5),
+                                          (f"schedule={self.schedule}", self.schedule not in (None, "oneshot")),
+                                          ("per_layer=sensitivity", self.per_layer == "sensitivity")) if bad]
+            if clash:
+                raise RecipeError(f"Prune(semi_structured=True) keeps 2 of every 4 weights in every layer, in one "
+                                  f"shot (sparsity 0.5); drop {', '.join(clash)}")
         if isinstance(self.schedule, str):  # 'iterative-3' is how the short form writes it (':' splits options)
             self.schedule = self.schedule.replace("-", ":", 1)
         if self.schedule is not None:
@@ -157,6 +168,49 @@ def unstructured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     return model
 
 
+# -- 2:4 semi-structured ---------------------------------------------------------------------------------------
+def semi_structured(model, step: Prune, ctx):
+    """In every Linear row, of each 4 consecutive weights zero the 2 least important (NVIDIA's 2:4 pattern):
+    50% sparsity that sparse tensor cores (compute capability 8.0+) run about twice as fast in fp16/bf16 where
+    the products are large. The pattern is kept through fine-tuning (zeros stay zero) and made fast at lowering."""
+    import torch
+    from torch import nn
+
+    ignored, _ = _resolve_ignored(model, step)
+    linear = {n: m for n, m in prunable_layers(model).items() if n not in ignored and isinstance(m, nn.Linear)}
+    layers = {n: m for n, m in linear.items() if m.in_features % 4 == 0}
+    if not layers:
+        raise RecipeError("Prune(semi_structured=True): the model has no Linear layer (other than its output head) "
+                          "whose input width is a multiple of 4; 2:4 sparsity applies to those only")
+    scores = None
+    if step.criterion == "taylor":
+        _taylor_grads(model, ctx)
+        scores = {n: (m.weight * m.weight.grad).abs().detach() for n, m in layers.items()}
+    with torch.no_grad():
+        for name, m in layers.items():
+            w = m.weight
+            importance = (scores[name] if scores else w.detach().abs()).reshape(w.shape[0], -1, 4)
+            keep = torch.zeros_like(importance, dtype=torch.bool).scatter_(-1, importance.topk(2, dim=-1).indices,
+                                                                           True)
+            w.mul_(keep.reshape(w.shape))
+        model.zero_grad(set_to_none=True)
+    skipped = [n for n in linear if n not in layers]
+    ctx.details["semi_structured"] = sorted(layers)
+    ctx.note(f"2:4 semi-structured: {len(layers)} Linear layers keep 2 of every 4 weights (50%)"
+             + (f"; left dense (input width not a multiple of 4): {', '.join(skipped[:3])}" if skipped else "")
+             + "; sparse tensor cores run them on a GPU with quant=fp16/bf16, elsewhere (a CPU, ONNX Runtime, "
+             "OpenVINO) they run like unstructured sparsity: smaller compressed, no faster")
+    return model
+
+
+def is_two_four(weight) -> bool:
+    """Whether a 2-D weight holds the 2:4 pattern: at most 2 non-zeros in every 4 consecutive weights of a row."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    nonzero = (weight.detach() != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+    return bool((nonzero <= 2).all())
+
+
 # -- structured ------------------------------------------------------------------------------------------------
 def _supported() -> tuple:
     """Layer types with weights that Torch-Pruning keeps consistent (subclasses too: ConvNeXt's LayerNorm,
@@ -271,6 +325,11 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
 
 
 def preflight(steps: list, facts) -> list[str]:
+    if any(step.semi_structured for step in steps):
+        if facts.target.is_cuda:
+            return ["2:4 sparsity: sparse tensor cores pay on large products (layers of 1024 and up, many tokens); "
+                    "small layers or batch 1 may gain nothing, and it needs quant=fp16/bf16 after it"]
+        return ["2:4 sparsity runs no faster on a CPU (no sparse kernels); it pays on GPUs of compute 8.0+"]
     if any(not step.structured for step in steps):
         return ["unstructured sparsity: dense runtimes (torch eager, ONNX Runtime) skip no work for zeros, so expect "
                 "a smaller compressed size and no speedup; structured=True removes whole channels"]
@@ -308,4 +367,6 @@ def prune_step(model, step: Prune, ctx):
                                        ignored=_resolve_ignored(model, step)[0])
         ctx.note("per-layer ratios from sensitivity: " + ", ".join(f"{n} {r:.0%}" for n, r in layer_ratios.items()))
     model = model.to(ctx.target.device)
+    if step.semi_structured:
+        return semi_structured(model, step, ctx)
     return (structured if step.structured else unstructured)(model, step, ctx, layer_ratios)

@@ -13,6 +13,13 @@ from ...registry import register_backend
 from .. import Backend
 
 
+def _as_saved(model):
+    """What sizes and counts read: the model as it is saved, 2:4 sparse weights dense again (with their zeros)."""
+    from .lowering import densified
+
+    return densified(model)
+
+
 @register_backend
 class TorchBackend(Backend):
     name = "torch"
@@ -57,7 +64,12 @@ class TorchBackend(Backend):
             if not target.native(precision):
                 ctx.note(f"{precision} on this CPU ({target.cpu.describe()}): no native {precision} matrix units, "
                          "so expect it to be slower than fp32; it halves the size")
-            return to_dtype(model, precision).to(target.device)
+            lowered = to_dtype(model, precision).to(target.device)
+            if target.is_cuda:  # 2:4-pruned Linear layers onto sparse tensor cores
+                from .lowering import sparse_two_four
+
+                lowered = sparse_two_four(lowered, ctx, target.move(ctx.data.example_inputs))
+            return lowered
         if precision in ("int8-dynamic", "fp8") and target.is_cuda:
             from .lowering import torchao_quantize
 
@@ -84,7 +96,8 @@ class TorchBackend(Backend):
         if getattr(model, "workbench_label", None):
             return model.workbench_label
         if isinstance(model, CastInputs):
-            return f"torch-{'fp16' if str(model.dtype) == 'torch.float16' else 'bf16'}"
+            sparse = "+2:4" if getattr(model, "workbench_sparse", False) else ""
+            return f"torch-{'fp16' if str(model.dtype) == 'torch.float16' else 'bf16'}{sparse}"
         if any(hasattr(m, "_packed_params") for m in model.modules()):
             return "torch-int8-dynamic"
         return "torch"
@@ -92,23 +105,24 @@ class TorchBackend(Backend):
     def size_bytes(self, model) -> int:
         from ...measure.counts import serialized_size
 
-        return serialized_size(model)
+        return serialized_size(_as_saved(model))
 
     def sparse_size_bytes(self, model) -> int | None:
         from ...measure.counts import sparse_size
 
-        return sparse_size(model)
+        return sparse_size(_as_saved(model))
 
     def count_params(self, model) -> tuple[int, int]:
         from ...measure.counts import count_params
 
-        return count_params(model)
+        return count_params(_as_saved(model))
 
     def save(self, model, example_inputs, directory: Path) -> Path:
         from ...wrappers import saved_form
+        from .lowering import densified
         from .storage import save
 
-        return save(saved_form(model), example_inputs, directory)
+        return save(densified(saved_form(model)), example_inputs, directory)
 
     deploy_suffix = ".pt2"
     also_exports = (".ts",)  # a TorchScript trace: recurrent layers, torch.ao int8
@@ -119,9 +133,10 @@ class TorchBackend(Backend):
 
         from ...errors import ExportError
         from ...wrappers import saved_form
+        from .lowering import densified
         from .storage import export_program, trace_program
 
-        model = saved_form(model)
+        model = densified(saved_form(model))
         write = trace_program if path.suffix == ".ts" else export_program
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             staged = Path(tmp) / path.name

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...architectures import within
+from ...errors import first_line
 from ...tensors import map_tensors
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -101,3 +102,72 @@ def torchao_quantize(model: nn.Module, precision: str, exclude: tuple = ()) -> n
         quantize_(model, config, filter_fn=wanted)
     model.workbench_label = f"torchao-{precision}"
     return model.eval()
+
+
+def two_four_layers(model: nn.Module) -> dict:
+    """{name: Linear} whose float weights hold the 2:4 pattern (what Prune(semi_structured=True) leaves)."""
+    from ...techniques.prune import is_two_four
+
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter and is_two_four(m.weight)
+            and bool((m.weight == 0).any())}
+
+
+def sparse_two_four(model: nn.Module, ctx, example) -> nn.Module:
+    """On a GPU of compute 8.0+, fp16/bf16 Linear weights with the 2:4 pattern become torch's semi-structured
+    sparse tensors (cuSPARSELt or CUTLASS kernels: `torch.sparse.to_sparse_semi_structured`). Checked where it is
+    made: the model must copy, count and run an example; else the weights stay dense and the card says why."""
+    from ...tensors import call_model
+
+    layers = two_four_layers(model)
+    if not layers:
+        return model
+    if torch.cuda.get_device_capability(ctx.target.device) < (8, 0):
+        ctx.note("2:4 sparsity: this GPU has no sparse tensor cores (compute 8.0+); the weights stay dense")
+        return model
+    from torch.sparse import to_sparse_semi_structured
+
+    dense, failed = {}, {}
+    for name, m in layers.items():
+        try:
+            sparse = to_sparse_semi_structured(m.weight.detach())
+        except Exception as e:  # shapes the kernels do not take (too small, not a multiple of their tile)
+            failed[name] = first_line(e, 100)
+            continue
+        dense[name] = m.weight
+        m.weight = nn.Parameter(sparse, requires_grad=False)
+    if not dense:
+        name, why = next(iter(failed.items()))
+        ctx.note(f"2:4 sparsity: the sparse kernels take none of the {len(failed)} 2:4 layers ({name}: {why}); the "
+                 "weights stay dense")
+        return model
+    try:
+        copy.deepcopy(model)
+        with torch.inference_mode():
+            call_model(model, example)
+    except Exception as e:
+        for name, weight in dense.items():
+            layers[name].weight = weight
+        ctx.note(f"2:4 sparsity: the sparse kernels did not run this model ({first_line(e, 120)}); the weights stay "
+                 "dense")
+        return model
+    ctx.note(f"2:4 sparsity: {len(dense)} Linear layers run on sparse tensor cores"
+             + (f"; {len(failed)} stay dense ({next(iter(failed))}: {next(iter(failed.values()))})" if failed else ""))
+    model.workbench_sparse = True
+    return model
+
+
+def densified(model: nn.Module) -> nn.Module:
+    """A copy whose semi-structured sparse weights are dense again (what is saved and exported: torch.export and
+    ONNX take dense tensors; the zeros, and so the 2:4 pattern, are kept); `model` itself where it has none."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    names = [n for n, p in model.named_parameters() if isinstance(p, SparseSemiStructuredTensor)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, leaf, nn.Parameter(getattr(module, leaf).to_dense(), requires_grad=False))
+    return model
