@@ -65,6 +65,7 @@ def test_int8_on_a_gpu_is_torchao_or_fp16_with_the_reason_never_an_error(fake_gp
         precision, why = plan(Recipe.parse(recipe).steps[0], facts, ctx)
         assert precision == ("int8-dynamic" if torchao else "fp16")
         assert torchao or "needs torchao" in why[-1]
+        assert not torchao or "put compile after it (quant=int8,compile)" in why[-1]
     precision, why = plan(Recipe.parse("quant=fp8").steps[0], facts, ctx)  # an Ampere GPU: no fp8 units
     assert precision == "fp16" and "compute capability 8.9" in why[-1]
 

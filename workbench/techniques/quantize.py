@@ -157,6 +157,8 @@ def _int8_on_gpu(step: Quantize, target, why: list) -> tuple[str, list]:
                        "activations per token) runs instead")
         else:
             why.append("int8 on the GPU: torchao's dynamic int8 (int8 tensor-core matmuls on Linear layers)")
+        why.append("torchao's int8 quantizes activations in kernels of their own unless compiled, so put compile "
+                   "after it (quant=int8,compile): eager it can be slower than fp32 at small batches")
         return "int8-dynamic", why
     why.append("int8 on this GPU needs torchao (pip install 'workbench[gpu]'), which is not installed: fp16 "
                "instead, which runs on the tensor cores and halves the size")
