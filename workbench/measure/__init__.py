@@ -70,7 +70,7 @@ def time_side_by_side(entries: dict[str, tuple[Any, Measurement]], data, batch_s
             calls = {label: instance(model) for label, (model, _) in entries.items()}
             # on a GPU one host thread launches the kernels: other processes contend only past the cores left
             # beside it (counted against torch's 16 intra-op threads, 0.4 of a core of anything made it "unstable")
-            with LoadWatch(1 if target.is_cuda else threads) as watch:
+            with LoadWatch(threads, needs=1 if target.is_cuda else None) as watch:
                 latencies = time_interleaved(calls, plan, sync=target.sync)
             latencies = {label: Latency(b, lat.samples_ms, lat.iterations, lat.sessions)
                          for label, lat in latencies.items()}

@@ -65,9 +65,12 @@ def _processes() -> dict[int, tuple[str, int]]:
 class LoadWatch:
     """Context manager: how many cores other processes used while the block ran, against the cores and threads."""
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, needs: int | None = None):
+        """threads: the intra-op threads timing runs with; needs: the cores the timed work keeps busy, against
+        which others' load is counted (default: threads; on a GPU, 1: the host thread that launches kernels)."""
         self.cores = os.cpu_count() or 1
         self.threads = threads or self.cores
+        self.needs = needs or self.threads
         self.stability = Stability()
         self.others_cores: float | None = None
 
@@ -90,9 +93,10 @@ class LoadWatch:
             own = sum(os.times()[:2]) - self._own
             self.others_cores = max(busy - own, 0.0) / wall
             if self.others_cores > self._free() + SPARE:
+                leave = f" (threads={max(self.threads - 1, 1)} leaves them a core)" if self.needs == self.threads else ""
                 causes.append(f"{self._who(wall, hz)} used {self.others_cores:.1f} of {self.cores} cores while "
-                              f"timing with {self.threads} thread(s): stop them or re-run when the machine is quiet "
-                              f"(threads={max(self.threads - 1, 1)} leaves them a core)")
+                              f"timing with {self.needs} thread(s): stop them or re-run when the machine is "
+                              f"quiet{leave}")
             if own / wall > self.threads + 0.5:  # our timing runs at most `threads` cores busy
                 causes.append(f"another thread of this process used the CPU while timing ({own / wall:.1f} cores "
                               f"busy for {self.threads} timing thread(s): a cell still running beside the panel?); "
@@ -106,7 +110,7 @@ class LoadWatch:
 
     def _free(self) -> float:
         """Logical CPUs others may use without touching ours (a hardware sibling of ours counts as ours)."""
-        return max(self.cores - self.threads * (2 if _smt() else 1), 0)
+        return max(self.cores - self.needs * (2 if _smt() else 1), 0)
 
     def _who(self, wall: float, hz: float) -> str:
         """'2 other processes (python3 x2)': those that used at least a fifth of a core meanwhile."""
