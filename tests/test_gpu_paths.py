@@ -147,6 +147,13 @@ def test_torchao_int8_lowering_keeps_the_outputs_and_the_excluded_layers():
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
     x = torch.randn(32, 64)
     q = lowering.torchao_quantize(model, "int8-dynamic", exclude=("4",))
+    assert "1 of 3 Linear layers stay in float" in lowering.torchao_coverage(q, "int8-dynamic")
+    tiled = lowering.torchao_quantize(nn.Sequential(nn.Linear(64, 32)), "int8-dynamic")
+    assert lowering.torchao_coverage(tiled, "int8-dynamic") is None
+    odd = lowering.torchao_quantize(nn.Sequential(nn.Linear(64, 10)), "int8-dynamic")  # 10 outputs: off the tiles
+    assert "nothing is quantized" in lowering.torchao_coverage(odd, "int8-dynamic")
+    conv = lowering.torchao_quantize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(64, 32)), "int8-dynamic")
+    assert lowering.torchao_coverage(conv, "int8-dynamic").startswith("Convolutions stay in float")
     assert q.workbench_label == "torchao-int8-dynamic" and type(model[0].weight) is nn.Parameter  # not mutated
     assert type(q[0].weight).__name__ != "Parameter" and type(q[4].weight) is nn.Parameter  # excluded: fp32
     assert wb.registry.backend_of(q).label_of(q) == "torchao-int8-dynamic"

@@ -93,7 +93,8 @@ class LoadWatch:
             own = sum(os.times()[:2]) - self._own
             self.others_cores = max(busy - own, 0.0) / wall
             if self.others_cores > self._free() + SPARE:
-                leave = f" (threads={max(self.threads - 1, 1)} leaves them a core)" if self.needs == self.threads else ""
+                leave = f" (threads={max(self.threads - 1, 1)} leaves them a core)" \
+                    if self.needs == self.threads else ""
                 causes.append(f"{self._who(wall, hz)} used {self.others_cores:.1f} of {self.cores} cores while "
                               f"timing with {self.needs} thread(s): stop them or re-run when the machine is "
                               f"quiet{leave}")

@@ -71,9 +71,13 @@ class TorchBackend(Backend):
                 lowered = sparse_two_four(lowered, ctx, target.move(ctx.data.example_inputs))
             return lowered
         if precision in ("int8-dynamic", "fp8") and target.is_cuda:
-            from .lowering import torchao_quantize
+            from .lowering import torchao_coverage, torchao_quantize
 
-            return torchao_quantize(to_device(model, target.device), precision, exclude=exclude)
+            lowered = torchao_quantize(to_device(model, target.device), precision, exclude=exclude)
+            coverage = torchao_coverage(lowered, precision)
+            if coverage:
+                ctx.note(coverage)
+            return lowered
         if precision == "int8-dynamic":
             return dynamic_int8(model, exclude=exclude, per_channel=per_channel)
         raise ValueError(f"torch eager does not lower to {precision}")

@@ -104,6 +104,23 @@ def torchao_quantize(model: nn.Module, precision: str, exclude: tuple = ()) -> n
     return model.eval()
 
 
+def torchao_coverage(model: nn.Module, precision: str) -> str | None:
+    """What the card says of a torchao-quantized model's coverage: Linear layers left in float (sizes off the
+    kernels' 16-wide tiles), or none quantized at all. None where every Linear layer is quantized."""
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept = [n for n, m in linear.items() if type(m.weight) is nn.Parameter]
+    convs = "; convolutions stay in float too (torchao's int8 is for Linear layers)" \
+        if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else ""
+    if not kept:
+        return convs[2:].capitalize() or None
+    if len(kept) == len(linear):
+        return (f"torchao {precision}: none of the {len(linear)} Linear layers has input and output sizes that are "
+                f"multiples of 16 (its kernels' tiles), so nothing is quantized and the model runs as it was; "
+                f"quant=fp16 halves the size on any of them{convs}")
+    return (f"torchao {precision}: {len(kept)} of {len(linear)} Linear layers stay in float (sizes not multiples "
+            f"of 16, or excluded: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}){convs}")
+
+
 def two_four_layers(model: nn.Module) -> dict:
     """{name: Linear} whose float weights hold the 2:4 pattern (what Prune(semi_structured=True) leaves)."""
     from ...techniques.prune import is_two_four
