@@ -126,6 +126,7 @@ def test_a_gpu_result_reads_as_the_users_model():
     assert charts.weight_histograms(user, wrapped).layout.title.text == "weights of 0"
     with pytest.raises(AttributeError, match="no_such"):
         wrapped.no_such
+    assert FollowsInputs(nn.Linear(2, 2), "cpu")  # true, as a module is, though a Linear has no length
     again = pickle.loads(pickle.dumps(wrapped))
     assert torch.equal(again[0].weight, wrapped[0].weight) and copy.deepcopy(wrapped)[2] is not wrapped[2]
 

@@ -86,6 +86,9 @@ class FollowsInputs(nn.Module):
     def __len__(self):
         return len(self.module)
 
+    def __bool__(self):  # a model is true, as nn.Module is, whether or not the wrapped one has a length
+        return True
+
     def __iter__(self):
         return iter(self.module)
 
