@@ -4,7 +4,9 @@ Counted, not estimated: MACs come from `torch.utils.flop_counter` on a real forw
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import sys
 from typing import Any
 
 from ..tensors import call_model
@@ -76,8 +78,10 @@ def _flop_counts(model: Any, inputs: Any):
 
     counter = FlopCounterMode(display=False)
     # a compiled model (workbench's compile step, or a user's torch.compile) runs eager here: compiled under the
-    # counter's dispatch mode and hooks, dynamo would give up on its frame and run it uncompiled from then on
-    with counter, torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+    # counter's dispatch mode and hooks, dynamo would give up on its frame and run it uncompiled from then on.
+    # Without dynamo imported nothing is compiled, and importing it costs 1.5 s a process: only where it is loaded
+    eager = torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else contextlib.nullcontext()
+    with counter, torch.inference_mode(), eager:
         call_model(model, inputs)
     return counter
 
