@@ -42,7 +42,7 @@ def test_openvino_runs_a_bert_with_its_dict_inputs_and_after_unpad():
         torch.testing.assert_close(result.model(**other), model(**other), atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("route", ["pytorch frontend", "onnx"])
+@pytest.mark.parametrize("route", [pytest.param("pytorch frontend", marks=pytest.mark.slow), "onnx"])
 def test_both_conversion_routes_give_a_model_that_runs_at_other_shapes(route, monkeypatch):
     """OpenVINO's PyTorch frontend first; the workbench's ONNX graph where the frontend fails (forced here)."""
     pytest.importorskip("transformers")

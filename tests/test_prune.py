@@ -65,6 +65,7 @@ def test_structured_cnn_is_physically_smaller_and_recovers(digits_cnn, tmp_path)
         assert torch.allclose(again(x), r.model(x), atol=1e-5)
 
 
+@pytest.mark.slow  # in the slow set so that the fast subset stays under 2 minutes
 def test_structured_then_int8_composes(digits_cnn):
     model, data = digits_cnn
     r = wb.optimize(model, "prune=0.5:structured=true:scope=layer,finetune=1,quant=int8", data=data, **FAST)

@@ -65,6 +65,7 @@ def test_packed_bert_matches_the_original_at_real_tokens(left):
         assert torch.allclose(got.pooler_output, want.pooler_output, atol=1e-5)
 
 
+@pytest.mark.slow  # in the slow set so that the fast subset stays under 2 minutes
 def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
 
 
@@ -107,6 +108,7 @@ def _ops_run(model, inputs, folder) -> set:
     return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
 
 
+@pytest.mark.slow  # in the slow set so that the fast subset stays under 2 minutes
 def test_unpad_int8_runs_batches_without_padding_on_the_dense_graph(tmp_path):
     """unpad's int8 graph holds the dense graph (ONNX Runtime's fused QAttention) as a fast path that runs where a
     batch has no padding, and the packed one elsewhere; the two share their weights, save and reload as one."""
@@ -137,7 +139,7 @@ def test_unpad_int8_runs_batches_without_padding_on_the_dense_graph(tmp_path):
     assert torch.equal(reloaded(**full), result.model(**full)) and torch.equal(reloaded(**some), result.model(**some))
 
 
-@pytest.mark.parametrize("cpu", ["vnni", "avx2"])
+@pytest.mark.parametrize("cpu", [pytest.param("vnni", marks=pytest.mark.slow), "avx2"])  # vnni: the slow set
 def test_the_fast_path_is_built_on_either_cpu_path_and_its_notes_said_once(cpu, monkeypatch):
     """Forced CPU paths: on AVX2 both graphs get 7-bit weights, and the note saying so (the dense twin is lowered
     too) is on the card once."""

@@ -61,6 +61,7 @@ def test_autotune_shares_an_optuna_storage(digits_mlp, tmp_path):
     assert len(second.optuna_study.trials) > after_first >= 2  # one search, continued by a second session
 
 
+@pytest.mark.slow  # in the slow set so that the fast subset stays under 2 minutes
 def test_impossible_budget_still_returns_the_best_found(digits_mlp):
     model, data = digits_mlp
     tuned = wb.autotune(model, data, max_drop=0.0, objective="size", budget="10s", study=False, trials=3,
