@@ -127,6 +127,9 @@ def test_a_gpu_result_reads_as_the_users_model():
     with pytest.raises(AttributeError, match="no_such"):
         wrapped.no_such
     assert FollowsInputs(nn.Linear(2, 2), "cpu")  # true, as a module is, though a Linear has no length
+    assert wrapped.get_submodule("2") is wrapped[2] and wrapped.get_submodule("") is wrapped
+    graph = FollowsInputs(torch.fx.symbolic_trace(nn.Linear(2, 2)), "cpu")  # a GraphModule has its own __deepcopy__
+    assert type(copy.deepcopy(graph)) is FollowsInputs and type(pickle.loads(pickle.dumps(graph))) is FollowsInputs
     again = pickle.loads(pickle.dumps(wrapped))
     assert torch.equal(again[0].weight, wrapped[0].weight) and copy.deepcopy(wrapped)[2] is not wrapped[2]
 
@@ -152,9 +155,13 @@ def test_torchao_int8_lowering_keeps_the_outputs_and_the_excluded_layers():
     tiled = lowering.torchao_quantize(nn.Sequential(nn.Linear(64, 32)), "int8-dynamic")
     assert lowering.torchao_coverage(tiled, "int8-dynamic") is None
     odd = lowering.torchao_quantize(nn.Sequential(nn.Linear(64, 10)), "int8-dynamic")  # 10 outputs: off the tiles
-    assert "nothing is quantized" in lowering.torchao_coverage(odd, "int8-dynamic")
+    assert "none of the 1 Linear layers is quantized (1 with sizes not multiples of 16 (its kernels' tiles): 0)" \
+        in lowering.torchao_coverage(odd, "int8-dynamic")
     conv = lowering.torchao_quantize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(64, 32)), "int8-dynamic")
-    assert lowering.torchao_coverage(conv, "int8-dynamic").startswith("Convolutions stay in float")
+    assert lowering.torchao_coverage(conv, "int8-dynamic") == "torchao int8-dynamic: every Linear layer is " \
+        "quantized; convolutions stay in float (torchao quantizes Linear layers only)"
+    only_conv = lowering.torchao_quantize(nn.Sequential(nn.Conv2d(1, 4, 3)), "int8-dynamic")
+    assert "has no Linear layer, so nothing is quantized" in lowering.torchao_coverage(only_conv, "int8-dynamic")
     assert q.workbench_label == "torchao-int8-dynamic" and type(model[0].weight) is nn.Parameter  # not mutated
     assert type(q[0].weight).__name__ != "Parameter" and type(q[4].weight) is nn.Parameter  # excluded: fp32
     assert wb.registry.backend_of(q).label_of(q) == "torchao-int8-dynamic"

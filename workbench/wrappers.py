@@ -65,8 +65,9 @@ class FollowsInputs(nn.Module):
     GPU with no copy.
 
     Otherwise it reads as the model it wraps: its attributes (`result.model.fc1`), indexing (`result.model[0]`),
-    layer names and state_dict keys are the wrapped model's, with no `module.` prefix, so a state_dict saved from
-    a GPU result loads into the user's own class and charts and layer tables line up with the original."""
+    submodules, layer names and state_dict keys are the wrapped model's, with no `module.` prefix of its own, so a
+    state_dict saved from a GPU result loads where the CPU result's would (a float result's into the user's own
+    class) and charts and layer tables line up with the original. It is meant to be outermost, as results have it."""
 
     def __init__(self, module: nn.Module, device: str):
         super().__init__()
@@ -76,9 +77,14 @@ class FollowsInputs(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "module":  # not set yet (while unpickling): no wrapped model to ask
+            # "module" is not set yet while unpickling; dunders (__deepcopy__ of a wrapped GraphModule) would make
+            # copy and pickle treat the wrapper as the model inside it
+            if name == "module" or (name.startswith("__") and name.endswith("__")):
                 raise
             return getattr(self.module, name)
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.module.get_submodule(target) if target else self
 
     def __getitem__(self, index):
         return self.module[index]

@@ -106,19 +106,31 @@ def torchao_quantize(model: nn.Module, precision: str, exclude: tuple = ()) -> n
 
 def torchao_coverage(model: nn.Module, precision: str) -> str | None:
     """What the card says of a torchao-quantized model's coverage: Linear layers left in float (sizes off the
-    kernels' 16-wide tiles), or none quantized at all. None where every Linear layer is quantized."""
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kernels' 16-wide tiles, or excluded), none quantized at all, convolutions. None where every layer is."""
+    linear = {n.removeprefix("module."): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     kept = [n for n, m in linear.items() if type(m.weight) is nn.Parameter]
-    convs = "; convolutions stay in float too (torchao's int8 is for Linear layers)" \
-        if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else ""
-    if not kept:
-        return convs[2:].capitalize() or None
-    if len(kept) == len(linear):
-        return (f"torchao {precision}: none of the {len(linear)} Linear layers has input and output sizes that are "
-                f"multiples of 16 (its kernels' tiles), so nothing is quantized and the model runs as it was; "
-                f"quant=fp16 halves the size on any of them{convs}")
-    return (f"torchao {precision}: {len(kept)} of {len(linear)} Linear layers stay in float (sizes not multiples "
-            f"of 16, or excluded: {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}){convs}")
+    off = [n for n in kept if linear[n].in_features % 16 or linear[n].out_features % 16]
+    excluded = [n for n in kept if n not in off]
+    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if not kept and not (convs or not linear):
+        return None
+
+    def names(some):
+        return ", ".join(some[:3]) + (" ..." if len(some) > 3 else "")
+
+    why = "; ".join(part for part in (
+        f"{len(off)} with sizes not multiples of 16 (its kernels' tiles): {names(off)}" if off else "",
+        f"{len(excluded)} excluded: {names(excluded)}" if excluded else "") if part)
+    if not linear:
+        head = f"torchao {precision}: the model has no Linear layer, so nothing is quantized"
+    elif len(kept) == len(linear):
+        head = f"torchao {precision}: none of the {len(linear)} Linear layers is quantized ({why}), so the model " \
+               "runs as it was; quant=fp16 halves the size on any of them"
+    elif kept:
+        head = f"torchao {precision}: {len(kept)} of {len(linear)} Linear layers stay in float ({why})"
+    else:
+        head = f"torchao {precision}: every Linear layer is quantized"
+    return head + ("; convolutions stay in float (torchao quantizes Linear layers only)" if convs else "")
 
 
 def two_four_layers(model: nn.Module) -> dict:
@@ -179,12 +191,13 @@ def densified(model: nn.Module) -> nn.Module:
     ONNX take dense tensors; the zeros, and so the 2:4 pattern, are kept); `model` itself where it has none."""
     from torch.sparse import SparseSemiStructuredTensor
 
-    names = [n for n, p in model.named_parameters() if isinstance(p, SparseSemiStructuredTensor)]
-    if not names:
+    def sparse(m):
+        return [n for n, p in m._parameters.items() if isinstance(p, SparseSemiStructuredTensor)]
+
+    if not any(sparse(m) for m in model.modules()):
         return model
     model = copy.deepcopy(model)
-    for name in names:
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        setattr(module, leaf, nn.Parameter(getattr(module, leaf).to_dense(), requires_grad=False))
+    for m in model.modules():
+        for name in sparse(m):
+            m._parameters[name] = nn.Parameter(m._parameters[name].to_dense(), requires_grad=False)
     return model
