@@ -71,6 +71,7 @@ def test_device_auto_never_picks_a_device_where_the_recipe_cannot_run(monkeypatc
     assert resolve(device="auto", precisions=[("int8-dynamic", "int8-static")]).device == "cuda"
     # a backend asked for by name, or a model compare is given, that has no CUDA here: the CPU (on the H100 these
     # raised "backend 'onnxruntime' cannot run on 'cuda' here" and "ONNX Runtime here has no CUDAExecutionProvider")
+    _onnxruntime_on_the_cpu_only(monkeypatch)
     assert resolve(backend="onnxruntime", device="auto").device == "cpu"
     with pytest.raises(DeviceError, match="backend 'onnxruntime' cannot run on 'cuda' here"):
         resolve(backend="onnxruntime", device="cuda")
@@ -79,11 +80,19 @@ def test_device_auto_never_picks_a_device_where_the_recipe_cannot_run(monkeypatc
     assert resolve(device="auto", backends=(backend_named("torch"), backend_named("onnxruntime"))).device == "cpu"
 
 
+def _onnxruntime_on_the_cpu_only(monkeypatch):
+    """ONNX Runtime's CPU build, as here, whether or not this machine has onnxruntime-gpu."""
+    from workbench.registry import backend_named
+
+    monkeypatch.setattr(type(backend_named("onnxruntime")), "available", lambda self, target: not target.is_cuda)
+
+
 def test_compare_on_a_machine_with_a_gpu_runs_an_onnx_graph_on_the_cpu(monkeypatch, digits_mlp):
     import torch
 
     from workbench.backends.onnxruntime.session import OrtModel
 
+    _onnxruntime_on_the_cpu_only(monkeypatch)
     model, data = digits_mlp
     graph = OrtModel.from_torch(model, data.example_inputs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve would pick the GPU for torch alone

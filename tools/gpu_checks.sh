@@ -25,15 +25,18 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 # each took over 200 s
 python3 -c "import workbench as wb; [wb.zoo.load(n) for n in ('digits-mlp', 'digits-cnn')]" 2>&1 | tail -2
 JOBS=${JOBS:-cuda,suite,bench}
+# pytest-timeout and pytest-xdist (the GPU image has both): per-test limits and workers only where installed
+TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 200")
+WORKERS=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${SUITE_N:-6}")
 pids=()
 if [[ $JOBS == *cuda* ]]; then
-  (timeout "${TESTS_S:-300}" python3 -m pytest tests/test_cuda.py -m cuda -q -rA -p no:cacheprovider --timeout 200 \
+  (timeout "${TESTS_S:-300}" python3 -m pytest tests/test_cuda.py -m cuda -q -rA -p no:cacheprovider $TIMEOUT \
     --tb=short --durations=30 ${CUDA_K:+-k "$CUDA_K"} > "$OUT/tests.log" 2>&1; echo "tests exit: $?" >> "$OUT/tests.log") &
   pids+=($!)
 fi
 if [[ $JOBS == *suite* && ${SUITE_S:-400} != 0 ]]; then
   (OMP_NUM_THREADS=2 timeout "${SUITE_S:-400}" python3 -m pytest tests -m "not slow and not cuda" -q \
-    -p no:cacheprovider -n "${SUITE_N:-6}" --continue-on-collection-errors --timeout 200 --tb=short > "$OUT/suite.log" 2>&1; echo "suite exit: $?" >> "$OUT/suite.log") &
+    -p no:cacheprovider $WORKERS --continue-on-collection-errors $TIMEOUT --tb=short > "$OUT/suite.log" 2>&1; echo "suite exit: $?" >> "$OUT/suite.log") &
   pids+=($!)
 fi
 [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"

@@ -80,7 +80,8 @@ def _flop_counts(model: Any, inputs: Any):
     # a compiled model (workbench's compile step, or a user's torch.compile) runs eager here: compiled under the
     # counter's dispatch mode and hooks, dynamo would give up on its frame and run it uncompiled from then on.
     # Without dynamo imported nothing is compiled, and importing it costs 1.5 s a process: only where it is loaded
-    eager = torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else contextlib.nullcontext()
+    stance = getattr(torch.compiler, "set_stance", None)  # torch 2.6+
+    eager = stance("force_eager") if stance and "torch._dynamo" in sys.modules else contextlib.nullcontext()
     with counter, torch.inference_mode(), eager:
         call_model(model, inputs)
     return counter
