@@ -23,8 +23,9 @@ def _cpu_unless_marked_cuda(request):
     pick the GPU there, and they check CPU behaviour (ONNX Runtime's int8, the CPU's units, a save's model.onnx;
     on an H100, 52 of them failed for that alone). The GPU paths are tests/test_cuda.py's; what a CPU can check of
     them (device choice, wrappers, saves across devices) is tests/test_gpu_paths.py's, with torch told it has one.
-    Module-scoped, so module fixtures (a module's saved results) are made on the CPU too; subprocesses (report
-    kernels, the CLI) get no GPU through CUDA_VISIBLE_DEVICES."""
+    Module-scoped, so module fixtures (a module's saved results) are made on the CPU too, and so GPU tests mark
+    their module (`pytestmark`), as tests/test_cuda.py does; subprocesses (report kernels, the CLI) get no GPU
+    through CUDA_VISIBLE_DEVICES."""
     if request.node.get_closest_marker("cuda") is not None:
         yield
         return
