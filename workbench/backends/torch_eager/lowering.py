@@ -134,12 +134,12 @@ def torchao_coverage(model: nn.Module, precision: str) -> str | None:
 
 
 def two_four_layers(model: nn.Module) -> dict:
-    """{name: Linear} whose float weights hold the 2:4 pattern (what Prune(semi_structured=True) leaves)."""
+    """{name: Linear} whose float weights hold the 2:4 pattern (what Prune(semi_structured=True) leaves; the
+    pattern itself means half the weights are zero)."""
     from ...techniques.prune import is_two_four
 
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter and is_two_four(m.weight)
-            and bool((m.weight == 0).any())}
+            if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter and is_two_four(m.weight)}
 
 
 def sparse_two_four(model: nn.Module, ctx, example) -> nn.Module:
