@@ -44,3 +44,13 @@ def tiny_model():
             return self.head(self.body(x))
 
     return Tiny()
+
+
+def int8_weight_bits() -> tuple[int, bool]:
+    """(the bits int8 weights get here, 8 with VNNI and 7 without, forced or not; whether the hardware runs them
+    without saturating: 8-bit weights forced (WORKBENCH_CPU=vnni) on a CPU without VNNI overflow its AVX2
+    multiply-adds, so no fidelity figure holds there)."""
+    from workbench.target import _probe, cpu_info
+
+    bits = 8 if cpu_info().vnni else 7
+    return bits, bits == 7 or _probe(None).vnni
