@@ -66,6 +66,10 @@ def test_int8_on_a_gpu_is_torchao_or_fp16_with_the_reason_never_an_error(fake_gp
         assert precision == ("int8-dynamic" if torchao else "fp16")
         assert torchao or "needs torchao" in why[-1]
         assert not torchao or "put compile after it (quant=int8,compile)" in why[-1]
+    if torchao:  # a recipe that compiles is not told to
+        ctx.recipe = Recipe.parse("quant=int8,compile")
+        precision, why = plan(ctx.recipe.steps[0], facts, ctx)
+        assert precision == "int8-dynamic" and not any("compile" in line for line in why)
     precision, why = plan(Recipe.parse("quant=fp8").steps[0], facts, ctx)  # an Ampere GPU: no fp8 units
     assert precision == "fp16" and "compute capability 8.9" in why[-1]
 

@@ -31,6 +31,7 @@ class Context:
     target: Any
     facts: Any
     on_progress: Callable | None = None
+    recipe: Any = None  # the whole recipe, for a step whose advice depends on what follows it
     notes: list = field(default_factory=list)
     details: dict = field(default_factory=dict)  # tables a technique leaves for the result (e.g. ranks per layer)
 
@@ -270,7 +271,8 @@ class Baseline:
         recipe, techniques = self.check(recipe)
         target = self.target if backend is None else resolve_backend(self.target, backend)
         checks = preflight_lines(recipe, self.facts)
-        ctx = Context(data=self.data, original=self.model, target=target, facts=self.facts, on_progress=progress)
+        ctx = Context(data=self.data, original=self.model, target=target, facts=self.facts, on_progress=progress,
+                      recipe=recipe)
         total = len(recipe.steps) + 2
         work, float_model, lowered = working_copy(self.original, self.data, self.target), None, None
         for i, (step, tech) in enumerate(zip(recipe.steps, techniques)):

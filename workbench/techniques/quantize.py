@@ -120,7 +120,8 @@ def plan(step: Quantize, facts, ctx) -> tuple[str, list[str]]:
     if dtype != "int8":
         return dtype, why
     if target.is_cuda:
-        return _int8_on_gpu(step, target, why)
+        steps = getattr(getattr(ctx, "recipe", None), "steps", ())
+        return _int8_on_gpu(step, target, why, compiled=any(s.kind == "compile" for s in steps))
     share = facts.conv_share
     if method == "auto":
         if facts.conv_heavy and facts.has_train and runs_somewhere("int8-static", target):
@@ -146,9 +147,9 @@ def plan(step: Quantize, facts, ctx) -> tuple[str, list[str]]:
     return f"int8-{method}", why
 
 
-def _int8_on_gpu(step: Quantize, target, why: list) -> tuple[str, list]:
+def _int8_on_gpu(step: Quantize, target, why: list, compiled: bool = False) -> tuple[str, list]:
     """int8 on a GPU: torchao's dynamic int8 where it is installed (static int8 has no GPU path here), else fp16;
-    the reason goes on the card either way."""
+    the reason goes on the card either way (and, unless the recipe compiles it, that compile should follow)."""
     from ..target import runs_somewhere
 
     if runs_somewhere("int8-dynamic", target):
@@ -157,8 +158,9 @@ def _int8_on_gpu(step: Quantize, target, why: list) -> tuple[str, list]:
                        "activations per token) runs instead")
         else:
             why.append("int8 on the GPU: torchao's dynamic int8 (int8 tensor-core matmuls on Linear layers)")
-        why.append("torchao's int8 quantizes activations in kernels of their own unless compiled, so put compile "
-                   "after it (quant=int8,compile): eager it can be slower than fp32 at small batches")
+        if not compiled:
+            why.append("torchao's int8 quantizes activations in kernels of their own unless compiled, so put compile "
+                       "after it (quant=int8,compile): eager it can be slower than fp32 at small batches")
         return "int8-dynamic", why
     why.append("int8 on this GPU needs torchao (pip install 'workbench[gpu]'), which is not installed: fp16 "
                "instead, which runs on the tensor cores and halves the size")
