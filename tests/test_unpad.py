@@ -65,6 +65,92 @@ def test_packed_bert_matches_the_original_at_real_tokens(left):
         assert torch.allclose(got.pooler_output, want.pooler_output, atol=1e-5)
 
 
+def test_rounded_sizes_are_few_and_close():
+    from workbench.techniques.packed_bert import bucket
+
+    for n in range(0, 5000):
+        b = bucket(n, 10 ** 6)
+        assert n <= b <= n + max(7, n / 8) and b % 8 == 0
+    for k in range(6, 12):  # 8 sizes per doubling
+        assert len({bucket(n, 10 ** 6) for n in range(2 ** k, 2 ** (k + 1))} - {2 ** (k + 1)}) == 8
+    assert bucket(61, 60) == 60  # never past what there is
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_a_rounded_packed_bert_gives_the_same_outputs_in_few_shapes(left):
+    """Compiled with CUDA graphs (compile after unpad on a GPU), the packed encoder rounds its kept columns and
+    packed rows up with padding ones: outputs as without, and one compiled shape for batches that round alike."""
+    from workbench.techniques import packed_bert
+
+    bert = tiny_bert()
+    packed = packed_bert.PackedBert(bert).eval()
+    packed.rounded = True
+    inputs = padded([12, 5, 3, 1], left=left)  # 21 real tokens, rounded to 24; 12 columns, kept as they are
+    with torch.no_grad():
+        want, got = bert(**inputs), packed(**inputs)
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(got.last_hidden_state[real], want.last_hidden_state[real], atol=1e-5)
+    assert got.last_hidden_state[~real].abs().max() == 0
+    g = torch.Generator().manual_seed(0)
+    shapes, exact = set(), set()
+    for _ in range(100):
+        mask = padded(torch.randint(0, 13, (4,), generator=g).tolist(), left=left)["attention_mask"]
+        columns, _, tokens, _, _ = packed_bert._layout(mask, True)
+        shapes.add((columns.shape[0], tokens.shape[0]))
+        columns, _, tokens, _, _ = packed_bert._layout(mask, False)
+        exact.add((columns.shape[0], tokens.shape[0]))
+        assert tokens.shape[0] == int(mask.sum())
+        for rounded in (False, True):  # what a GPU computes on the host, copied over in two transfers, is the same
+            here, there = packed_bert._layout(mask, rounded, False), packed_bert._layout(mask, rounded, True)
+            assert all(torch.equal(a, b) for a, b in zip(here, there))
+    assert len(shapes) * 2 < len(exact)
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(packed, backend="eager")
+    with torch.no_grad():
+        for lengths in ([12, 9, 6, 6], [12, 11, 6, 4], [12, 2, 10, 9]):  # 33, 33 and 33 real tokens: all 40
+            inputs = padded(lengths, left=left)
+            got, want = compiled(**inputs).last_hidden_state, bert(**inputs).last_hidden_state
+            real = inputs["attention_mask"].bool()
+            assert torch.allclose(got[real], want[real], atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        compiled(**padded([12, 12, 12, 1], left=left))  # 37: rounds to 40 too
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph
+
+
+def test_on_a_gpu_autotune_tries_compile_then_unpad_with_compile_then_unpad_alone(monkeypatch):
+    from workbench.facts import ModelFacts
+    from workbench.search.autotune import _seeds
+    from workbench.target import Target
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    model, data = encoder_and_data()
+    seeds = _seeds(ModelFacts(model, data, Target("cuda")))
+    assert [(s["unpad"], s["compile"]) for s in seeds] == [(False, True), (True, True), (True, False)]
+    assert all(s["quant"] == "fp16" for s in seeds)
+
+
+def test_compile_after_unpad_rounds_the_packed_tokens_where_it_records_cuda_graphs():
+    import types
+
+    from workbench.target import Target
+    from workbench.techniques.compile import Compile, apply_compile
+    from workbench.techniques.packed_bert import PackedBert
+
+    for device, rounded in (("cpu", False), ("cuda", True)):
+        ctx = types.SimpleNamespace(target=Target(device), notes=[])
+        ctx.note = ctx.notes.append
+        model = PackedBert(tiny_bert())
+        compiled = apply_compile(model, Compile(), ctx)
+        assert compiled.module.rounded is rounded
+        assert rounded == any("rounds its token count" in n for n in ctx.notes)
+
+
 @pytest.mark.slow  # in the slow set so that the fast subset stays under 2 minutes
 def test_unpad_then_int8_on_onnxruntime_keeps_fidelity_and_runs_other_shapes():
 

@@ -68,16 +68,19 @@ def preflight(steps: list, facts) -> list[str]:
 
 
 def search(trial, facts) -> list[str]:
-    """On a GPU only (on a CPU compile time dwarfs a search's budget), and not after unpad, whose token counts
-    change with every batch (CUDA graphs need fixed shapes)."""
-    if not facts.target.is_cuda or trial.params.get("unpad"):
+    """On a GPU only (on a CPU compile time dwarfs a search's budget); after unpad too, whose packed encoder then
+    rounds its token counts to a few sizes (CUDA graphs replay fixed shapes)."""
+    if not facts.target.is_cuda:
         return []
     return ["compile"] if trial.suggest_categorical("compile", [True, False]) else []
 
 
 def seeds(facts) -> list[dict]:
-    """On a GPU: compiled first (launch-bound batches), then not (beside unpad's seed, where it has one)."""
-    return [{"compile": True}, {"compile": False}] if facts.target.is_cuda else []
+    """On a GPU: compiled first (launch-bound batches); where unpad has seeds, compiled with unpad second, then
+    unpad alone (`unpad.seeds`)."""
+    if not facts.target.is_cuda:
+        return []
+    return [{"compile": True}] * (2 if facts.padded else 1) + [{"compile": False}]
 
 
 @technique(Compile, preflight=preflight, search=search, seeds=seeds, suggested=lambda facts: facts.target.is_cuda)
@@ -97,6 +100,10 @@ def apply_compile(model, step: Compile, ctx):
                                             if mode in CUDA_GRAPH_MODES and ctx.target.is_cuda else ""))
     graphs = ctx.target.is_cuda and mode in CUDA_GRAPH_MODES
     if graphs and packs_tokens(model):
-        ctx.note("compile after unpad: the packed encoder's token count changes with every batch, so its parts "
-                 "run outside CUDA graphs (each new count may compile again)")
+        for packed in model.modules():
+            if getattr(packed, "packs_tokens", False):
+                packed.rounded = True
+        ctx.note("compile after unpad: the packed encoder rounds its token count up to one of 8 sizes per doubling "
+                 "(at most 1/8 more tokens), so CUDA graphs record one graph per size, not one per batch; where the "
+                 "tokens are found runs outside the graphs (a sync with the GPU per batch)")
     return Compiled(model, mode, step.dynamic, graphs=graphs)

@@ -42,10 +42,54 @@ class _MultiHeadAttention(torch.autograd.Function):
         return g.op("com.microsoft::MultiHeadAttention", q, k, v, zeros, mask, num_heads_i=heads)
 
 
-def _slots(keep):
-    """For each position, its index among the kept ones; the count of kept ones (a spare zero row) where not kept."""
+def _slots(keep, spare=None):
+    """For each position, its index among the kept ones; where not kept, `spare` (default: the count of kept ones),
+    the index of a zero row appended after them."""
     counts = keep.long().cumsum(0)
-    return torch.where(keep, counts - 1, counts[-1:])
+    return torch.where(keep, counts - 1, counts[-1:] if spare is None else spare)
+
+
+def bucket(count: int, total: int) -> int:
+    """`count` rounded up to one of a few sizes, at most `total`: a multiple of 8, and of 2**(k - 4) for a count of
+    k bits, so at most 1/8 more from 64 on (33 -> 40, 200 -> 208, 1000 -> 1024). CUDA graphs replay fixed shapes: a
+    packed encoder whose token count changed with every batch would record a graph per batch; rounded, it records
+    one per size, 8 sizes per doubling."""
+    step = max(8, 1 << max(0, count.bit_length() - 4))
+    return min(total, -(-count // step) * step)
+
+
+def _first(keep, size: int):
+    """The indices of the `size` first kept positions, then of positions not kept (padding) to make up `size`."""
+    return torch.cat([keep.nonzero(), (~keep).nonzero()]).squeeze(1)[:size]
+
+
+@torch.compiler.disable  # data-dependent sizes: run eagerly, so that what is compiled sees the (rounded) sizes
+def _layout(attention_mask, rounded: bool, on_host: bool | None = None):
+    """Where the real tokens are: (columns kept, their real-token mask [batch, length], the padded position of each
+    packed row, each padded position's packed row (a zero row for padding), each original column's kept index).
+
+    rounded: the kept columns and the packed rows are rounded up (`bucket`) with padding ones, which compute
+    values nothing reads. on_host (default: where the mask is on a GPU, and not traced for export): computed on the
+    CPU and copied over in two transfers, where on the GPU it would be a score of tiny kernels and a sync for each
+    data-dependent size, what a batch-1 forward of a few hundred microseconds cannot afford."""
+    device = attention_mask.device
+    if on_host is None:
+        on_host = device.type != "cpu" and not torch.jit.is_tracing()
+    real = (attention_mask.cpu() if on_host else attention_mask).bool()
+    used = real.any(0)
+    columns = _first(used, bucket(int(used.sum()), used.shape[0])) if rounded else used.nonzero().squeeze(1)
+    real = real.index_select(1, columns)
+    flat = real.reshape(-1)
+    if rounded:
+        tokens = _first(flat, bucket(int(flat.sum()), flat.shape[0]))
+        indices = [columns, tokens, _slots(flat, tokens.shape[0]), _slots(used, columns.shape[0])]
+    else:  # as the ONNX exporters trace it: every size from the mask
+        indices = [columns, flat.nonzero().squeeze(1), _slots(flat), _slots(used)]
+    if on_host:
+        indices = list(torch.cat(indices).to(device).split([len(i) for i in indices]))
+        real = real.to(device)
+    columns, tokens, slots, column_of = indices
+    return columns, real, tokens, slots, column_of
 
 
 def _gather_rows(x, index):
@@ -116,6 +160,9 @@ class PackedBert(nn.Module):
     # storage therefore pickles it (ONNX export, which int8 uses, stays general)
     torch_export_safe = False
     packs_tokens = True  # the token count varies per batch (what histogram calibration cannot take)
+    # True: the kept columns and packed tokens are rounded up to a few sizes (`bucket`), so that a compiled forward
+    # with CUDA graphs (compile after unpad, on a GPU) records a graph per size, not per batch
+    rounded = False
 
     def __init__(self, bert):
         super().__init__()
@@ -135,23 +182,16 @@ class PackedBert(nn.Module):
                              f"honour {', '.join(asked)}. Leave unpad out for that.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        columns, real, tokens, slots, column_of = _layout(attention_mask, self.rounded)  # first: it may sync
         x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
         batch, width = input_ids.shape[0], x.shape[-1]
-        real = attention_mask.bool()
-        used = real.any(0)
-        columns = used.nonzero().squeeze(1)  # columns with a real token in some row
-        real = real.index_select(1, columns)
         length = columns.shape[0]
-        flat = real.reshape(-1)
-        tokens = flat.nonzero().squeeze(1)  # padded position of each real token
-        slots = _slots(flat)
         mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         h = _gather_rows(x.index_select(1, columns).reshape(batch * length, width), tokens).unsqueeze(0)
         for layer in self.layers:
             h = layer(h, slots, tokens, mask_bias, batch, length, real)
         # back to [batch, full, hidden], zeros at padding
         h = torch.cat([h[0], h.new_zeros(1, h.shape[-1])])
-        column_of = _slots(used)
         padded = _gather_rows(h, slots).view(batch, length, width)
         padded = torch.cat([padded, padded.new_zeros(batch, 1, width)], 1)
         hidden = padded.index_select(1, column_of)

@@ -66,13 +66,16 @@ def search(trial, facts) -> list[str]:
 
 
 def seeds(facts) -> list[dict]:
-    """Where there is padding to skip; second on a GPU, after a compiled candidate (CUDA graphs need fixed shapes,
-    so the two do not combine), and where OpenVINO's int8 leads (its int8 after unpad ran 2x slower at batch 1)."""
+    """Where there is padding to skip. On a GPU second and third, compiled and not (`compile.seeds`), after a
+    compiled candidate without it (at batch 1 the forward is kernel launches, which unpad does not shorten); where
+    OpenVINO's int8 leads, second (its int8 after unpad ran 2x slower at batch 1)."""
     from .quantize import openvino_leads
 
     if not facts.padded:
         return []
-    return [{"unpad": False}, {"unpad": True}] if facts.target.is_cuda or openvino_leads(facts) else [{"unpad": True}]
+    if facts.target.is_cuda:
+        return [{"unpad": False}, {"unpad": True}, {"unpad": True}]
+    return [{"unpad": False}, {"unpad": True}] if openvino_leads(facts) else [{"unpad": True}]
 
 
 @technique(Unpad, preflight=preflight, search=search, seeds=seeds, applies=lambda facts: bool(facts.bert_encoders),
