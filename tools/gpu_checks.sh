@@ -3,7 +3,8 @@
 # `cuda`-marked tests and the fast subset of the whole suite (device="auto" picks the GPU there) side by side, then
 # the GPU benchmark (benchmarks/autotune.py --gpu) alone, as its timings are quoted. JOBS picks (cuda,suite,bench).
 # Where the project's dependencies are not installed, wheels in .whl/ are installed into /tmp/site first (see the
-# device tool's notes); trained built-ins in .gpucache/ seed $WORKBENCH_CACHE so nothing is trained there.
+# device tool's notes); trained built-ins in .gpucache/ seed $WORKBENCH_CACHE so nothing is trained there. Both are
+# made here by tools/gpu_wheels.sh; carry both.
 #   TESTS_S / BENCH_S / SUITE_S: time limits in seconds; BUDGET_BERT / BUDGET_CNN: autotune budgets;
 #   CUDA_K: a -k expression for the cuda tests.
 set -u
