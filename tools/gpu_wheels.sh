@@ -6,9 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HELD=${1:-/work/.library/device/KINDS.md}
-for path in /.whl/ /.gpucache/; do grep -qxF "$path" .git/info/exclude || echo "$path" >> .git/info/exclude; done
+exclude=$(git rev-parse --git-path info/exclude)
+for path in /.whl/ /.gpucache/; do grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >> "$exclude"; done
 # names the image holds: the list after "Packages:" in KINDS.md, or a file of names
-held=$(if grep -q "Packages:" "$HELD"; then sed -n 's/.*Packages: //p' "$HELD" | head -1 | tr -d ' .' | tr ',' '\n'
+held=$(if grep -q "Packages:" "$HELD"; then sed -n 's/.*Packages: //p' "$HELD" | head -1 | sed 's/\.$//' \
+         | tr -d ' ' | tr ',' '\n'
        else cat "$HELD"; fi | tr 'A-Z_' 'a-z-' | sort -u)
 # torch and its CUDA builds stay the image's; so do what the GPU checks do not use and would take the call past
 # its 64 MiB (the minilm weights, OpenVINO and NNCF, the browser test's Playwright, JupyterLab, tools); the rest of
@@ -24,6 +26,6 @@ for spec in $wanted; do
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl "$spec" 2>/dev/null \
     || echo "no py3.12 wheel for $spec"
 done
-mkdir -p .gpucache
+rm -rf .gpucache && mkdir -p .gpucache
 cp -r "${WORKBENCH_CACHE:-$HOME/.cache/workbench}"/. .gpucache/ 2>/dev/null || true
 du -sh .whl .gpucache

@@ -104,6 +104,7 @@ def apply_compile(model, step: Compile, ctx):
             if getattr(packed, "packs_tokens", False):
                 packed.rounded = True
         ctx.note("compile after unpad: the packed encoder rounds its token count up to one of 8 sizes per doubling "
-                 "(at most 1/8 more tokens), so CUDA graphs record one graph per size, not one per batch; where the "
-                 "tokens are found runs outside the graphs (a sync with the GPU per batch)")
+                 "(at most 1/8 more tokens from 64 on, up to 7 more below), so CUDA graphs record one graph per "
+                 "size, not one per batch; where the tokens are found runs outside the graphs (a sync with the GPU "
+                 "per batch)")
     return Compiled(model, mode, step.dynamic, graphs=graphs)

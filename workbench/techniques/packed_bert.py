@@ -72,9 +72,10 @@ def _layout(attention_mask, rounded: bool, on_host: bool | None = None):
     values nothing reads. on_host (default: where the mask is on a GPU, and not traced for export): computed on the
     CPU and copied over in two transfers, where on the GPU it would be a score of tiny kernels and a sync for each
     data-dependent size, what a batch-1 forward of a few hundred microseconds cannot afford."""
-    device = attention_mask.device
+    device, traced = attention_mask.device, torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     if on_host is None:
-        on_host = device.type != "cpu" and not torch.jit.is_tracing()
+        on_host = device.type != "cpu" and not traced
+    rounded = rounded and not traced  # a trace would keep this batch's rounded sizes as constants
     real = (attention_mask.cpu() if on_host else attention_mask).bool()
     used = real.any(0)
     columns = _first(used, bucket(int(used.sum()), used.shape[0])) if rounded else used.nonzero().squeeze(1)
