@@ -59,7 +59,7 @@ def test_int8_on_a_gpu_is_torchao_or_fp16_with_the_reason_never_an_error(fake_gp
     fake_gpu(torchao)
     model, data = digits_cnn
     gpu = Target("cuda")
-    ctx = types.SimpleNamespace(target=gpu, data=data)
+    ctx = types.SimpleNamespace(target=gpu, data=data, recipe=None)
     facts = ModelFacts(model, data, gpu)
     for recipe in ("quant=int8", "quant=int8-static", "quant=int8-dynamic"):
         precision, why = plan(Recipe.parse(recipe).steps[0], facts, ctx)

@@ -58,8 +58,9 @@ def bucket(count: int, total: int) -> int:
     return min(total, -(-count // step) * step)
 
 
-def _first(keep, size: int):
-    """The indices of the `size` first kept positions, then of positions not kept (padding) to make up `size`."""
+def _rounded(keep):
+    """The indices of the kept positions, then of positions not kept (padding) up to the count's `bucket`."""
+    size = bucket(int(keep.sum()), keep.shape[0])
     return torch.cat([keep.nonzero(), (~keep).nonzero()]).squeeze(1)[:size]
 
 
@@ -78,11 +79,11 @@ def _layout(attention_mask, rounded: bool, on_host: bool | None = None):
     rounded = rounded and not traced  # a trace would keep this batch's rounded sizes as constants
     real = (attention_mask.cpu() if on_host else attention_mask).bool()
     used = real.any(0)
-    columns = _first(used, bucket(int(used.sum()), used.shape[0])) if rounded else used.nonzero().squeeze(1)
+    columns = _rounded(used) if rounded else used.nonzero().squeeze(1)
     real = real.index_select(1, columns)
     flat = real.reshape(-1)
     if rounded:
-        tokens = _first(flat, bucket(int(flat.sum()), flat.shape[0]))
+        tokens = _rounded(flat)
         indices = [columns, tokens, _slots(flat, tokens.shape[0]), _slots(used, columns.shape[0])]
     else:  # as the ONNX exporters trace it: every size from the mask
         indices = [columns, flat.nonzero().squeeze(1), _slots(flat), _slots(used)]

@@ -120,7 +120,7 @@ def plan(step: Quantize, facts, ctx) -> tuple[str, list[str]]:
     if dtype != "int8":
         return dtype, why
     if target.is_cuda:
-        steps = getattr(getattr(ctx, "recipe", None), "steps", ())
+        steps = ctx.recipe.steps if ctx.recipe is not None else ()
         return _int8_on_gpu(step, target, why, compiled=any(s.kind == "compile" for s in steps))
     share = facts.conv_share
     if method == "auto":
