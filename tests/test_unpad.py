@@ -1,4 +1,6 @@
 """unpad: a BERT encoder that skips padding gives the original's outputs at real tokens, on torch and ONNX Runtime."""
+import copy
+
 import pytest
 import torch
 
@@ -100,9 +102,9 @@ def test_a_rounded_packed_bert_gives_the_same_outputs_in_few_shapes(left):
         columns, _, tokens, _, _ = packed_bert._layout(mask, False)
         exact.add((columns.shape[0], tokens.shape[0]))
         assert tokens.shape[0] == int(mask.sum())
-        for rounded in (False, True):  # what a GPU computes on the host, copied over in two transfers, is the same
-            here, there = packed_bert._layout(mask, rounded, False), packed_bert._layout(mask, rounded, True)
-            assert all(torch.equal(a, b) for a, b in zip(here, there))
+        # what numpy computes on the host is what torch's steps compute where a trace records them
+        here, there = packed_bert._layout(mask, False), packed_bert._traced_layout(mask)
+        assert all(torch.equal(a, b) for a, b in zip(here, there))
     assert len(shapes) * 2 < len(exact)
     # a trace (ONNX export of a saved compiled result) keeps every size general, as without rounding
     traced = torch.jit.trace(lambda m: packed_bert._layout(m, True)[2], (padded([5, 3, 1, 2])["attention_mask"],))
@@ -125,6 +127,22 @@ def test_a_rounded_packed_bert_gives_the_same_outputs_in_few_shapes(left):
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph
 
 
+@pytest.mark.parametrize("left", [False, True])
+def test_the_dense_forward_of_small_gpu_batches_matches_the_packed_one(left):
+    """Under CUDA graphs a GPU runs small batches dense (every position, padding masked): the same outputs, zeros at
+    padding, also for a row of padding alone (whose attention has nothing to attend to) in half precision."""
+    from workbench.techniques.packed_bert import PackedBert
+
+    packed = PackedBert(tiny_bert()).eval()
+    inputs = padded([12, 5, 0, 1], left=left)
+    with torch.no_grad():
+        got, want = packed._dense(inputs["input_ids"], inputs["attention_mask"], None, None), packed(**inputs)
+        assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
+        assert torch.allclose(got.pooler_output, want.pooler_output, atol=1e-5)
+        half = copy.deepcopy(packed).half()._dense(inputs["input_ids"], inputs["attention_mask"], None, None)
+    assert torch.isfinite(half.last_hidden_state).all() and half.last_hidden_state[2].abs().max() == 0
+
+
 def test_on_a_gpu_autotune_tries_compile_then_unpad_with_compile_then_unpad_alone(monkeypatch):
     from workbench.facts import ModelFacts
     from workbench.search.autotune import _seeds
@@ -143,14 +161,14 @@ def test_compile_after_unpad_rounds_the_packed_tokens_where_it_records_cuda_grap
 
     from workbench.target import Target
     from workbench.techniques.compile import Compile, apply_compile
-    from workbench.techniques.packed_bert import PackedBert
+    from workbench.techniques.packed_bert import DENSE_BELOW, PackedBert
 
     for device, rounded in (("cpu", False), ("cuda", True)):
         ctx = types.SimpleNamespace(target=Target(device), notes=[])
         ctx.note = ctx.notes.append
         model = PackedBert(tiny_bert())
         compiled = apply_compile(model, Compile(), ctx)
-        assert compiled.module.rounded is rounded
+        assert compiled.module.rounded is rounded and compiled.module.dense_below == (DENSE_BELOW if rounded else 0)
         assert rounded == any("rounds its token count" in n for n in ctx.notes)
 
 

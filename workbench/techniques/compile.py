@@ -100,11 +100,14 @@ def apply_compile(model, step: Compile, ctx):
                                             if mode in CUDA_GRAPH_MODES and ctx.target.is_cuda else ""))
     graphs = ctx.target.is_cuda and mode in CUDA_GRAPH_MODES
     if graphs and packs_tokens(model):
+        from .packed_bert import DENSE_BELOW
+
         for packed in model.modules():
             if getattr(packed, "packs_tokens", False):
-                packed.rounded = True
-        ctx.note("compile after unpad: the packed encoder rounds its token count up to one of 8 sizes per doubling "
-                 "(at most 1/8 more tokens from 64 on, up to 7 more below), so CUDA graphs record one graph per "
-                 "size, not one per batch; where the tokens are found runs outside the graphs (a sync with the GPU "
-                 "per batch)")
+                packed.rounded, packed.dense_below = True, DENSE_BELOW
+        ctx.note(f"compile after unpad: batches of fewer than {DENSE_BELOW} token slots (batch x length) run every "
+                 "position in one graph (launch-bound: skipping padding saves nothing there, and finding it costs a "
+                 "sync with the GPU); larger ones skip padding, and the packed encoder rounds its token count up to "
+                 "one of 8 sizes per doubling (at most 1/8 more tokens from 64 on, up to 7 more below), so CUDA "
+                 "graphs record one graph per size, not one per batch")
     return Compiled(model, mode, step.dynamic, graphs=graphs)

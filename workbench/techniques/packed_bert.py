@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ModelError
 
 _ONNXRUNTIME_ATTENTION = False
+DENSE_BELOW = 8192  # token slots below which a GPU forward under CUDA graphs runs dense (`PackedBert.dense_below`)
 
 
 @contextmanager
@@ -43,9 +45,12 @@ class _MultiHeadAttention(torch.autograd.Function):
 
 
 def _slots(keep, spare=None):
-    """For each position, its index among the kept ones; where not kept, `spare` (default: the count of kept ones),
-    the index of a zero row appended after them."""
-    counts = keep.long().cumsum(0)
+    """For each position, its index among the kept ones; where not kept, `spare` (default: the count of kept ones,
+    read from the tensor so that a trace keeps it general), the index of a zero row appended after them. Numpy
+    arrays (with `spare`) or torch tensors."""
+    if isinstance(keep, np.ndarray):
+        return np.where(keep, keep.cumsum(0) - 1, spare)
+    counts = keep.long().cumsum(0)  # ONNX's CumSum takes no booleans
     return torch.where(keep, counts - 1, counts[-1:] if spare is None else spare)
 
 
@@ -58,40 +63,50 @@ def bucket(count: int, total: int) -> int:
     return min(total, -(-count // step) * step)
 
 
-def _rounded(keep):
-    """The indices of the kept positions, then of positions not kept (padding) up to the count's `bucket`."""
-    size = bucket(int(keep.sum()), keep.shape[0])
-    return torch.cat([keep.nonzero(), (~keep).nonzero()]).squeeze(1)[:size]
+def _kept(keep, rounded: bool):
+    """The indices of the kept positions (numpy); rounded: then of positions not kept (padding) up to the count's
+    `bucket`."""
+    if not rounded:
+        return np.flatnonzero(keep)
+    size = bucket(int(np.count_nonzero(keep)), keep.shape[0])
+    return np.concatenate([np.flatnonzero(keep), np.flatnonzero(~keep)])[:size]
 
 
 @torch.compiler.disable  # data-dependent sizes: run eagerly, so that what is compiled sees the (rounded) sizes
-def _layout(attention_mask, rounded: bool, on_host: bool | None = None):
+def _layout(attention_mask, rounded: bool):
     """Where the real tokens are: (columns kept, their real-token mask [batch, length], the padded position of each
     packed row, each padded position's packed row (a zero row for padding), each original column's kept index).
 
-    rounded: the kept columns and the packed rows are rounded up (`bucket`) with padding ones, which compute
-    values nothing reads. on_host (default: where the mask is on a GPU, and not traced for export): computed on the
-    CPU and copied over in two transfers, where on the GPU it would be a score of tiny kernels and a sync for each
-    data-dependent size, what a batch-1 forward of a few hundred microseconds cannot afford."""
-    device, traced = attention_mask.device, torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if on_host is None:
-        on_host = device.type != "cpu" and not traced
-    rounded = rounded and not traced  # a trace would keep this batch's rounded sizes as constants
-    real = (attention_mask.cpu() if on_host else attention_mask).bool()
+    Computed on the host with numpy (a mask on a GPU is copied over: a sync) and copied back in two transfers: on
+    the GPU it would be a score of tiny kernels and a sync for each data-dependent size, and with torch on the CPU
+    each of its ~15 small steps costs more than numpy's (~2.5x overall, measured at 1 to 256 rows). A trace (ONNX
+    export) records torch's steps instead (`_traced_layout`).
+
+    rounded: the kept columns and the packed rows are rounded up (`bucket`) with padding ones, which compute values
+    nothing reads. Under a trace nothing is rounded: it would keep this batch's rounded sizes as constants."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _traced_layout(attention_mask)
+    real = attention_mask.detach().cpu().numpy() != 0
     used = real.any(0)
-    columns = _rounded(used) if rounded else used.nonzero().squeeze(1)
+    columns = _kept(used, rounded)
+    real = real[:, columns]
+    flat = real.reshape(-1)
+    tokens = _kept(flat, rounded)
+    indices = [columns, tokens, _slots(flat, len(tokens)), _slots(used, len(columns))]
+    device = attention_mask.device
+    columns, tokens, slots, column_of = torch.from_numpy(np.concatenate(indices)).to(device).split(
+        [len(i) for i in indices])
+    return columns, torch.from_numpy(real).to(device), tokens, slots, column_of
+
+
+def _traced_layout(attention_mask):
+    """`_layout` in torch's steps, every size from the mask, as the ONNX exporters trace it."""
+    real = attention_mask.bool()
+    used = real.any(0)
+    columns = used.nonzero().squeeze(1)
     real = real.index_select(1, columns)
     flat = real.reshape(-1)
-    if rounded:
-        tokens = _rounded(flat)
-        indices = [columns, tokens, _slots(flat, tokens.shape[0]), _slots(used, columns.shape[0])]
-    else:  # as the ONNX exporters trace it: every size from the mask
-        indices = [columns, flat.nonzero().squeeze(1), _slots(flat), _slots(used)]
-    if on_host:
-        indices = list(torch.cat(indices).to(device).split([len(i) for i in indices]))
-        real = real.to(device)
-    columns, tokens, slots, column_of = indices
-    return columns, real, tokens, slots, column_of
+    return columns, real, flat.nonzero().squeeze(1), _slots(flat), _slots(used)
 
 
 def _gather_rows(x, index):
@@ -128,24 +143,26 @@ class PackedLayer(nn.Module):
         self.ffn_out, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
 
     def forward(self, h, slots, tokens, mask_bias, batch: int, length: int, keep=None):
-        # h: [1, T, hidden] packed real tokens; slots: [B*L] row of each padded position in h (T: a zero row)
+        # h: [1, T, hidden] packed real tokens; slots: [B*L] row of each padded position in h (T: a zero row);
+        # slots and tokens None: h is every position ([1, B*L, hidden], the dense forward)
         if self.heads == 0:  # every head pruned: the attention block adds only its output bias
             context = torch.zeros(h.shape[:-1] + (0,), dtype=h.dtype, device=h.device)
         else:
             qkv = self.qkv(h)[0]
-            qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])
+            if slots is not None:
+                qkv = _gather_rows(torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])]), slots)
             width = self.heads * self.head_size
             if _ONNXRUNTIME_ATTENTION and keep is not None and torch.onnx.is_in_onnx_export():
-                qkv = _gather_rows(qkv, slots).view(batch, length, 3 * width)
+                qkv = qkv.view(batch, length, 3 * width)
                 context = _MultiHeadAttention.apply(qkv[..., :width], qkv[..., width:2 * width],
                                                     qkv[..., 2 * width:], keep, self.heads, width)
                 context = context.reshape(batch * length, width)
             else:
-                qkv = _gather_rows(qkv, slots).view(batch, length, 3, self.heads, self.head_size)
+                qkv = qkv.view(batch, length, 3, self.heads, self.head_size)
                 q, k, v = qkv.permute(2, 0, 3, 1, 4)
                 scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_size ** -0.5) + mask_bias
                 context = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(batch * length, width)
-            context = _gather_rows(context, tokens).unsqueeze(0)
+            context = (context if tokens is None else _gather_rows(context, tokens)).unsqueeze(0)
         a = self.attn_norm(self.attn_out(context) + h)
         return self.ffn_norm(self.ffn_out(self.act(self.ffn_in(a))) + a)
 
@@ -162,9 +179,13 @@ class PackedBert(nn.Module):
     # storage therefore pickles it (ONNX export, which int8 uses, stays general)
     torch_export_safe = False
     packs_tokens = True  # the token count varies per batch (what histogram calibration cannot take)
-    # True: the kept columns and packed tokens are rounded up to a few sizes (`bucket`), so that a compiled forward
-    # with CUDA graphs (compile after unpad, on a GPU) records a graph per size, not per batch
+    # Set where a compiled forward records CUDA graphs (compile after unpad, on a GPU): rounded, the kept columns and
+    # packed tokens are rounded up to a few sizes (`bucket`), so that it records a graph per size, not per batch;
+    # and on a GPU a batch of fewer than `dense_below` token slots runs dense, every position: there a forward is
+    # launch-bound (a MiniLM-shaped BERT under CUDA graphs took 0.45 ms at 1 x 64 and at 32 x 64 slots, 1.8 ms at
+    # 256 x 64; issue 17), so skipping padding saves nothing while finding it costs a sync and a trip to the host
     rounded = False
+    dense_below = 0  # DENSE_BELOW where set
 
     def __init__(self, bert):
         super().__init__()
@@ -174,8 +195,6 @@ class PackedBert(nn.Module):
         self.pooler = getattr(bert, "pooler", None)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **options):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         if input_ids is None:
             raise ModelError("PackedBert needs input_ids (inputs_embeds is not supported)")
         asked = sorted(k for k, v in options.items() if v is not None and v is not False and k != "return_dict")
@@ -184,9 +203,12 @@ class PackedBert(nn.Module):
                              f"honour {', '.join(asked)}. Leave unpad out for that.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        batch = input_ids.shape[0]
+        if input_ids.is_cuda and input_ids.numel() < self.dense_below and not torch.jit.is_tracing():
+            return self._dense(input_ids, attention_mask, token_type_ids, position_ids)
         columns, real, tokens, slots, column_of = _layout(attention_mask, self.rounded)  # first: it may sync
         x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
-        batch, width = input_ids.shape[0], x.shape[-1]
+        width = x.shape[-1]
         length = columns.shape[0]
         mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         h = _gather_rows(x.index_select(1, columns).reshape(batch * length, width), tokens).unsqueeze(0)
@@ -196,7 +218,23 @@ class PackedBert(nn.Module):
         h = torch.cat([h[0], h.new_zeros(1, h.shape[-1])])
         padded = _gather_rows(h, slots).view(batch, length, width)
         padded = torch.cat([padded, padded.new_zeros(batch, 1, width)], 1)
-        hidden = padded.index_select(1, column_of)
+        return self._outputs(padded.index_select(1, column_of))
+
+    def _dense(self, input_ids, attention_mask, token_type_ids, position_ids):
+        """The same forward on every position, padding masked out of attention and zeroed in the outputs."""
+        x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        batch, length, width = x.shape
+        real = attention_mask.bool()
+        mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        h = x.reshape(1, batch * length, width)
+        for layer in self.layers:
+            h = layer(h, None, None, mask_bias, batch, length, real)
+        # zeros at padding (a row of padding alone attends to nothing: NaN)
+        return self._outputs(h.view(batch, length, width).masked_fill(~real[..., None], 0))
+
+    def _outputs(self, hidden):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 
