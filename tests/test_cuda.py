@@ -100,7 +100,7 @@ def test_unpad_with_compile_runs_small_batches_dense_and_large_ones_packed_and_k
     packed = [m for m in r.model.modules() if isinstance(m, PackedBert)]
     assert [(m.rounded, m.dense_below) for m in packed] == [(True, DENSE_BELOW)]
     assert r.measurement.metric >= 0.999
-    # 41 and 45 real tokens (both rounded to 48), 62 (64) and 8 (8)
+    # 41 and 45 real tokens (both rounded to 48), 63 (64) and 8 (8)
     batches = [padded(lengths) for lengths in ([12, 9, 6, 6, 3, 2, 2, 1], [12, 11, 6, 4, 5, 3, 2, 2],
                                                [12] * 5 + [1] * 3, [1] * 8)]
     for dense_below in (DENSE_BELOW, 0):  # these 8 x 12 batches run dense; then packed

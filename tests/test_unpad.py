@@ -140,7 +140,10 @@ def test_the_dense_forward_of_small_gpu_batches_matches_the_packed_one(left):
         assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
         assert torch.allclose(got.pooler_output, want.pooler_output, atol=1e-5)
         half = copy.deepcopy(packed).half()._dense(inputs["input_ids"], inputs["attention_mask"], None, None)
+        # a float mask, cast to bfloat16 as quant=bf16 casts every float input (numpy has no bfloat16)
+        bf16 = copy.deepcopy(packed).bfloat16()(inputs["input_ids"], inputs["attention_mask"].bfloat16())
     assert torch.isfinite(half.last_hidden_state).all() and half.last_hidden_state[2].abs().max() == 0
+    assert torch.allclose(bf16.last_hidden_state.float(), want.last_hidden_state, atol=0.1)
 
 
 def test_on_a_gpu_autotune_tries_compile_then_unpad_with_compile_then_unpad_alone(monkeypatch):

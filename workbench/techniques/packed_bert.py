@@ -86,10 +86,10 @@ def _layout(attention_mask, rounded: bool):
     nothing reads. Under a trace nothing is rounded: it would keep this batch's rounded sizes as constants."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return _traced_layout(attention_mask)
-    real = attention_mask.detach().cpu().numpy() != 0
+    real = (attention_mask.detach() != 0).cpu().numpy()  # a byte a slot (numpy has no bfloat16)
     used = real.any(0)
     columns = _kept(used, rounded)
-    real = real[:, columns]
+    real = np.ascontiguousarray(real[:, columns])  # numpy's fancy index leaves it column-major
     flat = real.reshape(-1)
     tokens = _kept(flat, rounded)
     indices = [columns, tokens, _slots(flat, len(tokens)), _slots(used, len(columns))]
