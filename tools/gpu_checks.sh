@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks (issue 17) in one go, on a machine with a CUDA GPU, logs to $OUT (default ./gpu-out): the
 # `cuda`-marked tests and the fast subset of the whole suite (device="auto" picks the GPU there) side by side, then
-# the GPU benchmark (benchmarks/autotune.py --gpu) alone, as its timings are quoted. JOBS picks (cuda,suite,bench).
+# the GPU benchmark (benchmarks/autotune.py --gpu) alone, as its timings are quoted. JOBS picks (cuda,suite,bench,
+# profile: tools/gpu_profile.py, not in the default).
 # Where the project's dependencies are not installed, wheels in .whl/ are installed into /tmp/site first (see the
 # device tool's notes); trained built-ins in .gpucache/ seed $WORKBENCH_CACHE so nothing is trained there. Both are
 # made here by tools/gpu_wheels.sh; carry both.
@@ -45,6 +46,11 @@ if [[ $JOBS == *bench* ]]; then  # alone: its timings are quoted
   (timeout "${BENCH_S:-400}" python3 benchmarks/autotune.py --gpu --threads 4 --budget-minilm "${BUDGET_BERT:-60s}" \
     --budget-cnn "${BUDGET_CNN:-30s}" ${BENCH_MODELS:+--models $BENCH_MODELS} > "$OUT/bench.log" 2>&1
    echo "bench exit: $?" >> "$OUT/bench.log")
+fi
+
+if [[ $JOBS == *profile* ]]; then  # alone too: where the BERT's GPU time goes (tools/gpu_profile.py)
+  (timeout "${PROFILE_S:-240}" python3 tools/gpu_profile.py > "$OUT/profile.log" 2>&1
+   echo "profile exit: $?" >> "$OUT/profile.log")
 fi
 
 tail -n 3 "$OUT"/*.log
