@@ -33,8 +33,7 @@ class _MultiHeadAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, keep, heads: int, width: int):
         batch, length = q.shape[:2]
         split = lambda t: t.view(batch, length, heads, width // heads).transpose(1, 2)  # noqa: E731
-        bias = (~keep.bool())[:, None, None, :].to(q.dtype) * torch.finfo(q.dtype).min
-        scores = split(q) @ split(k).transpose(-1, -2) * (width // heads) ** -0.5 + bias
+        scores = split(q) @ split(k).transpose(-1, -2) * (width // heads) ** -0.5 + _mask_bias(keep.bool(), q.dtype)
         return (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(batch, length, width)
 
     @staticmethod
@@ -72,6 +71,17 @@ def _kept(keep, rounded: bool):
     return np.concatenate([np.flatnonzero(keep), np.flatnonzero(~keep)])[:size]
 
 
+def _traced() -> bool:
+    """Whether a trace (a jit trace, an ONNX export) records this forward: it would keep sizes found from this
+    batch's mask as constants."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _mask_bias(real, dtype):
+    """[batch, 1, 1, length]: 0 where a key is a real token, the dtype's lowest value where it is padding."""
+    return (~real)[:, None, None, :].to(dtype) * torch.finfo(dtype).min
+
+
 @torch.compiler.disable  # data-dependent sizes: run eagerly, so that what is compiled sees the (rounded) sizes
 def _layout(attention_mask, rounded: bool):
     """Where the real tokens are: (columns kept, their real-token mask [batch, length], the padded position of each
@@ -84,7 +94,7 @@ def _layout(attention_mask, rounded: bool):
 
     rounded: the kept columns and the packed rows are rounded up (`bucket`) with padding ones, which compute values
     nothing reads. Under a trace nothing is rounded: it would keep this batch's rounded sizes as constants."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if _traced():
         return _traced_layout(attention_mask)
     real = (attention_mask.detach() != 0).cpu().numpy()  # a byte a slot (numpy has no bfloat16)
     used = real.any(0)
@@ -203,14 +213,13 @@ class PackedBert(nn.Module):
                              f"honour {', '.join(asked)}. Leave unpad out for that.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch = input_ids.shape[0]
-        if input_ids.is_cuda and input_ids.numel() < self.dense_below and not torch.jit.is_tracing():
+        if input_ids.is_cuda and input_ids.numel() < self.dense_below and not _traced():
             return self._dense(input_ids, attention_mask, token_type_ids, position_ids)
         columns, real, tokens, slots, column_of = _layout(attention_mask, self.rounded)  # first: it may sync
         x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
-        width = x.shape[-1]
+        batch, width = input_ids.shape[0], x.shape[-1]
         length = columns.shape[0]
-        mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        mask_bias = _mask_bias(real, x.dtype)
         h = _gather_rows(x.index_select(1, columns).reshape(batch * length, width), tokens).unsqueeze(0)
         for layer in self.layers:
             h = layer(h, slots, tokens, mask_bias, batch, length, real)
@@ -225,7 +234,7 @@ class PackedBert(nn.Module):
         x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
         batch, length, width = x.shape
         real = attention_mask.bool()
-        mask_bias = (~real)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        mask_bias = _mask_bias(real, x.dtype)
         h = x.reshape(1, batch * length, width)
         for layer in self.layers:
             h = layer(h, None, None, mask_bias, batch, length, real)
