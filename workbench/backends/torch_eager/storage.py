@@ -54,6 +54,9 @@ def export_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
     unsafe = [type(m).__name__ for m in model.modules() if getattr(m, "torch_export_safe", True) is False]
     if unsafe:
         raise NotImplementedError(f"{unsafe[0]} has data-dependent shapes that torch.export does not keep general")
+    recurrent = next((type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)), None)
+    if recurrent:  # known before tracing: it would cost seconds, then fail its check at another length
+        raise NotImplementedError(f"{recurrent}: torch.export unrolls recurrent layers at the traced sequence length")
     import copy
 
     model = without_cache(copy.deepcopy(model).eval().cpu())
