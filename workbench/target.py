@@ -166,6 +166,7 @@ class Target:
         """What a measurement depends on: CPU and flags, threads, device, GPU and library versions."""
         import torch
 
+        from .backends import installed_versions
         from .registry import backends
 
         env = {"cpu": self.cpu.name, "cpu_flags": self.cpu.flag_text, "cores": self.cpu.cores,
@@ -178,11 +179,7 @@ class Target:
                "python": platform.python_version(), "torch": torch.__version__}
         for b in backends():
             env.update(b.versions())
-        for name in ("numpy", "transformers"):
-            try:
-                env[name] = __import__(name).__version__
-            except Exception:
-                env[name] = None
+        env.update(installed_versions("numpy", "transformers"))
         if self.cpu.forced:
             env["cpu_forced"] = self.cpu.forced
         return env

@@ -109,6 +109,20 @@ def check_parity(runtime, model, example_inputs, what: str, instead: str, rtol: 
     return diff
 
 
+def installed_versions(*distributions: str) -> dict:
+    """{distribution: its installed version, or None}, read from the package metadata without importing it: an
+    environment record only names versions, and importing nncf or transformers for that took seconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in distributions:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def optional(module: str):
     """The named module where it is installed, else None: a backend imports its runtime only when it is used."""
     try:

@@ -11,7 +11,7 @@ from typing import Any
 from ...architectures import packs_tokens, within
 from ...errors import RecipeError
 from ...registry import register_backend
-from .. import Backend, optional
+from .. import Backend, installed_versions, optional
 
 
 def _ort():
@@ -136,12 +136,9 @@ class OnnxRuntimeBackend(Backend):
         return lines + [f"outputs = session.run(None, {{{feed}}})  # numpy arrays in (tensor.numpy()), numpy out"]
 
     def versions(self) -> dict:
-        out = {}
-        for module in ("onnxruntime", "onnx"):
-            try:
-                out[module] = __import__(module).__version__
-            except ImportError:
-                out[module] = None
+        out = installed_versions("onnxruntime", "onnx")
+        if out["onnxruntime"] is None:  # the CUDA build is a distribution of its own
+            out["onnxruntime"] = installed_versions("onnxruntime-gpu")["onnxruntime-gpu"]
         return out
 
 

@@ -22,7 +22,7 @@ from ...contract import bind, other_shape, rebuild
 from ...errors import DeviceError, ExportError, WorkbenchError, first_line
 from ...registry import register_backend
 from ...tensors import call_model
-from .. import Backend, check_parity, optional
+from .. import Backend, check_parity, installed_versions, optional
 
 
 def _ov():
@@ -253,5 +253,4 @@ class OpenVinoBackend(Backend):
                 f"outputs = compiled({{{feed}}})  # numpy arrays in, a dict of numpy arrays out"]
 
     def versions(self) -> dict:
-        ov, nncf = _ov(), optional("nncf")
-        return {"openvino": ov.__version__.split("-")[0] if ov else None, "nncf": nncf.__version__ if nncf else None}
+        return installed_versions("openvino", "nncf")

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...errors import first_line
 from ...registry import register_backend
-from .. import Backend
+from .. import Backend, installed_versions
 
 
 def _as_saved(model):
@@ -83,12 +83,7 @@ class TorchBackend(Backend):
         raise ValueError(f"torch eager does not lower to {precision}")
 
     def versions(self) -> dict:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return {"torchao": version("torchao")}
-        except PackageNotFoundError:
-            return {"torchao": None}
+        return installed_versions("torchao")
 
     def label_of(self, model) -> str:
         from ...wrappers import Compiled, saved_form
