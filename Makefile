@@ -2,6 +2,8 @@
 #   make demo   - create .venv, install, run the quickstart report on the built-in model (reports-out/quickstart.html)
 #   make test   - create .venv, install, run the test suite
 PYTHON ?= python3
+# test processes (pytest-xdist), one thread each: the suite is sized for 2 cores
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -31,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/workbench report quickstart -o reports-out/quickstart.ipynb --html reports-out/quickstart.html
 
 test: $(STAMP) chromium postgresql
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantization.py

@@ -5,6 +5,11 @@ import os
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, and so the report kernels, dask workers and
+    # subprocesses they start (which inherit it), or torch's OpenMP threads of both workers spin against each
+    # other. Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WORKBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "workbench"))
 # behaviour is under test here, not the numbers: short timing sessions (tests that check timing pass their own plan;
 # report kernels started by papermill inherit this)

@@ -236,7 +236,7 @@ def test_optimize_auto_returns_within_the_budget(ip, monkeypatch):
     assert best.baseline.metric - best.measurement.metric <= 0.01
     assert ip.user_ns["digits_cnn_opt_search"].within_budget
     if "timing unstable" in out.stdout:  # a busy machine (another job's processes): the verdict must say so, with
-        assert "no candidate is reliably faster" in out.stdout and "stop them or re-run" in out.stdout  # the way out
+        assert "no candidate is reliably faster" in out.stdout and "re-run" in out.stdout  # the way out
     else:
         assert "best within a 0.01 metric budget" in out.stdout and "recommended: faster" in out.stdout
     with pytest.raises(UsageError, match="--auto searches the recipes itself"):
