@@ -249,3 +249,21 @@ def test_the_pruning_templates_defaults_give_a_candidate_within_budget():
     results = reports.run_recipes(model, data, scope["recipes"], batch_sizes=[1], seed=scope["seed"], study=False)
     drops = [r.baseline.metric - r.measurement.metric for r in results]
     assert len(drops) == 3 and min(drops) <= scope["max_drop"]
+
+
+def test_a_reports_chart_carries_plotly_js_once_and_its_json_without_loading_nbformat():
+    code = """
+import sys, plotly.graph_objects as go, IPython.display as d
+from workbench.reports import cells
+shown = []
+d.display = lambda bundle, raw: shown.append(bundle)
+fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+cells.show(fig); cells.show(fig)
+assert all(set(b) == {"application/vnd.plotly.v1+json", "text/html"} for b in shown)
+assert shown[0]["application/vnd.plotly.v1+json"]["data"][0]["y"] == [3, 4]
+assert "window.Plotly" in shown[0]["text/html"] and "window.Plotly" not in shown[1]["text/html"]
+assert all("Plotly.newPlot" in b["text/html"] for b in shown)
+assert "nbformat" not in sys.modules
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

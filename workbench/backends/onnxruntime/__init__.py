@@ -138,7 +138,8 @@ class OnnxRuntimeBackend(Backend):
     def versions(self) -> dict:
         out = installed_versions("onnxruntime", "onnx")
         if out["onnxruntime"] is None:  # the CUDA build is a distribution of its own
-            out["onnxruntime"] = installed_versions("onnxruntime-gpu")["onnxruntime-gpu"]
+            out["onnxruntime"] = installed_versions("onnxruntime-gpu")["onnxruntime-gpu"] or \
+                getattr(optional("onnxruntime"), "__version__", None)  # a build under another name
         return out
 
 
