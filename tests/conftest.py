@@ -6,8 +6,8 @@ import os
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on two cores: one thread each, and so the report kernels, dask workers and
-    # subprocesses they start (which inherit it), or torch's OpenMP threads of both workers spin against each
+    # `make test` runs two workers on two cores: torch gets one OpenMP thread in each, and in the report kernels,
+    # dask workers and subprocesses they start (which inherit this), or the two workers' threads spin against each
     # other. Set before torch is imported.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WORKBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "workbench"))

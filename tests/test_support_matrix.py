@@ -19,8 +19,12 @@ def _tool():
     return module
 
 
+def _readme() -> str:
+    return TOOL.parent.parent.joinpath("README.md").read_text()
+
+
 def _documented() -> dict:
-    return _tool().readme_cells(TOOL.parent.parent.joinpath("README.md").read_text())
+    return _tool().readme_cells(_readme())
 
 
 def _architectures() -> list[str]:
@@ -60,14 +64,14 @@ def test_the_readme_matrix_has_every_row_and_column_and_most_cells_work():
     has its row and column, at least 14 architectures, and at least 90% of the applicable cells work."""
     from workbench import support
 
-    documented = _documented()
+    tool, text = _tool(), _readme()
+    documented = tool.readme_cells(text)
     assert {a for a, _ in documented} == set(_architectures()) and len(_architectures()) >= 14
     assert {t for _, t in documented} == set(support.TECHNIQUES)
     applicable = [v for v in documented.values() if not v.startswith("–")]
     works = [v for v in applicable if v[0].isdigit() or v.startswith("-")]
     assert len(works) >= 0.9 * len(applicable) and not any(v.startswith("FAILS") for v in applicable)
-    text = TOOL.parent.parent.joinpath("README.md").read_text()
-    block = text[text.index(_tool().START):text.index(_tool().END)]
+    block = text[text.index(tool.START):text.index(tool.END)]
     head = next(line for line in block.splitlines() if "applicable cells work" in line)
     assert head.startswith(f"{len(works)} of {len(applicable)} applicable cells work")
 

@@ -137,9 +137,8 @@ class OnnxRuntimeBackend(Backend):
 
     def versions(self) -> dict:
         out = installed_versions("onnxruntime", "onnx")
-        if out["onnxruntime"] is None:  # the CUDA build is a distribution of its own
-            out["onnxruntime"] = installed_versions("onnxruntime-gpu")["onnxruntime-gpu"] or \
-                getattr(optional("onnxruntime"), "__version__", None)  # a build under another name
+        if out["onnxruntime"] is None:  # a build under another name (onnxruntime-gpu, -openvino, ...)
+            out["onnxruntime"] = getattr(optional("onnxruntime"), "__version__", None)
         return out
 
 
