@@ -1,7 +1,7 @@
 """Autotune: a budgeted, accuracy-constrained search that always ends with a candidate; the pre-flight check."""
 
-import os
-import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -129,25 +129,41 @@ def test_the_search_proposes_no_step_the_data_cannot_feed(digits_mlp):
     assert recipe == "factorize:energy=0.9,quant=int8-dynamic:per_channel=true"
 
 
-def test_ctrl_c_inside_a_journal_write_waits_for_the_lock_then_interrupts(tmp_path, monkeypatch):
+CTRL_C_IN_A_JOURNAL_WRITE = """
+import os, signal, sys
+from pathlib import Path
+import optuna
+from workbench.search.autotune import _storage
+
+folder = Path(sys.argv[1])
+storage = _storage(optuna, folder / "search.journal")
+unlink = os.unlink
+
+def unlink_then_ctrl_c(path, *args, **kwargs):
+    unlink(path, *args, **kwargs)
+    if str(path).endswith(".rename"):  # the lock's release, done: the worst moment for the old code
+        os.kill(os.getpid(), signal.SIGINT)
+
+os.unlink = unlink_then_ctrl_c
+try:
+    optuna.create_study(storage=storage, study_name="s")
+    print("NOT INTERRUPTED")
+except KeyboardInterrupt:
+    print("INTERRUPTED")
+except BaseException as e:
+    print("RAISED", type(e).__name__, e)
+os.unlink = unlink
+print("HANDLER", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+print("FILES", sorted(p.name for p in folder.iterdir()))
+print("TRIALS", optuna.load_study(storage=_storage(optuna, folder / "search.journal"), study_name="s").trials)
+"""
+
+
+def test_ctrl_c_inside_a_journal_write_waits_for_the_lock_then_interrupts(tmp_path):
     """optuna's journal lock, interrupted just after it removed its lock file, raised FileNotFoundError instead of
-    KeyboardInterrupt (CI caught it): the workbench's journal holds Ctrl-C until the append and the release are done."""
-    import optuna
-
-    from workbench.search.autotune import _storage
-
-    storage = _storage(optuna, tmp_path / "search.journal")
-    unlink = os.unlink
-
-    def unlink_then_ctrl_c(path, *args, **kwargs):
-        unlink(path, *args, **kwargs)
-        if str(path).endswith(".rename"):  # the lock's release, done: the worst moment for the old code
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(os, "unlink", unlink_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        optuna.create_study(storage=storage, study_name="s")
-    monkeypatch.undo()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.journal"]  # no lock left behind
-    assert optuna.load_study(storage=_storage(optuna, tmp_path / "search.journal"), study_name="s").trials == []
+    KeyboardInterrupt (CI caught it): the workbench's journal holds Ctrl-C until the append and the release are done.
+    A real SIGINT, sent in a process of its own (not to a test worker, whose other tests may hold handlers)."""
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_JOURNAL_WRITE, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.splitlines() == ["INTERRUPTED", "HANDLER True", "FILES ['search.journal']", "TRIALS []"], \
+        done.stdout + done.stderr[-2000:]
