@@ -40,8 +40,18 @@ def _parameters(args) -> dict:
     return params
 
 
+def _without_iri_grammar() -> None:
+    """jsonschema (nbformat's validator, so papermill's) imports `rfc3987_syntax` where it is installed, which builds
+    a Lark grammar for its 'iri' format at import: about 3 s of every `workbench report`'s start. No command checks
+    IRIs, so this process does without it, as jsonschema does where that package is not installed."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)  # None: `import rfc3987_syntax` raises ImportError
+
+
 def main(argv=None) -> int:
     from .errors import WorkbenchError
+
+    _without_iri_grammar()
 
     from .recipe import add_flags
     from .registry import backend_names

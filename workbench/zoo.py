@@ -33,10 +33,19 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 # -- digits ----------------------------------------------------------------------------------------------------
-def _digits_tensors(image_size: int):
-    import numpy as np
+def _digits_split():
+    """scikit-learn's digits (8x8 images in [0, 1], labels), split 80/20 stratified and seeded: computed once, then
+    read from the cache (importing scikit-learn costs a process about 2 s, which every report kernel paid)."""
     import torch
-    import torch.nn.functional as F
+
+    path = cache_dir() / f"digits-split-{SEED}-20pct.pt"
+    if path.exists():
+        try:
+            split = torch.load(path, weights_only=True)
+            return split["x_train"], split["y_train"], split["x_val"], split["y_val"]
+        except Exception:  # a damaged cache file: computed again below
+            pass
+    import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -44,14 +53,24 @@ def _digits_tensors(image_size: int):
     x = digits.images.astype(np.float32) / 16.0
     x_train, x_val, y_train, y_val = train_test_split(
         x, digits.target, test_size=0.2, random_state=SEED, stratify=digits.target)
+    split = {"x_train": torch.from_numpy(x_train), "y_train": torch.from_numpy(y_train).long(),
+             "x_val": torch.from_numpy(x_val), "y_val": torch.from_numpy(y_val).long()}
+    _atomic_save(split, path)
+    return split["x_train"], split["y_train"], split["x_val"], split["y_val"]
 
-    def prep(a):
-        t = torch.from_numpy(a).unsqueeze(1)
+
+def _digits_tensors(image_size: int):
+    import torch.nn.functional as F
+
+    x_train, y_train, x_val, y_val = _digits_split()
+
+    def prep(t):
+        t = t.unsqueeze(1)
         if image_size != 8:
             t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False)
         return (t - 0.3) / 0.4
 
-    return prep(x_train), torch.from_numpy(y_train).long(), prep(x_val), torch.from_numpy(y_val).long()
+    return prep(x_train), y_train, prep(x_val), y_val
 
 
 _DIGITS = {

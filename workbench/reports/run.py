@@ -227,15 +227,16 @@ def provenance(template, parameters: dict, output=None, html=None, seconds: floa
     import platform
     from datetime import datetime, timezone
 
-    import torch
-
     from .. import __version__
+    from ..backends import installed_versions
 
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = _commit()
+    torch_version = installed_versions("torch")["torch"]  # not imported for it: `workbench report` never needs torch
     lines = ["## Provenance", "",
              f"- made {made}" + (f", in {seconds:.0f} s" if seconds is not None else ""),
-             f"- workbench {__version__}" + (f" (git commit {_commit()})" if _commit() else "")
-             + f", torch {torch.__version__}, Python {platform.python_version()}",
+             f"- workbench {__version__}" + (f" (git commit {commit})" if commit else "")
+             + f", torch {torch_version}, Python {platform.python_version()}",
              f"- re-run: `{rerun_command(template, parameters, output, html)}`"]
     return "\n".join(lines)
 
