@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import set_submodule
-from ..tensors import call_model, first_tensor
+from ..tensors import batch_size_of, call_model, first_tensor, map_tensors
 
 
 @dataclass
@@ -54,7 +54,8 @@ class Plan:
     skipped: str = ""  # why smoothing was undone
 
 
-SENSITIVITY_BATCHES = 1  # per layer, one pass over this one: enough to rank layers (32 sentences on minilm)
+SENSITIVITY_ROWS = 16  # per layer, one pass over the first calibration batch's first 16 rows: on all-MiniLM-L6-v2
+# they rank its layers as its 32 do (Spearman 0.995, the same layer kept) in half the time; 8 gave 0.991
 
 
 class SmoothedLinear(nn.Module):
@@ -226,6 +227,12 @@ def choose_keep(drops: dict, share: float = 0.1, factor: float = 3.0) -> list[st
     return worst[:cap]
 
 
+def _first_rows(inputs, rows: int):
+    """The first `rows` rows of a batch's inputs (tensors whose first dimension is the batch's; others as they are)."""
+    n = batch_size_of(inputs)
+    return inputs if n <= rows else map_tensors(inputs, lambda t: t[:rows] if t.dim() and t.shape[0] == n else t)
+
+
 def _outputs(model, batches) -> list:
     with torch.inference_mode():
         return [first_tensor(call_model(model, b)).float().flatten(1) for b in batches]
@@ -259,8 +266,8 @@ def prepare(model, batches, alpha: float | None, bias_correction: bool, keep: in
         plan.corrected = correct_bias(model, collect(model, batches, names), weight_bits)
     if keep != 0:
         _, fused = _folds(model)  # kept in float, these would cost ONNX Runtime's Attention fusion
-        plan.errors = sensitivities(model, batches[:SENSITIVITY_BATCHES], [n for n in names if n not in fused],
-                                    weight_bits)
+        plan.errors = sensitivities(model, [_first_rows(batches[0], SENSITIVITY_ROWS)],
+                                    [n for n in names if n not in fused], weight_bits)
         plan.keep = choose_keep(plan.errors) if keep is None else \
             sorted(plan.errors, key=plan.errors.get, reverse=True)[:keep]
     plan.keep = [n[:-len(".linear")] if n.endswith(".linear") else n for n in plan.keep]
