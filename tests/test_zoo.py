@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -20,6 +21,24 @@ def test_digits_models_are_trained_and_bundled(fixture, request):
     n_val = sum(len(y) for _, y in data.val_batches())
     assert (n_train, n_val) == (1437, 360)  # sklearn's 1797 digits, 80/20 stratified
     assert data.inputs(5).shape[0] == 5
+
+
+def test_the_digits_split_is_computed_once_and_then_read_without_scikit_learn(tmp_path, monkeypatch):
+    """Importing scikit-learn cost every report kernel about 2 s: the split is cached, and a damaged cache file is
+    computed again."""
+    import subprocess
+
+    import torch
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    first = zoo._digits_tensors(8)
+    [cached] = tmp_path.glob("digits-split-*.pt")
+    again = subprocess.run([sys.executable, "-c", "import sys; from workbench import zoo; t = zoo._digits_tensors(8); "
+                            "print(len(t[0]), len(t[2]), 'sklearn' in sys.modules)"], capture_output=True, text=True,
+                           env={**os.environ, "WORKBENCH_CACHE": str(tmp_path)})
+    assert again.stdout.split() == ["1437", "360", "False"], again.stderr[-2000:]
+    cached.write_bytes(b"not a tensor file")
+    assert all(torch.equal(a, b) for a, b in zip(zoo._digits_tensors(8), first))
 
 
 def test_cnn_spends_its_macs_in_convolutions(digits_cnn):
