@@ -151,7 +151,10 @@ ARCHITECTURES = {a.name: a for a in [
     Arch("mobilenetv2", "vision", _hf("MobileNetV2ForImageClassification", "MobileNetV2Config", **_IMAGE,
                                       depth_multiplier=0.35), "transformers"),
     Arch("efficientnet", "vision", _hf("EfficientNetForImageClassification", "EfficientNetConfig", **_IMAGE,
-                                       width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320),
+                                       width_coefficient=0.25, depth_coefficient=1.0, hidden_dim=320,
+                                       # 3 of B0's 7 stages; the second repeats, so a block adds its input
+                                       kernel_sizes=[3, 5, 3], in_channels=[32, 16, 24], out_channels=[16, 24, 40],
+                                       strides=[1, 2, 2], num_block_repeats=[1, 2, 1], expand_ratios=[1, 6, 6]),
          "transformers"),
     Arch("mlp", "tabular", _plain("mlp"), "torch"),
     Arch("cnn", "vision", _plain("cnn"), "torch"),

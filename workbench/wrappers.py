@@ -1,4 +1,5 @@
-"""Modules the workbench wraps a model in: a compiled forward, and a model that follows its caller's device.
+"""Modules the workbench wraps a model in: a compiled forward, and a model that follows its caller's device; and
+one it wraps a layer in for graph exporters, an average pool over a whole feature map.
 
 They live at module level so that copies and saves of a wrapped model pickle and reload; each gives back the
 module it wraps through `saved_form()`, which is what storage writes and exports.
@@ -153,4 +154,42 @@ def saved_form(model):
     """The module under the workbench's wrappers (what is saved and exported), or `model` itself."""
     while isinstance(model, (Compiled, FollowsInputs)):
         model = model.saved_form()
+    return model
+
+
+def covers(pool: nn.AvgPool2d, size: tuple) -> bool:
+    """Whether an AvgPool2d's one window is the whole `size` (h, w) map, so that it computes the map's mean: no
+    padding, and each side either the kernel's or (ceil_mode) shorter than it by less than a stride. torch divides
+    a window that runs past the map by the part inside it."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+    return pair(pool.padding) == (0, 0) and pool.divisor_override is None and all(
+        d == k or (pool.ceil_mode and d < k and k - d < s) for d, k, s in zip(size, kernel, stride))
+
+
+class WholeMapAvgPool(nn.Module):
+    """An AvgPool2d that, where its window covers the whole map, computes the mean as a global average pool (what
+    graph exporters write as GlobalAveragePool); elsewhere the pool itself."""
+
+    def __init__(self, pool: nn.AvgPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        if covers(self.pool, tuple(x.shape[-2:])):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.pool(x)
+
+
+def whole_map_pools(model: nn.Module) -> nn.Module:
+    """`model` (a copy the caller owns, which graph exporters trace) with its AvgPool2d layers as `WholeMapAvgPool`:
+    Hugging Face's EfficientNet pools its last map (7x7 at 224 pixels) with `AvgPool2d(1280, ceil_mode=True)`,
+    which OpenVINO refuses (a kernel larger than its input) and whose int8 form in ONNX Runtime returned zeros.
+    The exported graph has the traced map's size, at which the two are the same."""
+    from .architectures import set_submodule
+
+    for name in [n for n, m in model.named_modules() if n and type(m) is nn.AvgPool2d]:
+        set_submodule(model, name, WholeMapAvgPool(model.get_submodule(name)))
     return model
