@@ -192,8 +192,14 @@ def test_a_pool_wider_than_its_map_runs_on_openvino_and_keeps_int8_fidelity_on_o
     for size in (8, 17, 33):
         x = torch.randn(2, 3, size, size)
         torch.testing.assert_close(wrapped(x), model(x))
-    assert covers(nn.AvgPool2d(64, ceil_mode=True), (8, 8)) and not covers(nn.AvgPool2d(4), (8, 8))
+    assert covers(nn.AvgPool2d(64, ceil_mode=True), (8, 8)) and covers(nn.AvgPool2d((64,), ceil_mode=True), (8, 8))
+    assert not covers(nn.AvgPool2d(8), (8, 8))  # a window that fits the map exactly: left as it is
+    assert not covers(nn.AvgPool2d((5,), ceil_mode=True), (5, 7))  # 5x5 windows on a 5x7 map: two of them
     assert not covers(nn.AvgPool2d(64, ceil_mode=True, padding=1), (8, 8))
+    small = whole_map_pools(nn.Sequential(nn.AvgPool2d(4)))
+    x = torch.randn(2, 3, 8, 8)
+    assert isinstance(small[0], WholeMapAvgPool) and small(x).shape == (2, 3, 2, 2)  # not covered: pooled as before
+    torch.testing.assert_close(small(x), nn.AvgPool2d(4)(x))
     # without the rewrite: OpenVINO refused the model, ONNX Runtime's int8 scored 0.84 here
     for backend, least in (("openvino", 0.95), ("onnxruntime", 0.99)):
         if not importlib.util.find_spec(backend):

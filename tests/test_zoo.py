@@ -33,6 +33,9 @@ def test_the_digits_split_is_computed_once_and_then_read_without_scikit_learn(tm
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
     first = zoo._digits_tensors(8)
     [cached] = tmp_path.glob("digits-split-*.pt")
+    hit = zoo._digits_tensors(8)  # read back from the cache
+    assert all(torch.equal(a, b) for a, b in zip(hit, first))
+    assert [t.dtype for t in hit] == [torch.float32, torch.int64, torch.float32, torch.int64]
     again = subprocess.run([sys.executable, "-c", "import sys; from workbench import zoo; t = zoo._digits_tensors(8); "
                             "print(len(t[0]), len(t[2]), 'sklearn' in sys.modules)"], capture_output=True, text=True,
                            env={**os.environ, "WORKBENCH_CACHE": str(tmp_path)})

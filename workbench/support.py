@@ -152,7 +152,8 @@ ARCHITECTURES = {a.name: a for a in [
                                       depth_multiplier=0.35), "transformers"),
     Arch("efficientnet", "vision", _hf("EfficientNetForImageClassification", "EfficientNetConfig", **_IMAGE,
                                        width_coefficient=0.25, depth_coefficient=1.0, hidden_dim=320,
-                                       # 3 of B0's 7 stages; the second repeats, so a block adds its input
+                                       # three stages with B0's first channels and strides; the second repeats,
+                                       # so a block adds its input
                                        kernel_sizes=[3, 5, 3], in_channels=[32, 16, 24], out_channels=[16, 24, 40],
                                        strides=[1, 2, 2], num_block_repeats=[1, 2, 1], expand_ratios=[1, 6, 6]),
          "transformers"),

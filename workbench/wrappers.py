@@ -158,15 +158,17 @@ def saved_form(model):
 
 
 def covers(pool: nn.AvgPool2d, size: tuple) -> bool:
-    """Whether an AvgPool2d's one window is the whole `size` (h, w) map, so that it computes the map's mean: no
-    padding, and each side either the kernel's or (ceil_mode) shorter than it by less than a stride. torch divides
-    a window that runs past the map by the part inside it."""
+    """Whether an AvgPool2d's one window runs past the whole `size` (h, w) map, so that it computes the map's mean:
+    no padding, ceil_mode, and each side shorter than the kernel by less than a stride (torch divides a window that
+    runs past the map by the part inside it). Then it does for every map from that size up to the kernel's, so a
+    graph traced at one size with the map's sides left dynamic stays right."""
     def pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+        return v * 2 if len(v) == 1 else v
 
     kernel, stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
-    return pair(pool.padding) == (0, 0) and pool.divisor_override is None and all(
-        d == k or (pool.ceil_mode and d < k and k - d < s) for d, k, s in zip(size, kernel, stride))
+    return pool.ceil_mode and pair(pool.padding) == (0, 0) and pool.divisor_override is None and all(
+        d < k and k - d < s for d, k, s in zip(size, kernel, stride))
 
 
 class WholeMapAvgPool(nn.Module):

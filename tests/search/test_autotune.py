@@ -135,6 +135,7 @@ from pathlib import Path
 import optuna
 from workbench.search.autotune import _storage
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever the test runner ignores
 folder = Path(sys.argv[1])
 storage = _storage(optuna, folder / "search.journal")
 unlink = os.unlink

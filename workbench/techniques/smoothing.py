@@ -12,8 +12,9 @@ rounding), so only the int8 rounding it steers differs.
   in front of the matrix product. BERT's query/key/value inputs are left alone: a multiply there would hide
   them from ONNX Runtime's Attention fusion, which is worth more than their small outliers.
 - Bias correction (Nagel et al., 2019): int8 weights shift each output by (W_q - W) E[x]; the bias takes it back.
-- Mixed precision: each layer's relative output error with int8 weights and activations is measured on the
-  calibration batches (one pass with hooks); the few layers whose error stands out stay in float.
+- Mixed precision: how far the model's outputs move when only one layer runs with int8 weights and activations
+  is measured on the first rows of a calibration batch (a pass per layer); the few layers whose cost stands out
+  stay in float.
 """
 from __future__ import annotations
 
@@ -227,10 +228,19 @@ def choose_keep(drops: dict, share: float = 0.1, factor: float = 3.0) -> list[st
     return worst[:cap]
 
 
-def _first_rows(inputs, rows: int):
-    """The first `rows` rows of a batch's inputs (tensors whose first dimension is the batch's; others as they are)."""
+def _first_rows(model, inputs, rows: int):
+    """The first `rows` rows of a batch's inputs (tensors whose first dimension is the batch's; others as they are),
+    or the whole batch where the model does not take them (a tensor that only looked batched, cut)."""
     n = batch_size_of(inputs)
-    return inputs if n <= rows else map_tensors(inputs, lambda t: t[:rows] if t.dim() and t.shape[0] == n else t)
+    if n <= rows:
+        return inputs
+    sliced = map_tensors(inputs, lambda t: t[:rows] if t.dim() and t.shape[0] == n else t)
+    try:
+        with torch.inference_mode():
+            call_model(model, sliced)
+    except Exception:
+        return inputs
+    return sliced
 
 
 def _outputs(model, batches) -> list:
@@ -266,7 +276,7 @@ def prepare(model, batches, alpha: float | None, bias_correction: bool, keep: in
         plan.corrected = correct_bias(model, collect(model, batches, names), weight_bits)
     if keep != 0:
         _, fused = _folds(model)  # kept in float, these would cost ONNX Runtime's Attention fusion
-        plan.errors = sensitivities(model, [_first_rows(batches[0], SENSITIVITY_ROWS)],
+        plan.errors = sensitivities(model, [_first_rows(model, batches[0], SENSITIVITY_ROWS)],
                                     [n for n in names if n not in fused], weight_bits)
         plan.keep = choose_keep(plan.errors) if keep is None else \
             sorted(plan.errors, key=plan.errors.get, reverse=True)[:keep]
