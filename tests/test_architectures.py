@@ -168,6 +168,7 @@ def test_export_writes_a_deployable_file_that_its_three_lines_run(recipe, suffix
         result.export(tmp_path / "model.bin")
 
 
+@pytest.mark.slow
 def test_a_pool_wider_than_its_map_runs_on_openvino_and_keeps_int8_fidelity_on_onnxruntime():
     """Hugging Face's EfficientNet pools its last map with `AvgPool2d(1280, ceil_mode=True)`: OpenVINO refused the
     kernel larger than its input and ONNX Runtime's int8 returned zeros. Graphs now pool the whole map as a mean."""
