@@ -70,13 +70,10 @@ def minilm():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set. The slow tests run
-    first (a stable sort: otherwise in file order), so that the last tests each test worker runs are short ones and
-    the workers finish together rather than one waiting on the other's long test."""
+    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set."""
     for item in items:
         if "minilm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
