@@ -23,6 +23,7 @@ def test_digits_models_are_trained_and_bundled(fixture, request):
     assert data.inputs(5).shape[0] == 5
 
 
+@pytest.mark.slow  # a second process, ~9 s: the fast subset stays under 2 minutes
 def test_the_digits_split_is_computed_once_and_then_read_without_scikit_learn(tmp_path, monkeypatch):
     """Importing scikit-learn cost every report kernel about 2 s: the split is cached, and a damaged cache file is
     computed again."""
