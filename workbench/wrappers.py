@@ -172,8 +172,8 @@ def covers(pool: nn.AvgPool2d, size: tuple) -> bool:
 
 
 class WholeMapAvgPool(nn.Module):
-    """An AvgPool2d that, where its window covers the whole map, computes the mean as a global average pool (what
-    graph exporters write as GlobalAveragePool); elsewhere the pool itself."""
+    """An AvgPool2d that, where its one window runs past the whole map (`covers`), computes the map's mean as a
+    global average pool (what graph exporters write as GlobalAveragePool); elsewhere the pool itself."""
 
     def __init__(self, pool: nn.AvgPool2d):
         super().__init__()
@@ -189,7 +189,7 @@ def whole_map_pools(model: nn.Module) -> nn.Module:
     """`model` (a copy the caller owns, which graph exporters trace) with its AvgPool2d layers as `WholeMapAvgPool`:
     Hugging Face's EfficientNet pools its last map (7x7 at 224 pixels) with `AvgPool2d(1280, ceil_mode=True)`,
     which OpenVINO refuses (a kernel larger than its input) and whose int8 form in ONNX Runtime returned zeros.
-    The exported graph has the traced map's size, at which the two are the same."""
+    The two are the same at the traced map's size and at every size up to the kernel's."""
     from .architectures import set_submodule
 
     for name in [n for n, m in model.named_modules() if n and type(m) is nn.AvgPool2d]:
