@@ -84,3 +84,17 @@ def test_one_cell_of_each_kind_quickly():
     refused = support.run_cell("gru", "prune (structured)")
     assert refused.status == "refused" and "quant=int8-dynamic" in refused.reason
     assert support.run_cell("mlp", "unpad").status == "n/a"
+
+
+def test_a_row_runs_each_recipe_once_and_the_export_column_checks_int8s_result(monkeypatch):
+    """The export column runs `quant=int8` as the int8 column does: a row runs it once and checks both ways."""
+    from workbench import engine, support
+
+    ran = []
+    run = engine.Baseline.run
+    monkeypatch.setattr(engine.Baseline, "run", lambda self, recipe, *a, **k: ran.append(recipe) or
+                        run(self, recipe, *a, **k))
+    cells = support._row("mlp", ["int8", "export", "fp16"])
+    assert [c.status for c in cells] == ["works"] * 3
+    assert ran == ["quant=int8", "quant=fp16"]
+    assert cells[0].fidelity == cells[1].fidelity

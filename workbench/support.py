@@ -395,19 +395,28 @@ def baseline(architecture: str):
         return model, data, engine.Baseline(model, data, device="cpu", batch_sizes=(1,), study=False, timing=_plan())
 
 
-def run_cell(architecture: str, technique: str, measured=None) -> Cell:
+def run_cell(architecture: str, technique: str, measured=None, runs: dict | None = None) -> Cell:
     """One cell of the matrix: the technique on the architecture, checked as the module docstring says.
-    measured: `baseline(architecture)`, to share one baseline between cells."""
+    measured: `baseline(architecture)`, to share one baseline between cells; runs: a row's results by recipe, so
+    that a column running a recipe another ran (export: int8's) checks that result instead of running it again."""
     from .errors import WorkbenchError
     from .scoped import quiet
 
     arch = ARCHITECTURES[architecture]
     if not applies(arch, technique):
         return Cell(architecture, technique, "n/a")
+    recipe, runs = recipe_for(arch, technique), {} if runs is None else runs
     try:
         model, data, base = measured or baseline(architecture)
-        with quiet():
-            result = base.run(recipe_for(arch, technique))
+        if recipe not in runs:
+            try:
+                with quiet():
+                    runs[recipe] = base.run(recipe)
+            except Exception as e:  # the next cell of this recipe is refused or fails the same way
+                runs[recipe] = e
+        result = runs[recipe]
+        if isinstance(result, Exception):
+            raise result
     except WorkbenchError as e:
         return Cell(architecture, technique, "refused", reason=first_line(e))
     except Exception as e:
@@ -470,14 +479,14 @@ def _one_thread() -> None:
 
 def _row(architecture: str, columns: list[str]) -> list[Cell]:
     """One architecture's cells against one shared baseline."""
-    cells, measured = [], None
+    cells, measured, runs = [], None, {}
     for t in columns:
         if measured is None and applies(ARCHITECTURES[architecture], t):
             try:
                 measured = baseline(architecture)
             except Exception:  # each cell then says why, in its own line
                 measured = None
-        cells.append(run_cell(architecture, t, measured))
+        cells.append(run_cell(architecture, t, measured, runs))
     return cells
 
 
