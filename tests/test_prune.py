@@ -241,3 +241,87 @@ def test_two_four_weights_stay_dense_with_the_reason_where_the_sparse_kernels_re
     assert sparse_two_four(model, ctx, torch.randn(2, 8)) is model and type(model[0].weight) is nn.Parameter
     assert "the sparse kernels take none of the 1 2:4 layers (0: " in ctx.notes[0] and "stay dense" in ctx.notes[0]
     assert densified(model) is model  # nothing sparse: saved as it is
+
+
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_FAMILIES = {  # (model class, config class, config, input): attention layouts beyond the support matrix's rows
+    "clip": ("CLIPVisionModel", "CLIPVisionConfig", dict(_TINY, image_size=32, patch_size=8), "pixels"),
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32), "ids"),
+    "phi": ("PhiForCausalLM", "PhiConfig", dict(_TINY, vocab_size=96), "ids"),
+    "deberta-v2": ("DebertaV2Model", "DebertaV2Config", dict(_TINY, vocab_size=96, relative_attention=True,
+                                                             position_buckets=16, pos_att_type=["p2c", "c2p"]),
+                   "ids"),
+    "mobilevit": ("MobileViTModel", "MobileViTConfig", dict(image_size=32, hidden_sizes=[32, 40, 48],
+                                                           neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), "pixels"),
+    "segformer": ("SegformerModel", "SegformerConfig",  # a depthwise convolution between its FFN's two layers
+                  dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[2, 2], mlp_ratios=[2, 2]),
+                  "pixels"),
+}
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_head_pruning_of_each_attention_layout_removes_exactly_the_heads_it_drops(family):
+    """With the heads and feed-forward neurons that pruning will drop made silent (their projections' rows and the
+    output's columns zero, so they score lowest), the pruned model computes what the original does: nothing else was cut, and every
+    count the forward reads (heads, head size, DeBERTa's relative-position projections) followed."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from workbench.architectures import attention_blocks, feed_forward_blocks
+    from workbench.techniques.heads import prune_transformer
+
+    cls, config, kwargs, kind = _FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(**kwargs)).eval()
+    blocks = attention_blocks(model)
+    assert blocks, f"{family}: no attention block recognised"
+    with torch.no_grad():
+        for b in blocks:
+            d, silent = b.head_dim, range(b.heads // 2)  # the first half of the heads (key/value groups: none)
+            rows = [i for h in silent for i in range(h * d, (h + 1) * d)]
+            for layer in (b.q, b.k, b.v, *(m for m, _ in b.alongside)):
+                layer.weight[rows] = 0
+                layer.bias[rows] = 0
+            b.o.weight[:, rows] = 0
+        for f in feed_forward_blocks(model):  # and half the feed-forward neurons, which it prunes too
+            rows = range(f.down.in_features // 2)
+            for up in f.ups:
+                up.weight[rows] = 0
+                up.bias[rows] = 0
+            f.down.weight[:, rows] = 0
+    x = torch.randint(3, 96, (2, 12)) if kind == "ids" else torch.randn(2, 3, 32, 32)
+    pruned = copy.deepcopy(model)
+    counts = prune_transformer(pruned, 0.5, "l1", set())
+    assert counts["heads"] == (sum(b.heads for b in blocks), sum(b.heads // 2 for b in blocks))
+    with torch.no_grad():
+        expected, got = model(x)[0], pruned(x)[0]
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class _EncoderWithPooledHead(nn.Module):
+    """Returns (hidden states, logits), as an encoder with a pooler does: the last prunable layer (the head) is
+    not the one that writes the first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.skip = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(8, 16)
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        hidden = self.norm(self.down(torch.relu(self.up(x))) + self.skip(x))
+        return hidden, self.head(hidden[:, 0])
+
+
+def test_structured_pruning_that_would_change_an_outputs_width_is_refused_in_one_line():
+    from workbench.errors import ModelError
+
+    torch.manual_seed(0)
+    data = wb.Data(val=[(torch.randn(4, 5, 8), None)], metric="fidelity")
+    with pytest.raises(ModelError, match=r"output shape from \(4, 5, 16\) to \(4, 5, \d+\).*Prune\(ignore=") as e:
+        wb.optimize(_EncoderWithPooledHead().eval(), "prune=0.5:structured=true", data=data, **FAST)
+    assert len(str(e.value).splitlines()) == 1
+    r = wb.optimize(_EncoderWithPooledHead().eval(), "prune=0.5:structured=true:ignore=norm", data=data, **FAST)
+    assert r.model(torch.randn(2, 5, 8))[0].shape == (2, 5, 16)

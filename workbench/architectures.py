@@ -35,8 +35,15 @@ ATTENTION = (
     ("query", "key", "value", "dense"),  # ALBERT
     ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # LLaMA, Mistral, Qwen, ViT, Swin
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP, OPT, BART, Whisper
+    ("q_proj", "k_proj", "v_proj", "dense"),  # Phi
+    ("self.query_proj", "self.key_proj", "self.value_proj", "output.dense"),  # DeBERTa-v2/v3
+    ("attention.query", "attention.key", "attention.value", "output.dense"),  # MobileViT
     ("c_attn", None, None, "c_proj"),  # GPT-2
 )
+# projections beside the query's and key's that produce per-head features the same way, cut with them (by name, in
+# the module that holds the query): DeBERTa's disentangled attention projects relative positions per head
+ALONGSIDE = {"pos_query_proj": "q", "pos_key_proj": "k"}
 # (up projections, down projection) inside a feed-forward module
 FEED_FORWARD = (
     (("intermediate.dense",), "output.dense"),  # BERT, RoBERTa (the layer)
@@ -61,6 +68,7 @@ class Attention:
     heads: int
     kv_heads: int
     head_dim: int
+    alongside: tuple = ()  # (projection, 'q' or 'k'): cut as the query's or the key's rows are (`ALONGSIDE`)
 
 
 @dataclass
@@ -68,6 +76,7 @@ class FeedForward:
     name: str
     ups: tuple
     down: object
+    between: tuple = ()  # depthwise convolutions over the hidden neurons (SegFormer's Mix-FFN), cut with them
 
 
 def _get(module, path: str):
@@ -115,11 +124,16 @@ def attention_blocks(model) -> list[Attention]:
             if heads % kv or (k is None and _out_features(layers[0]) != 3 * heads * size):
                 continue
             taken.add(id(layers[0]))
-            found.append(Attention(name, module, layers[0], layers[1], layers[2], layers[3], heads, kv, size))
+            alongside = tuple((m, like) for attr, like in ALONGSIDE.items()
+                              if _is_projection(m := getattr(owners[1], attr, None)))
+            found.append(Attention(name, module, layers[0], layers[1], layers[2], layers[3], heads, kv, size,
+                                   alongside))
     return found
 
 
 def feed_forward_blocks(model) -> list[FeedForward]:
+    from torch import nn
+
     found, taken = [], set()
     for name, module in model.named_modules():
         for ups, down in FEED_FORWARD:
@@ -133,7 +147,10 @@ def feed_forward_blocks(model) -> list[FeedForward]:
                 continue  # an FFN widens then narrows back to the hidden size (this also tells BERT's attention
                 # output from its FFN's, and a classifier's last two layers from an FFN)
             taken.add(id(d))
-            found.append(FeedForward(name, tuple(layers), d))
+            width = in_features(d)
+            between = tuple(m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
+                            and m.groups == m.in_channels == m.out_channels == width)
+            found.append(FeedForward(name, tuple(layers), d, between))
     return found
 
 

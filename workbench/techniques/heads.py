@@ -2,11 +2,13 @@
 projection's columns) and feed-forward neurons (the up/gate rows and the down projection's columns) are removed,
 so the model becomes a smaller dense model with its hidden size, and so its output, unchanged.
 
-The blocks are found by the names the common families give their layers (a table, below), which covers BERT,
-RoBERTa, ALBERT, DistilBERT, ViT, Swin, GPT-2 (fused `Conv1D` QKV) and LLaMA-style decoders with grouped-query
-attention, where a key/value head is removed together with the query heads that share it, so every group keeps
-its size. Attention forwards in transformers 5 reshape by head size (`view(..., -1, head_dim)`), so they follow
-the smaller projections; the counts the modules keep are updated too.
+The blocks are found by the names the common families give their layers (`architectures.ATTENTION` and
+`FEED_FORWARD`), which covers BERT, RoBERTa, ALBERT, DistilBERT, DeBERTa-v2 (its relative-position projections cut
+with the heads), ViT, Swin, CLIP, OPT, Phi, MobileViT, GPT-2 (fused `Conv1D` QKV) and LLaMA-style decoders with
+grouped-query attention, where a key/value head is removed together with the query heads that share it, so every
+group keeps its size; a depthwise convolution between an FFN's two layers (SegFormer's Mix-FFN) keeps the neurons'
+channels. Attention forwards in transformers 5 reshape by head size (`view(..., -1, head_dim)`) or read the counts
+the modules keep, which are updated too.
 """
 from __future__ import annotations
 
@@ -45,6 +47,20 @@ def _keep_in(layer, index):
         if layer.bias is not None:
             new.bias.copy_(layer.bias)
         return new.to(layer.weight.device, layer.weight.dtype)
+
+
+def _keep_channels(conv, index):
+    """A depthwise convolution (a filter per channel) with only channels `index` (a new module)."""
+    import torch
+
+    n = len(index)
+    new = type(conv)(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=n,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[index])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[index])
+    return new.to(conv.weight.device, conv.weight.dtype)
 
 
 def _replace(model, old, new) -> None:
@@ -112,6 +128,8 @@ def prune_heads(model, block: Attention, ratio: float, criterion: str) -> int:
         _replace(model, block.q, _keep_out(block.q, q_index))
         _replace(model, block.k, _keep_out(block.k, kv_index))
         _replace(model, block.v, _keep_out(block.v, kv_index))
+    for layer, like in block.alongside:
+        _replace(model, layer, _keep_out(layer, q_index if like == "q" else kv_index))
     _replace(model, block.o, _keep_in(block.o, q_index))
     heads = len(q_heads)
     m = block.module
@@ -149,6 +167,8 @@ def prune_neurons(model, block: FeedForward, ratio: float, criterion: str) -> in
     index = torch.sort(torch.argsort(score, descending=True)[:keep]).values
     for up in block.ups:
         _replace(model, up, _keep_out(up, index))
+    for conv in block.between:
+        _replace(model, conv, _keep_channels(conv, index))
     _replace(model, block.down, _keep_in(block.down, index))
     return keep
 
@@ -176,4 +196,4 @@ def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_r
         neurons_after += in_features(block.down) if left_alone(*block.ups, block.down) else \
             prune_neurons(model, block, ratio_of(block.ups[0]), criterion)
     return {"heads": (heads_before, heads_after), "neurons": (neurons_before, neurons_after),
-            "blocks": len(attention)}
+            "blocks": len(attention), "ffn": len(ffn)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..architectures import attention_blocks, head_layer, prunable_layers
+from ..architectures import attention_blocks, feed_forward_blocks, head_layer, prunable_layers
 from ..errors import ModelError, RecipeError
 from ..recipe import Step, option
 from ..registry import technique
@@ -243,7 +243,7 @@ def _check_supported(model, ignored: dict) -> None:
 
 def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Remove whole output channels / neurons / attention heads; the model becomes a smaller dense model."""
-    if attention_blocks(model):
+    if attention_blocks(model) or feed_forward_blocks(model):
         return _structured_transformer(model, step, ctx, layer_ratios)
     return _structured_graph(model, step, ctx, layer_ratios)
 
@@ -266,9 +266,12 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         model.zero_grad(set_to_none=True)
         _recover_between_rounds(model, ctx, i, len(ratios))
     kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
-    ctx.note(f"structured: attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups) and "
-             f"FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in {counts['blocks']} blocks, by "
-             f"{step.criterion} importance per block; hidden size and outputs kept{kept}")
+    heads = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups) and " \
+        if counts["blocks"] else "attention left whole (its layout is not one whose heads the pruner knows how " \
+                                 "to remove) and "
+    ctx.note(f"structured: {heads}FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in "
+             f"{max(counts['blocks'], counts['ffn'])} blocks, by {step.criterion} importance per block; hidden size "
+             f"and outputs kept{kept}")
     ctx.details["structured"] = {"heads": (before["heads"][0], counts["heads"][1]),
                                  "neurons": (before["neurons"][0], counts["neurons"][1])}
     return model
@@ -294,6 +297,7 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
         modules = dict(model.named_modules())
         ratio_dict = {modules[n]: r for n, r in layer_ratios.items() if n in modules}
     example = ctx.target.move(ctx.data.example_inputs)
+    expected = _output_shapes(model, example)
     try:
         pruner = tp.pruner.MetaPruner(
             model, example, importance=importance, pruning_ratio=step.sparsity, pruning_ratio_dict=ratio_dict,
@@ -311,10 +315,15 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
         pruner.step()
         model.zero_grad(set_to_none=True)
         try:
-            call_model(model.eval(), example)
+            shapes = _output_shapes(model, example)
         except Exception as e:
             raise ModelError(f"Prune(structured=True) left a model whose forward fails ({type(e).__name__}: {e}); "
                              "leave the layer it names out with Prune(ignore=...)") from e
+        if shapes != expected:
+            now, was = next((a, b) for a, b in zip(shapes + [None], expected) if a != b)
+            raise ModelError(f"Prune(structured=True) would change the model's output shape from {tuple(was)} to "
+                             f"{now and tuple(now)}: Torch-Pruning cut the width that its last layers write; leave "
+                             "them out with Prune(ignore=...) (in an encoder, its last norm), or use structured=False")
         _recover_between_rounds(model, ctx, i, len(ratios))
     heads = _resolve_ignored(model, step)[1]
     kept = [f"{n} (output head)" if n in heads else n for n in (names.get(id(m), "?") for m in ignored_modules[:3])]
@@ -322,6 +331,27 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
              f"({'global' if step.scope == 'global' and not layer_ratios else 'per layer'}); left alone: "
              f"{', '.join(kept) + (' ...' if len(ignored_modules) > 3 else '') or 'nothing'}")
     return model
+
+
+def _output_shapes(model, example) -> list:
+    """The shapes of the tensors in the model's output, in order (what structured pruning must keep)."""
+    import torch
+
+    shapes: list = []
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            shapes.append(value.shape)
+        elif isinstance(value, dict):  # Hugging Face's ModelOutput is one
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+
+    with torch.no_grad():
+        walk(call_model(model.eval(), example))
+    return shapes
 
 
 def preflight(steps: list, facts) -> list[str]:

@@ -24,6 +24,31 @@ def nodes_in_layers(onnx_bytes: bytes, layers: tuple) -> list[str]:
     return matched + [f"{n}_MatMul" for n in matched]  # ORT's quantizers rewrite Gemm as '<name>_MatMul' + Add
 
 
+def index_arithmetic(onnx_bytes: bytes) -> list[str]:
+    """The nodes that compute integers from floats: those upstream of each Cast to an integer type, back to where
+    the path starts from shapes, constants or a layer's output. T5's and MPNet's relative-position buckets take the
+    log of a distance in float, then cast it to a table index; quantized, the log of distance 0 (-inf) made every
+    scale NaN and the index the lowest int64 (ONNX Runtime then refused the Gather). Indices are not activations:
+    static int8 leaves these nodes in float."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    integer = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+    stop = {"Shape", "Size", "Constant", "MatMul", "Gemm", "Conv", "Gather", "LayerNormalization", "Softmax"}
+    found: dict = {}
+    stack = [n.input[0] for n in graph.node if n.op_type == "Cast"
+             and any(a.name == "to" and a.i in integer for a in n.attribute)]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.op_type in stop or node.name in found:
+            continue
+        found[node.name] = None
+        stack.extend(node.input)
+    return list(found)
+
+
 def layers_without_nodes(onnx_bytes: bytes, layers: tuple) -> list[str]:
     """The layers among `layers` that no node of the graph is named after (a fusion merged them away)."""
     return [layer for layer in layers if not nodes_in_layers(onnx_bytes, (layer,))]
@@ -86,7 +111,7 @@ def quantize_static(model: OrtModel, batches, per_channel: bool = True, reduce_r
         src, dst, _Calibration(model, batches), quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
         per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=method,
-        nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude),
+        nodes_to_exclude=nodes_in_layers(model.onnx_bytes, exclude) + index_arithmetic(model.onnx_bytes),
         extra_options={**UNTYPED_AS_FLOAT, **({"CalibMaxIntermediateOutputs": 64} if calibration != "minmax"
                                               else {})}))
 
