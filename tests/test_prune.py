@@ -320,8 +320,45 @@ def test_structured_pruning_that_would_change_an_outputs_width_is_refused_in_one
 
     torch.manual_seed(0)
     data = wb.Data(val=[(torch.randn(4, 5, 8), None)], metric="fidelity")
-    with pytest.raises(ModelError, match=r"output shape from \(4, 5, 16\) to \(4, 5, \d+\).*Prune\(ignore=") as e:
+    with pytest.raises(ModelError, match=r"Torch-Pruning, the model.s output shape would change from \(4, 5, 16\) to \(4, 5, \d+\).*Prune\(ignore=") as e:
         wb.optimize(_EncoderWithPooledHead().eval(), "prune=0.5:structured=true", data=data, **FAST)
     assert len(str(e.value).splitlines()) == 1
     r = wb.optimize(_EncoderWithPooledHead().eval(), "prune=0.5:structured=true:ignore=norm", data=data, **FAST)
     assert r.model(torch.randn(2, 5, 8))[0].shape == (2, 5, 16)
+
+
+def test_an_attention_that_rebuilds_its_output_at_its_own_width_is_refused_in_one_line():
+    """XGLM's attention matches the q/k/v/out_proj layout but reshapes its output to `embed_dim`: the forward
+    after head pruning fails, and the step says so in one line with the way out (not a generic failure later)."""
+    transformers = pytest.importorskip("transformers")
+    from workbench.errors import ModelError
+
+    torch.manual_seed(0)
+    model = transformers.XGLMForCausalLM(transformers.XGLMConfig(
+        vocab_size=96, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=64)).eval()
+    data = wb.Data(val=[(torch.randint(3, 96, (4, 12)), None)], metric="fidelity")
+    with pytest.raises(ModelError, match="XGLMAttention.*forward fails.*structured=False") as e:
+        wb.optimize(model, "prune=0.5:structured=true", data=data, **FAST)
+    assert len(str(e.value).splitlines()) == 1
+
+
+class _ResidualMLP(nn.Module):
+    """No attention, but a block with fc1/fc2 children as a transformer's FFN has."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 128), nn.Linear(128, 32)
+        self.mid, self.head = nn.Linear(32, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(torch.relu(self.mid(h)))
+
+
+def test_a_model_without_attention_prunes_through_the_dependency_graph_even_with_an_ffn_shaped_block():
+    torch.manual_seed(0)
+    data = wb.Data(val=[(torch.randn(8, 16), None)], metric="fidelity")
+    r = wb.optimize(_ResidualMLP().eval(), "prune=0.5:structured=true", data=data, **FAST)
+    assert r.model.stem.out_features < 32 and r.model.mid.out_features < 64  # not the FFN's neurons alone
+    assert any("channels/neurons" in n for n in r.notes)

@@ -98,3 +98,19 @@ def test_a_row_runs_each_recipe_once_and_the_export_column_checks_int8s_result(m
     assert [c.status for c in cells] == ["works"] * 3
     assert ran == ["quant=int8", "quant=fp16"]
     assert cells[0].fidelity == cells[1].fidelity
+
+
+def test_a_refused_recipe_is_tried_once_per_row_and_each_of_its_cells_says_why(monkeypatch):
+    from workbench import engine, support
+    from workbench.errors import RecipeError
+
+    ran = []
+
+    def refuse(self, recipe, *a, **k):
+        ran.append(recipe)
+        raise RecipeError(f"{recipe}: not here")
+
+    monkeypatch.setattr(engine.Baseline, "run", refuse)
+    cells = support._row("mlp", ["int8", "export"])
+    assert ran == ["quant=int8"]
+    assert [(c.status, c.reason) for c in cells] == [("refused", "quant=int8: not here")] * 2

@@ -35,7 +35,7 @@ ATTENTION = (
     ("query", "key", "value", "dense"),  # ALBERT
     ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # LLaMA, Mistral, Qwen, ViT, Swin
-    ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP, OPT, BART, Whisper
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # CLIP, SigLIP, OPT, BART
     ("q_proj", "k_proj", "v_proj", "dense"),  # Phi
     ("self.query_proj", "self.key_proj", "self.value_proj", "output.dense"),  # DeBERTa-v2/v3
     ("attention.query", "attention.key", "attention.value", "output.dense"),  # MobileViT
@@ -121,7 +121,9 @@ def attention_blocks(model) -> list[Attention]:
             if not heads or not size:
                 continue
             kv = heads if k is None else _out_features(layers[1]) // size
-            if heads % kv or (k is None and _out_features(layers[0]) != 3 * heads * size):
+            if heads % kv or (k is None and _out_features(layers[0]) != 3 * heads * size) \
+                    or (k is not None and _out_features(layers[0]) != heads * size) \
+                    or in_features(layers[3]) != heads * size:  # e.g. an FFN's `output.dense` beside an attention
                 continue
             taken.add(id(layers[0]))
             alongside = tuple((m, like) for attr, like in ALONGSIDE.items()
@@ -147,9 +149,11 @@ def feed_forward_blocks(model) -> list[FeedForward]:
                 continue  # an FFN widens then narrows back to the hidden size (this also tells BERT's attention
                 # output from its FFN's, and a classifier's last two layers from an FFN)
             taken.add(id(d))
-            width = in_features(d)
+            width = in_features(d)  # where the layers are the module's own children, a depthwise convolution among
+            # them runs on the hidden neurons (SegFormer's Mix-FFN: fc1, dwconv, fc2)
             between = tuple(m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
-                            and m.groups == m.in_channels == m.out_channels == width)
+                            and m.groups == m.in_channels == m.out_channels == width) \
+                if "." not in down and not any("." in u for u in ups) else ()
             found.append(FeedForward(name, tuple(layers), d, between))
     return found
 

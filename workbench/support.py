@@ -442,8 +442,8 @@ def run_cell(architecture: str, technique: str, measured=None, runs: dict | None
               f"{first_line(e)}"[:200]
     if why:
         return Cell(architecture, technique, "fails", result.measurement.metric, why)
-    return Cell(architecture, technique, "works", result.measurement.metric,
-                pickle=bool(result.details.get("saved_as_pickle")))
+    return Cell(architecture, technique, "works", result.measurement.metric,  # (an export is its own file)
+                pickle=technique != "export" and bool(result.details.get("saved_as_pickle")))
 
 
 def matrix(architectures=None, techniques=None, progress: Callable | None = None, workers: int = 1) -> list[Cell]:

@@ -7,8 +7,9 @@ The blocks are found by the names the common families give their layers (`archit
 with the heads), ViT, Swin, CLIP, OPT, Phi, MobileViT, GPT-2 (fused `Conv1D` QKV) and LLaMA-style decoders with
 grouped-query attention, where a key/value head is removed together with the query heads that share it, so every
 group keeps its size; a depthwise convolution between an FFN's two layers (SegFormer's Mix-FFN) keeps the neurons'
-channels. Attention forwards in transformers 5 reshape by head size (`view(..., -1, head_dim)`) or read the counts
-the modules keep, which are updated too.
+channels. Attention forwards in transformers 5 mostly reshape by head size (`view(..., -1, head_dim)`) or read the
+head counts the modules keep, which are updated too; some rebuild the output at `embed_dim`, which is not: their
+forward then fails after pruning, and `prune.structured` refuses the step in one line.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def _keep_channels(conv, index):
     import torch
 
     n = len(index)
-    new = type(conv)(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=n,
-                     bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    cls = torch.nn.Conv2d if isinstance(conv, torch.nn.Conv2d) else torch.nn.Conv1d
+    new = cls(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=n,
+              bias=conv.bias is not None, padding_mode=conv.padding_mode)
     with torch.no_grad():
         new.weight.copy_(conv.weight[index])
         if conv.bias is not None:
@@ -193,7 +195,7 @@ def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_r
         heads_after += block.heads if left_alone(block.q, block.k, block.v, block.o) else \
             prune_heads(model, block, ratio_of(block.q), criterion)
     for block in ffn:
-        neurons_after += in_features(block.down) if left_alone(*block.ups, block.down) else \
+        neurons_after += in_features(block.down) if left_alone(*block.ups, *block.between, block.down) else \
             prune_neurons(model, block, ratio_of(block.ups[0]), criterion)
     return {"heads": (heads_before, heads_after), "neurons": (neurons_before, neurons_after),
             "blocks": len(attention), "ffn": len(ffn)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..architectures import attention_blocks, feed_forward_blocks, head_layer, prunable_layers
-from ..errors import ModelError, RecipeError
+from ..errors import ModelError, RecipeError, first_line
 from ..recipe import Step, option
 from ..registry import technique
 from ..tensors import call_model
@@ -243,7 +243,8 @@ def _check_supported(model, ignored: dict) -> None:
 
 def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Remove whole output channels / neurons / attention heads; the model becomes a smaller dense model."""
-    if attention_blocks(model) or feed_forward_blocks(model):
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)  # a Hugging Face transformer's
+    if attention_blocks(model) or (heads and feed_forward_blocks(model)):  # (whose attention may be one not known)
         return _structured_transformer(model, step, ctx, layer_ratios)
     return _structured_graph(model, step, ctx, layer_ratios)
 
@@ -254,6 +255,9 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
 
     ignored, _ = _resolve_ignored(model, step)
     ratios = step.ratios()
+    example = ctx.target.move(ctx.data.example_inputs)
+    expected = _output_shapes(model, example)
+    kinds = sorted({type(b.module).__name__ for b in attention_blocks(model)})
     before = previous = None
     for i, target in enumerate(ratios):
         ctx.progress(f"pruning round {i + 1}/{len(ratios)}: {target:.0%} of heads and FFN neurons", None)
@@ -264,6 +268,9 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         before = before or counts
         previous = target
         model.zero_grad(set_to_none=True)
+        _check_outputs(model, example, expected, f"removing attention heads from {', '.join(kinds)} and FFN neurons",
+                       "this attention rebuilds its output at a width of its own; leave its layers out with "
+                       "Prune(ignore=...), or use structured=False")
         _recover_between_rounds(model, ctx, i, len(ratios))
     kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
     heads = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups) and " \
@@ -314,16 +321,10 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
             _taylor_grads(model, ctx)
         pruner.step()
         model.zero_grad(set_to_none=True)
-        try:
-            shapes = _output_shapes(model, example)
-        except Exception as e:
-            raise ModelError(f"Prune(structured=True) left a model whose forward fails ({type(e).__name__}: {e}); "
-                             "leave the layer it names out with Prune(ignore=...)") from e
-        if shapes != expected:
-            now, was = next((a, b) for a, b in zip(shapes + [None], expected) if a != b)
-            raise ModelError(f"Prune(structured=True) would change the model's output shape from {tuple(was)} to "
-                             f"{now and tuple(now)}: Torch-Pruning cut the width that its last layers write; leave "
-                             "them out with Prune(ignore=...) (in an encoder, its last norm), or use structured=False")
+        _check_outputs(model, example, expected, "Torch-Pruning",
+                       "leave the layer it names out with Prune(ignore=...)",
+                       "it cut the width that the last layers write; leave them out with Prune(ignore=...) (in an "
+                       "encoder, its last norm), or use structured=False")
         _recover_between_rounds(model, ctx, i, len(ratios))
     heads = _resolve_ignored(model, step)[1]
     kept = [f"{n} (output head)" if n in heads else n for n in (names.get(id(m), "?") for m in ignored_modules[:3])]
@@ -331,6 +332,21 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
              f"({'global' if step.scope == 'global' and not layer_ratios else 'per layer'}); left alone: "
              f"{', '.join(kept) + (' ...' if len(ignored_modules) > 3 else '') or 'nothing'}")
     return model
+
+
+def _check_outputs(model, example, expected: list, what: str, broken: str, reshaped: str | None = None) -> None:
+    """Refuse in one line a pruned model whose forward fails (`broken`: the way out) or whose outputs changed shape
+    (`reshaped`: the way out; default `broken`)."""
+    try:
+        shapes = _output_shapes(model, example)
+    except Exception as e:
+        raise ModelError(f"Prune(structured=True): after {what}, the forward fails ({first_line(e, named=True)}); "
+                         f"{broken}") from e
+    if shapes != expected:
+        i = next((i for i, (a, b) in enumerate(zip(shapes, expected)) if a != b), min(len(shapes), len(expected)))
+        was, now = (tuple(s[i]) if i < len(s) else "nothing" for s in (expected, shapes))
+        raise ModelError(f"Prune(structured=True): after {what}, the model's output shape would change from {was} "
+                         f"to {now}; {reshaped or broken}")
 
 
 def _output_shapes(model, example) -> list:

@@ -25,24 +25,28 @@ def nodes_in_layers(onnx_bytes: bytes, layers: tuple) -> list[str]:
 
 
 def index_arithmetic(onnx_bytes: bytes) -> list[str]:
-    """The nodes that compute integers from floats: those upstream of each Cast to an integer type, back to where
-    the path starts from shapes, constants or a layer's output. T5's and MPNet's relative-position buckets take the
-    log of a distance in float, then cast it to a table index; quantized, the log of distance 0 (-inf) made every
-    scale NaN and the index the lowest int64 (ONNX Runtime then refused the Gather). Indices are not activations:
-    static int8 leaves these nodes in float."""
+    """The nodes that compute integer indices in float from shapes and constants alone: upstream of a Cast to an
+    integer type, and fed by nothing but shapes, constants and weights. T5's and MPNet's relative-position buckets
+    take the log of a distance in float, then cast it to a table index; quantized, the log of distance 0 (-inf) made
+    every scale NaN and the index the lowest int64 (ONNX Runtime then refused the Gather). Indices are not
+    activations: static int8 leaves these nodes in float (and no node that reads the model's inputs)."""
     import onnx
 
     graph = onnx.load_from_string(onnx_bytes).graph
-    producer = {out: node for node in graph.node for out in node.output}
     integer = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
                onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
-    stop = {"Shape", "Size", "Constant", "MatMul", "Gemm", "Conv", "Gather", "LayerNormalization", "Softmax"}
+    fixed = {i.name for i in graph.initializer}  # values known without the inputs: weights, constants, shapes
+    for node in graph.node:  # in topological order
+        if node.op_type in ("Shape", "Size", "Constant") or all(x in fixed for x in node.input if x):
+            fixed.update(node.output)
+    producer = {out: node for node in graph.node for out in node.output}
     found: dict = {}
     stack = [n.input[0] for n in graph.node if n.op_type == "Cast"
              and any(a.name == "to" and a.i in integer for a in n.attribute)]
     while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.op_type in stop or node.name in found:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or name not in fixed or node.op_type in ("Shape", "Size", "Constant") or node.name in found:
             continue
         found[node.name] = None
         stack.extend(node.input)
