@@ -214,7 +214,8 @@ def load(name: str):
             m.reset_parameters()
             m.momentum = None  # a cumulative average over the batches
         with torch.no_grad():
-            model.train()
+            for m in norms:  # the norms alone in training mode: dropout and stochastic depth (EfficientNet's) would
+                m.train()  # make the statistics depend on the random state the process is in
             for inputs, _ in train:
                 model(inputs)
             model.eval()
