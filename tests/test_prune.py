@@ -362,3 +362,21 @@ def test_a_model_without_attention_prunes_through_the_dependency_graph_even_with
     r = wb.optimize(_ResidualMLP().eval(), "prune=0.5:structured=true", data=data, **FAST)
     assert r.model.stem.out_features < 32 and r.model.mid.out_features < 64  # not the FFN's neurons alone
     assert any("channels/neurons" in n for n in r.notes)
+
+
+@pytest.mark.slow
+def test_per_channel_parameters_of_any_rank_are_cut_with_their_channels():
+    """ConvNeXt-V2's GRN keeps [1, 1, 1, C] weights, which Torch-Pruning cuts with the channels they scale (it was
+    refused as a layer type it cannot prune); a 1-element parameter is no reason to refuse either."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    model = transformers.ConvNextV2Model(transformers.ConvNextV2Config(
+        num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1])).eval()
+    model.register_parameter("temperature", nn.Parameter(torch.ones(1)))
+    data = wb.Data(val=[(torch.randn(4, 3, 32, 32), None)], metric="fidelity")
+    r = wb.optimize(model, "prune=0.5:structured=true", data=data, **FAST)
+    layer = r.model.encoder.stages[0].layers[0]
+    assert layer.pwconv1.out_features < 64
+    assert layer.grn.weight.shape == layer.grn.bias.shape == (1, 1, 1, layer.pwconv1.out_features)
+    assert r.model(torch.randn(2, 3, 40, 40)).last_hidden_state.shape[1] == 32  # the output's width kept

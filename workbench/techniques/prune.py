@@ -222,6 +222,13 @@ def _supported() -> tuple:
             nn.Embedding, nn.PReLU, nn.MultiheadAttention)
 
 
+def _channel_axis(p):
+    """The axis of a per-channel parameter (a vector: ConvNeXt's layer scale [C]; or one axis longer than 1:
+    ConvNeXt-V2's GRN [1, 1, 1, C]), which Torch-Pruning cuts with its channels; None for other shapes."""
+    axes = [i for i, n in enumerate(p.shape) if n != 1]
+    return 0 if p.dim() == 1 else axes[0] if len(axes) == 1 else None
+
+
 def _check_supported(model, ignored: dict) -> None:
     from torch import nn
 
@@ -234,7 +241,7 @@ def _check_supported(model, ignored: dict) -> None:
                               "cannot shrink consistently; use Prune(structured=False) or quant=int8-dynamic "
                               "(torch.ao quantizes LSTM and GRU layers)")
         if own and not isinstance(m, supported) and type(m).__name__ != "CastInputs" and not left_out \
-                and not all(p.dim() == 1 for p in own):  # per-channel vectors (layer scales) follow their channels
+                and not all(p.numel() == 1 or _channel_axis(p) is not None for p in own):  # (per-channel: cut too)
             raise RecipeError(
                 f"Prune(structured=True): layer {name!r} ({type(m).__name__}) has its own weights and is a type "
                 f"Torch-Pruning cannot prune consistently; leave it out with Prune(..., ignore=({name!r},)) "
@@ -293,8 +300,8 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
     _check_supported(model, ignored)
     ignored_modules = list(ignored.values())
     supported = _supported()
-    unwrapped = [(p, 0) for m in model.modules() if not isinstance(m, supported)
-                 for p in m.parameters(recurse=False) if p.dim() == 1]  # e.g. ConvNeXt's layer scale
+    unwrapped = [(p, _channel_axis(p)) for m in model.modules() if not isinstance(m, supported)
+                 for p in m.parameters(recurse=False) if _channel_axis(p) is not None]  # e.g. ConvNeXt's layer scale
     importance = {"l1": tp.importance.MagnitudeImportance(p=1), "l2": tp.importance.MagnitudeImportance(p=2),
                   "taylor": tp.importance.TaylorImportance()}[step.criterion]
     ratios = step.ratios()
