@@ -367,16 +367,60 @@ def test_a_model_without_attention_prunes_through_the_dependency_graph_even_with
 @pytest.mark.slow
 def test_per_channel_parameters_of_any_rank_are_cut_with_their_channels():
     """ConvNeXt-V2's GRN keeps [1, 1, 1, C] weights, which Torch-Pruning cuts with the channels they scale (it was
-    refused as a layer type it cannot prune); a 1-element parameter is no reason to refuse either."""
+    refused as a layer type it cannot prune)."""
     transformers = pytest.importorskip("transformers")
 
     torch.manual_seed(0)
     model = transformers.ConvNextV2Model(transformers.ConvNextV2Config(
         num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1])).eval()
-    model.register_parameter("temperature", nn.Parameter(torch.ones(1)))
     data = wb.Data(val=[(torch.randn(4, 3, 32, 32), None)], metric="fidelity")
     r = wb.optimize(model, "prune=0.5:structured=true", data=data, **FAST)
     layer = r.model.encoder.stages[0].layers[0]
     assert layer.pwconv1.out_features < 64
     assert layer.grn.weight.shape == layer.grn.bias.shape == (1, 1, 1, layer.pwconv1.out_features)
     assert r.model(torch.randn(2, 3, 40, 40)).last_hidden_state.shape[1] == 32  # the output's width kept
+
+
+class _Gated(nn.Module):
+    """A one-element learned gate (ReZero's) scaling a layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(16, 32), nn.Parameter(torch.ones(1)), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.down(torch.relu(self.up(x)) * self.gate)))
+
+
+def test_a_one_element_gate_does_not_keep_the_channels_it_scales():
+    torch.manual_seed(0)
+    data = wb.Data(val=[(torch.randn(8, 16), None)], metric="fidelity")
+    r = wb.optimize(_Gated().eval(), "prune=0.5:structured=true", data=data, **FAST)
+    assert r.model.up.out_features < 32 and r.model.gate.shape == (1,)
+
+
+def test_a_wrapped_transformer_and_one_returning_attention_maps_prune_by_heads_and_neurons():
+    """The user's wrapper around a Hugging Face encoder whose attention the pruner does not know (MPNet, pooled as
+    sentence-transformers does) takes the FFN-only route; attention maps in the outputs change with the heads and
+    are no reason to refuse."""
+    transformers = pytest.importorskip("transformers")
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = transformers.MPNetModel(transformers.MPNetConfig(
+                vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids=input_ids).last_hidden_state.mean(1)
+
+    torch.manual_seed(0)
+    data = wb.Data(val=[(torch.randint(3, 96, (4, 12)), None)], metric="fidelity")
+    r = wb.optimize(Pooled().eval(), "prune=0.5:structured=true", data=data, **FAST)
+    assert "attention left whole" in r.notes[0] and "FFN neurons 128 -> 64" in r.notes[0]
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        output_attentions=True, attn_implementation="eager")).eval()
+    r = wb.optimize(bert, "prune=0.5:structured=true", data=data, **FAST)
+    assert "attention heads 8 -> 4" in r.notes[0]

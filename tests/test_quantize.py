@@ -100,3 +100,30 @@ def test_minilm_int8_dynamic_per_channel_keeps_fidelity(minilm):
     assert r.backend == "onnxruntime-int8-dynamic"
     assert r.measurement.metric >= 0.98
     assert r.measurement.size_bytes < 0.3 * r.baseline.size_bytes
+
+
+def test_index_arithmetic_is_what_computes_an_index_in_float_from_shapes_alone():
+    """Static int8 leaves in float the float steps that turn a shape into a table index (T5's and MPNet's
+    relative-position buckets), and nothing that reads an input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from workbench.backends.onnxruntime.quantize import index_arithmetic
+
+    import numpy as np
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Cast", ["shape"], ["shape_f"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Log", ["shape_f"], ["log"], name="log"),
+             helper.make_node("Mul", ["log", "scale"], ["scaled"], name="scale_it"),
+             helper.make_node("Cast", ["scaled"], ["index"], name="to_index", to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "index"], ["row"], name="lookup"),
+             helper.make_node("Mul", ["x", "scale"], ["xs"], name="reads_input"),
+             helper.make_node("Cast", ["xs"], ["xi"], name="input_to_int", to=TensorProto.INT64)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("row", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("xi", TensorProto.INT64, None)],
+        initializer=[numpy_helper.from_array(np.array(2.0, dtype=np.float32), "scale"),
+                     numpy_helper.from_array(np.zeros((8, 4), dtype=np.float32), "table")])
+    found = index_arithmetic(helper.make_model(graph).SerializeToString())
+    assert sorted(found) == ["log", "scale_it", "to_float"]

@@ -223,10 +223,11 @@ def _supported() -> tuple:
 
 
 def _channel_axis(p):
-    """The axis of a per-channel parameter (a vector: ConvNeXt's layer scale [C]; or one axis longer than 1:
-    ConvNeXt-V2's GRN [1, 1, 1, C]), which Torch-Pruning cuts with its channels; None for other shapes."""
+    """The axis of a per-channel parameter (its one axis longer than 1: ConvNeXt's layer scale [C], ConvNeXt-V2's
+    GRN [1, 1, 1, C]), which Torch-Pruning cuts with its channels; None for other shapes. A one-element gate is not
+    per-channel: coupled to the channels it scales, it would keep them all (Torch-Pruning passes over it)."""
     axes = [i for i, n in enumerate(p.shape) if n != 1]
-    return 0 if p.dim() == 1 else axes[0] if len(axes) == 1 else None
+    return axes[0] if len(axes) == 1 else None
 
 
 def _check_supported(model, ignored: dict) -> None:
@@ -250,8 +251,9 @@ def _check_supported(model, ignored: dict) -> None:
 
 def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Remove whole output channels / neurons / attention heads; the model becomes a smaller dense model."""
-    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)  # a Hugging Face transformer's
-    if attention_blocks(model) or (heads and feed_forward_blocks(model)):  # (whose attention may be one not known)
+    transformer = any(getattr(getattr(m, "config", None), "num_attention_heads", None)  # a Hugging Face one,
+                      for m in model.modules())  # perhaps inside the user's wrapper, whose attention may be unknown
+    if attention_blocks(model) or (transformer and feed_forward_blocks(model)):
         return _structured_transformer(model, step, ctx, layer_ratios)
     return _structured_graph(model, step, ctx, layer_ratios)
 
@@ -275,16 +277,19 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         before = before or counts
         previous = target
         model.zero_grad(set_to_none=True)
-        _check_outputs(model, example, expected, f"removing attention heads from {', '.join(kinds)} and FFN neurons",
-                       "this attention rebuilds its output at a width of its own; leave its layers out with "
-                       "Prune(ignore=...), or use structured=False")
+        cut_heads = counts["heads"][0] != counts["heads"][1]
+        _check_outputs(model, example, expected,
+                       f"removing attention heads from {', '.join(kinds)} and FFN neurons" if cut_heads else
+                       "removing FFN neurons",
+                       ("if the attention rebuilds its output at a width of its own, " if cut_heads else "") +
+                       "leave its layers out with Prune(ignore=...), or use structured=False")
         _recover_between_rounds(model, ctx, i, len(ratios))
     kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
     heads = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups) and " \
         if counts["blocks"] else "attention left whole (its layout is not one whose heads the pruner knows how " \
                                  "to remove) and "
     ctx.note(f"structured: {heads}FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in "
-             f"{max(counts['blocks'], counts['ffn'])} blocks, by {step.criterion} importance per block; hidden size "
+             f"{counts['ffn'] or counts['blocks']} blocks, by {step.criterion} importance per block; hidden size "
              f"and outputs kept{kept}")
     ctx.details["structured"] = {"heads": (before["heads"][0], counts["heads"][1]),
                                  "neurons": (before["neurons"][0], counts["neurons"][1])}
@@ -294,6 +299,8 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
 def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
     """Other models (conv nets, MLPs, torch's own attention): Torch-Pruning's dependency graph keeps coupled layers
     (residual additions, norms, concatenations) consistent; the output layer keeps its width."""
+    import warnings
+
     import torch_pruning as tp
 
     ignored, _ = _resolve_ignored(model, step)
@@ -313,12 +320,14 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
     example = ctx.target.move(ctx.data.example_inputs)
     expected = _output_shapes(model, example)
     try:
-        pruner = tp.pruner.MetaPruner(
-            model, example, importance=importance, pruning_ratio=step.sparsity, pruning_ratio_dict=ratio_dict,
-            global_pruning=step.scope == "global" and not layer_ratios, ignored_layers=ignored_modules,
-            iterative_steps=len(ratios), iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + [
-                r / step.sparsity * ratio if step.sparsity else 0.0 for r in ratios],
-            max_pruning_ratio=MAX_LAYER_RATIO, unwrapped_parameters=unwrapped or None)
+        with warnings.catch_warnings():  # what it says of one-element gates, which it rightly passes over
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=importance, pruning_ratio=step.sparsity, pruning_ratio_dict=ratio_dict,
+                global_pruning=step.scope == "global" and not layer_ratios, ignored_layers=ignored_modules,
+                iterative_steps=len(ratios), iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + [
+                    r / step.sparsity * ratio if step.sparsity else 0.0 for r in ratios],
+                max_pruning_ratio=MAX_LAYER_RATIO, unwrapped_parameters=unwrapped or None)
     except Exception as e:
         raise ModelError(f"Prune(structured=True): Torch-Pruning could not trace the model's dependency graph "
                          f"({type(e).__name__}: {e}); ignore the layer it names with Prune(ignore=...)") from e
@@ -356,8 +365,12 @@ def _check_outputs(model, example, expected: list, what: str, broken: str, resha
                          f"to {now}; {reshaped or broken}")
 
 
+PER_HEAD = ("attentions", "cross_attentions", "encoder_attentions", "decoder_attentions", "past_key_values")
+
+
 def _output_shapes(model, example) -> list:
-    """The shapes of the tensors in the model's output, in order (what structured pruning must keep)."""
+    """The shapes of the tensors in the model's output, in order (what structured pruning must keep): not those
+    whose shape follows the head count (attention maps, a key/value cache returned as tensors)."""
     import torch
 
     shapes: list = []
@@ -366,8 +379,9 @@ def _output_shapes(model, example) -> list:
         if isinstance(value, torch.Tensor):
             shapes.append(value.shape)
         elif isinstance(value, dict):  # Hugging Face's ModelOutput is one
-            for v in value.values():
-                walk(v)
+            for k, v in value.items():
+                if not (k in PER_HEAD or str(k).startswith("present")):
+                    walk(v)
         elif isinstance(value, (tuple, list)):
             for v in value:
                 walk(v)

@@ -40,15 +40,18 @@ def index_arithmetic(onnx_bytes: bytes) -> list[str]:
         if node.op_type in ("Shape", "Size", "Constant") or all(x in fixed for x in node.input if x):
             fixed.update(node.output)
     producer = {out: node for node in graph.node for out in node.output}
-    found: dict = {}
+    found: dict = {}  # node names, in the order found
+    seen: set = set()
     stack = [n.input[0] for n in graph.node if n.op_type == "Cast"
              and any(a.name == "to" and a.i in integer for a in n.attribute)]
     while stack:
         name = stack.pop()
         node = producer.get(name)
-        if node is None or name not in fixed or node.op_type in ("Shape", "Size", "Constant") or node.name in found:
+        if node is None or name not in fixed or node.op_type in ("Shape", "Size", "Constant") or name in seen:
             continue
-        found[node.name] = None
+        seen.update(node.output)
+        if node.name:  # (an unnamed node cannot be excluded by name)
+            found[node.name] = None
         stack.extend(node.input)
     return list(found)
 
