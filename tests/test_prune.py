@@ -400,6 +400,7 @@ def test_a_one_element_gate_does_not_keep_the_channels_it_scales():
     assert r.model.up.out_features < 32 and r.model.gate.shape == (1,)
 
 
+@pytest.mark.slow
 def test_a_wrapped_transformer_and_one_returning_attention_maps_prune_by_heads_and_neurons():
     """The user's wrapper around a Hugging Face encoder whose attention the pruner does not know (MPNet, pooled as
     sentence-transformers does) takes the FFN-only route; attention maps in the outputs change with the heads and

@@ -149,8 +149,8 @@ def feed_forward_blocks(model) -> list[FeedForward]:
                 continue  # an FFN widens then narrows back to the hidden size (this also tells BERT's attention
                 # output from its FFN's, and a classifier's last two layers from an FFN)
             taken.add(id(d))
-            width = in_features(d)  # where the layers are the module's own children, a depthwise convolution among
-            # them runs on the hidden neurons (SegFormer's Mix-FFN: fc1, dwconv, fc2)
+            width = in_features(d)  # where the layers are the module's own children, a depthwise convolution inside
+            # it runs on the hidden neurons (SegFormer's Mix-FFN: fc1, dwconv.dwconv, fc2)
             between = tuple(m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
                             and m.groups == m.in_channels == m.out_channels == width) \
                 if "." not in down and not any("." in u for u in ups) else ()
