@@ -307,8 +307,8 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
     _check_supported(model, ignored)
     ignored_modules = list(ignored.values())
     supported = _supported()
-    unwrapped = [(p, _channel_axis(p)) for m in model.modules() if not isinstance(m, supported)
-                 for p in m.parameters(recurse=False) if _channel_axis(p) is not None]  # e.g. ConvNeXt's layer scale
+    unwrapped = [(p, axis) for m in model.modules() if not isinstance(m, supported)  # e.g. ConvNeXt's layer scale
+                 for p in m.parameters(recurse=False) if (axis := _channel_axis(p)) is not None]
     importance = {"l1": tp.importance.MagnitudeImportance(p=1), "l2": tp.importance.MagnitudeImportance(p=2),
                   "taylor": tp.importance.TaylorImportance()}[step.criterion]
     ratios = step.ratios()

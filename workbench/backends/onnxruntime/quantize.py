@@ -24,6 +24,9 @@ def nodes_in_layers(onnx_bytes: bytes, layers: tuple) -> list[str]:
     return matched + [f"{n}_MatMul" for n in matched]  # ORT's quantizers rewrite Gemm as '<name>_MatMul' + Add
 
 
+SOURCES = ("Shape", "Size", "Constant")  # ops whose outputs are known without the inputs' values
+
+
 def index_arithmetic(onnx_bytes: bytes) -> list[str]:
     """The nodes that compute integer indices in float from shapes and constants alone: upstream of a Cast to an
     integer type, and fed by nothing but shapes, constants and weights. T5's and MPNet's relative-position buckets
@@ -37,7 +40,7 @@ def index_arithmetic(onnx_bytes: bytes) -> list[str]:
                onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
     fixed = {i.name for i in graph.initializer}  # values known without the inputs: weights, constants, shapes
     for node in graph.node:  # in topological order
-        if node.op_type in ("Shape", "Size", "Constant") or all(x in fixed for x in node.input if x):
+        if node.op_type in SOURCES or all(x in fixed for x in node.input if x):
             fixed.update(node.output)
     producer = {out: node for node in graph.node for out in node.output}
     found: dict = {}  # node names, in the order found
@@ -47,7 +50,7 @@ def index_arithmetic(onnx_bytes: bytes) -> list[str]:
     while stack:
         name = stack.pop()
         node = producer.get(name)
-        if node is None or name not in fixed or node.op_type in ("Shape", "Size", "Constant") or name in seen:
+        if node is None or name not in fixed or node.op_type in SOURCES or name in seen:
             continue
         seen.update(node.output)
         if node.name:  # (an unnamed node cannot be excluded by name)
