@@ -48,14 +48,77 @@ def values_of(example_inputs: Any) -> list:
 
 
 def layout_of(model, example_inputs: Any) -> dict:
-    """The contract of `model` called on `example_inputs` (run once, without gradients)."""
+    """The contract of `model` called on `example_inputs` (run once, without gradients), with each input's sequence
+    axis (`sequence_axes`)."""
     import torch
 
     kind, names = input_layout(example_inputs)
     with torch.inference_mode():
         outputs, spec = flatten_output(call_model(model, example_inputs))
     return {"input_kind": kind, "input_names": names, "call_names": positional_names(model, kind, names),
-            "outputs": spec, "output_ranks": [t.dim() for t in outputs]}
+            "outputs": spec, "output_ranks": [t.dim() for t in outputs],
+            "sequence_axes": sequence_axes(model, example_inputs)}
+
+
+def sequence_axes(model, example_inputs: Any) -> list:
+    """For each input (the layout's order), the axis that is free to vary between calls, or None: axis 1 of token
+    ids and masks (2-D integers); for float inputs, the axis at which the model takes another length, tried in
+    one forward each: a waveform's samples ([rows, samples]: a 2-D float, like a table's features, which cannot
+    vary), a sequence of vectors' steps ([rows, steps, features]) or a 1-D convolution's ([rows, channels, steps]).
+    Inputs whose axis 1 has the tried axis's size grow with it (an attention mask beside a waveform)."""
+    import torch
+
+    values = values_of(example_inputs)
+    axes = [1 if _tokens(v) else None for v in values]
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() not in (2, 3):
+            continue
+        for axis in range(1, v.dim()):
+            size = v.shape[axis]
+            grown = [_grow(w, axis) if j == i else _grow(w, 1) if axes[j] == 1 and w.shape[1] == size else w
+                     for j, w in enumerate(values)]
+            if _runs(model, example_inputs, grown):
+                axes[i] = axis
+                break
+    return axes
+
+
+def _tokens(t) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()
+
+
+def _grow(t, axis: int):
+    """`t` three steps longer along `axis` (copies of its first step)."""
+    import torch
+
+    return torch.cat([t, t.narrow(axis, 0, 1).repeat_interleave(3, dim=axis)], dim=axis)
+
+
+def _runs(model, example_inputs: Any, values: list) -> bool:
+    import warnings
+
+    import torch
+
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call_model(model, _like(example_inputs, values))
+        return True
+    except Exception:
+        return False
+
+
+def _like(example_inputs: Any, values: list):
+    """`values` laid out as `example_inputs` are (a tensor, a tuple or a dict)."""
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        return values[0]
+    if isinstance(example_inputs, dict):
+        return dict(zip(example_inputs, values))
+    return type(example_inputs)(values) if isinstance(example_inputs, tuple) else list(values)
 
 
 def flat_module(model, layout: dict):
@@ -110,15 +173,6 @@ def rebuild(layout: dict, outputs: list):
     return unflatten_output(list(outputs), spec) if spec is not None else outputs[0]
 
 
-def has_sequence_axis(t) -> bool:
-    """Whether axis 1 of an input is a sequence, free to vary between calls: token ids or masks (2-D integers) and
-    sequences of feature vectors (3-D floats: rows x steps x features, as an LSTM or a transformer encoder takes)."""
-    import torch
-
-    return isinstance(t, torch.Tensor) and ((t.dim() == 2 and not t.is_floating_point())
-                                            or (t.dim() == 3 and t.is_floating_point()))
-
-
 def uses_cache(model) -> bool:
     """Whether a Hugging Face model returns a key/value cache object by default."""
     return hasattr(model, "modules") and any(getattr(getattr(m, "config", None), "use_cache", None)
@@ -160,17 +214,22 @@ def to_trace(model, example_inputs: Any) -> tuple:
     return model, example_inputs, layout_of(model, example_inputs)
 
 
-def other_shape(example_inputs: Any):
-    """The example inputs at a batch size and sequence length they do not have (one row and three steps more,
-    copied from the first), to check that an exported graph is general rather than traced to one shape."""
+def other_shape(example_inputs: Any, layout: dict, rows: int | None = None):
+    """The example inputs at a batch size and sequence length they do not have (one row more, or `rows` rows, and
+    three steps more along each input's sequence axis, copied from the first), to check that an exported graph is
+    general rather than traced to one shape."""
     import torch
 
-    def grow(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        t = torch.cat([t, t[:1]])
-        if has_sequence_axis(t):
-            t = torch.cat([t, t[:, :1].repeat_interleave(3, dim=1)], dim=1)
-        return t
+    def batch(v):
+        return v[:rows] if rows else torch.cat([v, v[:1]])
 
-    return map_tensors(example_inputs, grow)
+    axes = layout.get("sequence_axes") or [None] * len(values_of(example_inputs))
+    grown = [_grow(batch(v), axis) if axis is not None else batch(v) if isinstance(v, torch.Tensor) and v.dim()
+             else v for v, axis in zip(values_of(example_inputs), axes)]
+    return _like(example_inputs, grown)
+
+
+def other_shapes(example_inputs: Any, layout: dict) -> list:
+    """`other_shape` one row more and at one row (where a program traced at several rows may assume more than one:
+    torch.export was seen to)."""
+    return [other_shape(example_inputs, layout), other_shape(example_inputs, layout, rows=1)]

@@ -313,7 +313,7 @@ def _calls(model, inputs):
     return [("positional", lambda m: m(inputs))]
 
 
-NEW_SHAPES = ((3, 20), (5, 9))  # (rows, sequence length) that no batch has: saves and exports must run at both
+NEW_SHAPES = ((3, 20), (5, 9), (1, 11))  # (rows, sequence length) no batch has: saves and exports must run at each
 
 
 def _new_shape(family: str, shape: tuple = NEW_SHAPES[0]):

@@ -116,6 +116,23 @@ def _recover_between_rounds(model, ctx, round_index: int, rounds: int) -> None:
             label=f"recovery after pruning round {round_index + 1}/{rounds}")
 
 
+def _fold_parametrizations(layers: dict, ctx) -> None:
+    """Make each layer's weight a plain parameter where a parametrization computes it (weight norm: wav2vec2's
+    positional convolution), so that its entries can be zeroed and stay zero: the same function, folded on the
+    copy that is optimized."""
+    from torch.nn.utils import parametrize
+
+    folded = [n for n, m in layers.items() if parametrize.is_parametrized(m, "weight")]
+    for n in folded:
+        m = layers[n]  # a deep copy shares the user's module's generated class, from which removing a
+        cls = type(m)  # parametrization deletes the property: the copy gets a class of its own first
+        m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    if folded:
+        ctx.note(f"the weight parametrization (e.g. weight norm) of {', '.join(folded[:3])}"
+                 f"{' ...' if len(folded) > 3 else ''} folded into a plain weight before pruning (same outputs)")
+
+
 # -- unstructured ----------------------------------------------------------------------------------------------
 def unstructured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Zero the smallest weights (by |w| or |w * grad|), globally or per layer; masks are made permanent."""
@@ -125,6 +142,7 @@ def unstructured(model, step: Prune, ctx, layer_ratios: dict | None = None):
 
     ignored, heads = _resolve_ignored(model, step)
     layers = {n: m for n, m in prunable_layers(model).items() if n not in ignored}
+    _fold_parametrizations(layers, ctx)
     targets = [(m, "weight") for m in layers.values()]
     recurrent = {n: m for n, m in model.named_modules() if isinstance(m, nn.RNNBase) and n not in ignored}
     targets += [(m, w) for m in recurrent.values() for w in m._flat_weights_names if w.startswith("weight")]
@@ -182,6 +200,7 @@ def semi_structured(model, step: Prune, ctx):
     if not layers:
         raise RecipeError("Prune(semi_structured=True): the model has no Linear layer (other than its output head) "
                           "whose input width is a multiple of 4; 2:4 sparsity applies to those only")
+    _fold_parametrizations(layers, ctx)
     scores = None
     if step.criterion == "taylor":
         _taylor_grads(model, ctx)

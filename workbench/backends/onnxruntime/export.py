@@ -1,5 +1,5 @@
 """Export a torch module to ONNX: tensors in, tensors out (see `workbench.contract`), the batch axis dynamic and
-the sequence axis of token and sequence inputs too."""
+each input's sequence axis too (`contract.sequence_axes`)."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import re
 import warnings
 from typing import Any
 
-from ...contract import flat_module, has_sequence_axis, to_trace, values_of
+from ...contract import flat_module, to_trace, values_of
 from ...errors import ExportError, first_line
 
 OPSET = 17
@@ -39,14 +39,13 @@ def export_onnx(model, example_inputs: Any, cache: bool = False) -> tuple[bytes,
         raise ExportError("the model returns no tensor, so there is nothing to export")
     if cache:
         return export_decoder(model, example_inputs, layout)
-    sequence = {v.shape[1] for v in values if has_sequence_axis(v)}
-    dynamic = {n: {0: "batch", 1: "sequence"} if has_sequence_axis(v) else {0: "batch"}
-               for n, v in zip(names, values)}
+    dynamic = {n: {0: "batch", **({axis: "sequence"} if axis else {})}
+               for n, axis in zip(names, layout["sequence_axes"])}
     with torch.inference_mode():
         outputs = flat_module(model, layout)(*values)
     output_names = [f"output_{i}" for i in range(len(outputs))]
-    for name, t in zip(output_names, outputs):
-        dynamic[name] = {0: "batch", **({1: "sequence"} if t.dim() >= 2 and t.shape[1] in sequence else {})}
+    for name, t in zip(output_names, outputs):  # every axis named: their sizes follow the inputs' (a waveform's
+        dynamic[name] = {0: "batch", **{a: f"{name}_{a}" for a in range(1, t.dim())}}  # frames, a cache's length)
     return _traced(flat_module(model, layout), values, names, output_names, dynamic), layout
 
 

@@ -96,7 +96,7 @@ class OrtModel:
             try:
                 decoder = cls(*export_onnx(model, example_inputs, cache=True), device=device, threads=threads)
                 decoder.check_parity(model, example_inputs)
-                decoder.check_parity(model, other_shape(example_inputs))
+                decoder.check_parity(model, other_shape(example_inputs, decoder.layout))
                 return decoder
             except Exception as e:
                 lost = first_line(e, 200)
@@ -107,7 +107,7 @@ class OrtModel:
         if check:
             ort_model.check_parity(model, example_inputs)
             try:
-                ort_model.check_parity(model, other_shape(example_inputs))
+                ort_model.check_parity(model, other_shape(example_inputs, ort_model.layout))
             except Exception as e:
                 import re
 

@@ -189,14 +189,15 @@ class OpenVinoBackend(Backend):
             try:  # OpenVINO's PyTorch frontend first; the ONNX graph where it cannot take the model
                 lowered = OvModel.from_torch(model, example, threads=ctx.target.threads)
                 lowered.check_parity(model, example)
-                lowered.check_parity(model, other_shape(example))  # a trace must not keep the example's shapes
+                # a trace must not keep the example's shapes
+                lowered.check_parity(model, other_shape(example, lowered.layout))
             except Exception as e:
                 logging.getLogger(__name__).info("OpenVINO's PyTorch frontend did not take the model: %s", e)
                 lowered = OvModel.from_onnx(*export_onnx(model, example), threads=ctx.target.threads)
                 lowered.check_parity(model, example)
             if precision == "int8-static":
                 lowered = self._nncf_int8(lowered, model, ctx, calibration_batches)
-            call_model(lowered, other_shape(example))  # runs at another batch size and length too
+            call_model(lowered, other_shape(example, lowered.layout))  # runs at another batch size and length too
         except WorkbenchError:
             raise
         except Exception as e:  # conversion, NNCF or inference failures: the model is not one OpenVINO takes

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import WorkbenchError, first_line
-from ...contract import (bind, flat_module, has_sequence_axis, layout_of, other_shape, rebuild, values_of,
+from ...contract import (bind, flat_module, layout_of, other_shapes, rebuild, values_of,
                          without_cache)
 from ...paths import write_atomic
 from ...tensors import map_tensors
@@ -69,14 +69,16 @@ def export_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
     example_inputs = map_tensors(example_inputs, two_rows)
     layout = layout_of(model, example_inputs)
     values = values_of(example_inputs)
-    shapes = tuple({0: batch, 1: torch.export.Dim.AUTO} if has_sequence_axis(v) else {0: batch} for v in values)
+    shapes = tuple({0: batch, **({axis: torch.export.Dim.AUTO} if axis else {})} for axis in layout["sequence_axes"])
     program = torch.export.export(flat_module(model, layout), tuple(values), dynamic_shapes=(shapes,),  # *values
                                   strict=False)
     try:
         with torch.inference_mode():
-            program.module()(*values_of(other_shape(example_inputs)))
+            for inputs in other_shapes(example_inputs, layout):
+                program.module()(*values_of(inputs))
     except Exception as e:
-        raise NotImplementedError("torch.export fixed the batch size or sequence length at the traced one "
+        raise NotImplementedError("torch.export fixed the batch size or sequence length at the traced one, or "
+                                  "assumed more than one row "
                                   f"({first_line(e, 120)})"
                                   ) from e
     torch.export.save(program, str(path))
@@ -101,12 +103,11 @@ def trace_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notices
         traced = torch.jit.trace(flat, tuple(values_of(example_inputs)), check_trace=False)
-        other = values_of(other_shape(example_inputs))
-        got, expected = traced(*other), flat(*other)
-    same = len(got) == len(expected) and all(
+        pairs = [(traced(*other), flat(*other)) for other in map(values_of, other_shapes(example_inputs, layout))]
+    same = all(len(got) == len(expected) and all(
         g.shape == e.shape and torch.allclose(g.float(), e.float(), rtol=1e-3,
                                               atol=1e-4 * max(1.0, float(e.abs().max())))
-        for g, e in zip(got, expected))
+        for g, e in zip(got, expected)) for got, expected in pairs)
     if not same:
         raise NotImplementedError("a TorchScript trace does not reproduce the model at another batch size or "
                                   "sequence length")
