@@ -301,6 +301,83 @@ def test_head_pruning_of_each_attention_layout_removes_exactly_the_heads_it_drop
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+_CAUSAL = dict(_TINY, vocab_size=96, max_position_embeddings=64)
+_FUSED = {  # fused query/key/value (and gate/up) projections: model class, config class, config
+    "modernbert": ("ModernBertModel", "ModernBertConfig", dict(_TINY, vocab_size=96, pad_token_id=0, bos_token_id=1,
+                                                               eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(_CAUSAL, num_key_value_heads=2, pad_token_id=0)),
+    "gpt-neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _CAUSAL),
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(_TINY, vocab_size=96, new_decoder_architecture=True,
+                                                         num_kv_heads=2)),
+    # not fused, but per-head weights beside the projections: a logit scale and a position-bias MLP's output
+    "swinv2": ("Swinv2Model", "Swinv2Config", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                   num_heads=[2, 4], window_size=4)),
+}
+
+
+@pytest.mark.parametrize("family", list(_FUSED))
+def test_fused_projections_lose_whole_heads_and_neurons_and_compute_what_the_silenced_model_did(family):
+    """Fused QKV in both layouts (all queries, then keys, then values: Phi-3, ModernBERT; per key/value group:
+    GPT-NeoX, Falcon), fused gate/up FFNs and Swin V2's per-head weights: half the key/value groups and neurons
+    go, and the cut model computes exactly what the model computed with their outputs zeroed (`before_cut`)."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from workbench.architectures import attention_blocks, feed_forward_blocks
+    from workbench.techniques.heads import prune_transformer
+
+    cls, config, kwargs = _FUSED[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(**kwargs)).eval()
+    blocks, ffn = attention_blocks(model), feed_forward_blocks(model)
+    assert blocks and all((b.k is None) == (family != "swinv2") for b in blocks) and len(ffn) == len(blocks)
+    x = torch.randn(2, 3, 32, 32) if family == "swinv2" else torch.randint(3, 96, (2, 12))
+    pruned, silenced = copy.deepcopy(model), []
+    with torch.no_grad():
+        counts = prune_transformer(pruned, 0.5, "l1", set(),
+                                   before_cut=lambda: silenced.append(pruned(x)[0].clone()))
+        got, original = pruned(x)[0], model(x)[0]
+    groups = sum(b.kv_heads for b in blocks)
+    assert counts["heads"][1] == counts["heads"][0] * (groups - groups // 2) // groups
+    assert counts["neurons"] == (sum(f.down.in_features for f in ffn), sum(f.down.in_features // 2 for f in ffn))
+    torch.testing.assert_close(got, silenced[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, original, atol=1e-3)  # something was cut
+
+
+def test_a_layout_read_wrongly_is_caught_by_comparing_with_the_silenced_model(monkeypatch):
+    """GPT-NeoX's fused QKV read as [queries | keys | values] (it is per head [q, k, v]): the shapes still fit, so
+    only the check against the silenced model sees that other heads' rows were kept."""
+    transformers = pytest.importorskip("transformers")
+    from workbench import architectures
+    from workbench.errors import ModelError
+
+    monkeypatch.setitem(architectures.FUSED, "query_key_value", "blocks")
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**_CAUSAL)).eval()
+    data = wb.Data(val=[({"input_ids": torch.randint(3, 96, (4, 12))}, None)], metric="fidelity")
+    with pytest.raises(ModelError, match="no longer computes what it did with the removed heads and neurons silenced"):
+        wb.optimize(model, "prune=0.5:structured=true", data=data, **FAST)
+
+
+def test_taylor_importance_ranks_heads_and_neurons_by_their_gradients():
+    """Weights of equal magnitude, gradients that single out the last head and the last neuron: the Taylor
+    criterion keeps those (it had ranked by magnitude alone wherever a weight was sliced or transposed)."""
+    transformers = pytest.importorskip("transformers")
+    from workbench.architectures import attention_blocks, feed_forward_blocks
+    from workbench.techniques.heads import plan_heads, plan_neurons
+
+    model = transformers.BertModel(transformers.BertConfig(**_TINY, vocab_size=96))
+    block, ffn = attention_blocks(model)[0], feed_forward_blocks(model)[0]
+    for layer in (block.q, block.k, block.v, block.o, *ffn.ups, ffn.down):
+        with torch.no_grad():
+            layer.weight.fill_(1.0)
+        layer.weight.grad = torch.full_like(layer.weight, 1e-3)
+    block.o.weight.grad[:, -block.head_dim:] = 1.0  # the last head's output columns
+    ffn.down.weight.grad[:, -1] = 1.0  # the last neuron's
+    assert plan_heads(block, 0.75, "taylor") == [block.heads - 1]
+    assert plan_neurons(ffn, 0.5, "taylor")[-1] == ffn.down.in_features - 1
+
+
 class _EncoderWithPooledHead(nn.Module):
     """Returns (hidden states, logits), as an encoder with a pooler does: the last prunable layer (the head) is
     not the one that writes the first output."""

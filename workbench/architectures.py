@@ -40,7 +40,13 @@ ATTENTION = (
     ("self.query_proj", "self.key_proj", "self.value_proj", "output.dense"),  # DeBERTa-v2/v3
     ("attention.query", "attention.key", "attention.value", "output.dense"),  # MobileViT
     ("c_attn", None, None, "c_proj"),  # GPT-2
+    ("qkv_proj", None, None, "o_proj"),  # Phi-3
+    ("Wqkv", None, None, "Wo"),  # ModernBERT
+    ("query_key_value", None, None, "dense"),  # GPT-NeoX (Pythia), Falcon, BLOOM
 )
+# how a fused QKV projection lays out its rows: 'blocks' [all query heads | key heads | value heads], 'grouped'
+# [per key/value group: its query heads, its key head, its value head] (per head [q, k, v] without grouping)
+FUSED = {"c_attn": "blocks", "qkv_proj": "blocks", "Wqkv": "blocks", "query_key_value": "grouped"}
 # projections beside the query's and key's that produce per-head features the same way, cut with them (by name, in
 # the module that holds the query): DeBERTa's disentangled attention projects relative positions per head
 ALONGSIDE = {"pos_query_proj": "q", "pos_key_proj": "k"}
@@ -52,9 +58,17 @@ FEED_FORWARD = (
     (("gate_proj", "up_proj"), "down_proj"),  # LLaMA
     (("fc1",), "fc2"),  # ViT, Swin
     (("c_fc",), "c_proj"),  # GPT-2
+    (("gate_up_proj",), "down_proj"),  # Phi-3 (gate and up fused)
+    (("Wi",), "Wo"),  # ModernBERT (input and gate fused)
+    (("dense_h_to_4h",), "dense_4h_to_h"),  # GPT-NeoX, Falcon, BLOOM
+    (("fc_in",), "fc_out"),  # GPT-J
 )
+# up projections that compute several parts side by side (a gated unit's gate and up), each as wide as the down
+# projection's input
+FUSED_UP = {"gate_up_proj": 2, "Wi": 2}
 HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_heads")
-HEAD_SIZES = ("attention_head_size", "head_dim")
+KV_COUNTS = ("num_key_value_heads", "num_kv_heads")
+HEAD_SIZES = ("attention_head_size", "head_dim", "head_size")
 
 
 @dataclass
@@ -69,6 +83,7 @@ class Attention:
     kv_heads: int
     head_dim: int
     alongside: tuple = ()  # (projection, 'q' or 'k'): cut as the query's or the key's rows are (`ALONGSIDE`)
+    fused: str | None = None  # k and v None: the layout of q's rows (`FUSED`)
 
 
 @dataclass
@@ -77,6 +92,7 @@ class FeedForward:
     ups: tuple
     down: object
     between: tuple = ()  # depthwise convolutions over the hidden neurons (SegFormer's Mix-FFN), cut with them
+    parts: int = 1  # each up projection computes this many parts side by side (`FUSED_UP`)
 
 
 def _get(module, path: str):
@@ -110,18 +126,21 @@ def attention_blocks(model) -> list[Attention]:
                     or (k is not None and None in layers) or id(layers[0]) in taken:
                 continue
             owners = [module, _get(module, q.rpartition(".")[0]) if "." in q else module]  # BERT: in `self`
-            heads = next((getattr(m, a) for m in owners for a in HEAD_COUNTS if isinstance(getattr(m, a, None), int)),
-                         None)
-            size = next((getattr(m, a) for m in owners for a in HEAD_SIZES if isinstance(getattr(m, a, None), int)),
-                        None)
+            heads, size, kv = (next((getattr(m, a) for m in owners for a in attrs
+                                     if isinstance(getattr(m, a, None), int)), None)
+                               for attrs in (HEAD_COUNTS, HEAD_SIZES, KV_COUNTS))
+            fused = None if k is not None else "blocks" if getattr(module, "multi_query", False) and not getattr(
+                module, "new_decoder_architecture", False) else FUSED.get(q, "blocks")  # Falcon's first layout
+            rows = _out_features(layers[0]) if k is None else None  # a fused projection: (heads + 2 kv) x size
             if size is None and heads:
                 size = _out_features(layers[3]) // heads if k is None else _out_features(layers[0]) // heads
             if heads is None and size:
-                heads = (_out_features(layers[0]) // (3 if k is None else 1)) // size
+                heads = rows // size - 2 * kv if k is None and kv else (rows // 3 if k is None else
+                                                                         _out_features(layers[0])) // size
             if not heads or not size:
                 continue
-            kv = heads if k is None else _out_features(layers[1]) // size
-            if heads % kv or (k is None and _out_features(layers[0]) != 3 * heads * size) \
+            kv = (rows // size - heads) // 2 if k is None else _out_features(layers[1]) // size
+            if kv <= 0 or heads % kv or (k is None and rows != (heads + 2 * kv) * size) \
                     or (k is not None and _out_features(layers[0]) != heads * size) \
                     or in_features(layers[3]) != heads * size:  # e.g. an FFN's `output.dense` beside an attention
                 continue
@@ -129,7 +148,7 @@ def attention_blocks(model) -> list[Attention]:
             alongside = tuple((m, like) for attr, like in ALONGSIDE.items()
                               if _is_projection(m := getattr(owners[1], attr, None)))
             found.append(Attention(name, module, layers[0], layers[1], layers[2], layers[3], heads, kv, size,
-                                   alongside))
+                                   alongside, fused))
     return found
 
 
@@ -144,8 +163,9 @@ def feed_forward_blocks(model) -> list[FeedForward]:
             if d is None or not _is_projection(d) or not all(m is not None and _is_projection(m) for m in layers) \
                     or id(d) in taken:
                 continue
-            if any(_out_features(m) != in_features(d) for m in layers) or in_features(d) == _out_features(d) \
-                    or in_features(layers[0]) != _out_features(d):
+            parts = FUSED_UP.get(ups[0], 1)
+            if any(_out_features(m) != parts * in_features(d) for m in layers) \
+                    or in_features(d) == _out_features(d) or in_features(layers[0]) != _out_features(d):
                 continue  # an FFN widens then narrows back to the hidden size (this also tells BERT's attention
                 # output from its FFN's, and a classifier's last two layers from an FFN)
             taken.add(id(d))
@@ -154,7 +174,7 @@ def feed_forward_blocks(model) -> list[FeedForward]:
             between = tuple(m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
                             and m.groups == m.in_channels == m.out_channels == width) \
                 if "." not in down and not any("." in u for u in ups) else ()
-            found.append(FeedForward(name, tuple(layers), d, between))
+            found.append(FeedForward(name, tuple(layers), d, between, parts))
     return found
 
 

@@ -138,8 +138,9 @@ def _apply(tech, model, step, ctx):
     except (WorkbenchError, Warning):  # a warning raised as an error was asked for by the user's filters
         raise
     except Exception as e:
-        raise StepError(f"{step.describe()} failed on this model and data: {first_line(e, named=True)}. Check that "
-                        "the train and validation batches match what the model takes, or leave the step out") from e
+        raise StepError(f"{step.describe()} failed on this model: {first_line(e, named=True)}. The model itself "
+                        "ran on the validation batches, so this is the step's limit here (or the train batches differ "
+                        "from them); leave the step out or use another technique") from e
 
 
 def _still_runs(model, step, ctx) -> None:

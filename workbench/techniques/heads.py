@@ -13,8 +13,8 @@ forward then fails after pruning, and `prune.structured` refuses the step in one
 """
 from __future__ import annotations
 
-from ..architectures import (HEAD_COUNTS, Attention, FeedForward, attention_blocks, feed_forward_blocks,
-                             in_features)
+from ..architectures import (HEAD_COUNTS, KV_COUNTS, Attention, FeedForward, attention_blocks,
+                             feed_forward_blocks, in_features)
 
 # -- slicing ---------------------------------------------------------------------------------------------------
 def _keep_out(layer, index):
@@ -72,117 +72,208 @@ def _replace(model, old, new) -> None:
                 setattr(parent, child_name, new)
 
 
-def _out_rows(layer):
-    """The weight as (out, in)."""
-    return layer.weight.t() if type(layer).__name__ == "Conv1D" else layer.weight
+def _rows(layer) -> tuple:
+    """(weight, its gradient or None), each as (out, in): what `_score` ranks."""
+    w, g = layer.weight.detach(), layer.weight.grad
+    if type(layer).__name__ == "Conv1D":  # weight (in, out)
+        return w.t(), None if g is None else g.t()
+    return w, g
 
 
-def _score(rows, criterion: str):
-    """Importance of each row of a (rows, ...) tensor: its L1/L2 norm, or |w * grad| summed (Taylor)."""
+def _map(pair: tuple, fn) -> tuple:
+    """`fn` applied to a weight and to its gradient alike (a slice, a transpose, a reshape)."""
+    w, g = pair
+    return fn(w), None if g is None else fn(g)
+
+
+def _score(pair: tuple, criterion: str):
+    """Importance of each row of a (rows, ...) weight: its L1/L2 norm, or |w * grad| summed (Taylor; magnitude
+    where no gradient was computed)."""
     import torch
 
-    w = rows.detach().float()
+    w, g = pair[0].float(), pair[1]
     if criterion == "taylor":
-        g = getattr(rows, "grad", None)
         return (w * g.float()).abs().flatten(1).sum(1) if g is not None else w.abs().flatten(1).sum(1)
     return torch.linalg.vector_norm(w.flatten(1), ord=1 if criterion == "l1" else 2, dim=1)
 
 
-def _taylor_rows(layer):
-    """(out, in) weight rows with their gradient attached for the Taylor criterion."""
-    w = _out_rows(layer)
-    g = layer.weight.grad
-    if g is not None:
-        w = w.detach().clone()
-        w.grad = g.t() if type(layer).__name__ == "Conv1D" else g
-    return w
+def _groups_rows(block: Attention):
+    """For each key/value group, the rows of its query heads, its key heads and its value heads in the query
+    projection (fused) or in q, k and v: three [groups, n] index tensors."""
+    import torch
+
+    groups, d = block.kv_heads, block.head_dim
+    per = block.heads // groups
+    g = torch.arange(groups)[:, None]
+    if block.fused == "grouped":  # per group: its query heads, then its key head and its value head
+        start = g * (per + 2) * d
+        return start + torch.arange(per * d), start + per * d + torch.arange(d), start + (per + 1) * d + torch.arange(d)
+    q = g * per * d + torch.arange(per * d)
+    kv = g * d + torch.arange(d)
+    if block.k is None:  # 'blocks': every query head, then every key head, then every value head
+        return q, block.heads * d + kv, (block.heads + groups) * d + kv
+    return q, kv, kv
 
 
-def prune_heads(model, block: Attention, ratio: float, criterion: str) -> int:
-    """Remove `ratio` of the block's key/value groups (with their query heads); returns the heads kept."""
+def plan_heads(block: Attention, ratio: float, criterion: str):
+    """The key/value groups to keep (sorted) when `ratio` of them go, by importance; None when none would go."""
     import torch
 
     groups = block.kv_heads
-    per_group = block.heads // groups
     drop = min(int(round(ratio * groups)), groups - 1)  # at least one group stays
     if drop <= 0:
-        return block.heads
-    d = block.head_dim
-    if block.k is None:  # fused QKV: q, k and v each `heads * d` wide, side by side
-        rows = _taylor_rows(block.q)
-        width = block.heads * d
-        score = sum(_score(rows[part * width:(part + 1) * width].reshape(block.heads, -1), criterion)
-                    for part in range(3))
-    else:
-        score = _score(_taylor_rows(block.q).reshape(groups, -1), criterion) \
-            + _score(_taylor_rows(block.k).reshape(groups, -1), criterion) \
-            + _score(_taylor_rows(block.v).reshape(groups, -1), criterion)
-    score = score + _score(_taylor_rows(block.o).t().reshape(groups, -1), criterion)
-    kept_groups = sorted(torch.argsort(score, descending=True)[:groups - drop].tolist())
-    q_heads = [g * per_group + j for g in kept_groups for j in range(per_group)]
-    q_index = torch.tensor([h * d + i for h in q_heads for i in range(d)])
-    kv_index = torch.tensor([g * d + i for g in kept_groups for i in range(d)])
+        return None
+    rows = _groups_rows(block)
     if block.k is None:
-        width = block.heads * d
-        fused = torch.cat([q_index + part * width for part in range(3)])
-        _replace(model, block.q, _keep_out(block.q, fused))
+        parts = [_map(_rows(block.q), lambda w, r=r: w[r.flatten()]) for r in rows]
     else:
-        _replace(model, block.q, _keep_out(block.q, q_index))
-        _replace(model, block.k, _keep_out(block.k, kv_index))
-        _replace(model, block.v, _keep_out(block.v, kv_index))
+        parts = [_rows(m) for m in (block.q, block.k, block.v)]
+    score = sum(_score(_map(part, lambda w: w.reshape(groups, -1)), criterion) for part in parts)
+    score = score + _score(_map(_rows(block.o), lambda w: w.t().reshape(groups, -1)), criterion)
+    return sorted(torch.argsort(score, descending=True)[:groups - drop].tolist())
+
+
+def _query_columns(block: Attention, kept_groups):
+    """The output projection's input columns (the query heads' features) of the kept groups."""
+    import torch
+
+    per, d = block.heads // block.kv_heads, block.head_dim
+    return torch.tensor([(g * per + j) * d + i for g in kept_groups for j in range(per) for i in range(d)])
+
+
+def silence_heads(block: Attention, kept_groups) -> None:
+    """Zero the output projection's columns of the heads that `cut_heads` removes: the same function as the cut
+    model computes, in the uncut one (what `prune_transformer` checks the cut against)."""
+    import torch
+
+    drop = torch.ones(in_features(block.o), dtype=torch.bool)
+    drop[_query_columns(block, kept_groups)] = False
+    with torch.no_grad():
+        if type(block.o).__name__ == "Conv1D":
+            block.o.weight[drop, :] = 0
+        else:
+            block.o.weight[:, drop] = 0
+
+
+def cut_heads(model, block: Attention, kept_groups) -> int:
+    """Remove every key/value group but `kept_groups` (with their query heads); returns the heads kept."""
+    import copy
+    import inspect
+
+    import torch
+
+    q_rows, k_rows, v_rows = (r[kept_groups].flatten() for r in _groups_rows(block))
+    q_index = _query_columns(block, kept_groups)
+    _cut_per_head(model, block, (q_index[::block.head_dim] // block.head_dim).tolist())  # before q/k/v/o change
+    if block.k is None:
+        _replace(model, block.q, _keep_out(block.q, torch.sort(torch.cat([q_rows, k_rows, v_rows])).values))
+    else:
+        _replace(model, block.q, _keep_out(block.q, q_rows))
+        _replace(model, block.k, _keep_out(block.k, k_rows))
+        _replace(model, block.v, _keep_out(block.v, v_rows))
     for layer, like in block.alongside:
-        _replace(model, layer, _keep_out(layer, q_index if like == "q" else kv_index))
+        _replace(model, layer, _keep_out(layer, q_rows if like == "q" else k_rows))
     _replace(model, block.o, _keep_in(block.o, q_index))
-    heads = len(q_heads)
+    heads = len(q_index) // block.head_dim
     m = block.module
     for owner in [m, *m.children()]:  # the counts live in the attention module or (BERT) its `self` child
         for attr in HEAD_COUNTS:
             if isinstance(getattr(owner, attr, None), int):
                 setattr(owner, attr, heads)
         if isinstance(getattr(owner, "all_head_size", None), int):
-            owner.all_head_size = heads * d
-    if isinstance(getattr(m, "num_key_value_heads", None), int):
-        m.num_key_value_heads = len(kept_groups)
+            owner.all_head_size = heads * block.head_dim
+    for attr in KV_COUNTS:
+        if isinstance(getattr(m, attr, None), int):
+            setattr(m, attr, len(kept_groups))
+    config = getattr(m, "config", None)  # Phi-3 reads the counts from the model's config: this layer gets its own
+    try:
+        source = inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        source = ""
+    if isinstance(getattr(config, "num_attention_heads", None), int) and "config.num_" in source:
+        m.config = copy.copy(config)
+        m.config.num_attention_heads = heads
+        if isinstance(getattr(config, "num_key_value_heads", None), int):
+            m.config.num_key_value_heads = len(kept_groups)
     if isinstance(getattr(m, "split_size", None), int):  # GPT-2 splits the fused output in three
-        m.split_size = heads * d
-    bias = getattr(m, "relative_position_bias", None)  # Swin: a bias table column per head
-    table = getattr(bias, "relative_position_bias_table", None)
-    if table is not None and table.shape[-1] == block.heads:
-        with torch.no_grad():
-            bias.relative_position_bias_table = torch.nn.Parameter(table[..., q_heads].clone())
-        for attr in HEAD_COUNTS:
-            if isinstance(getattr(bias, attr, None), int):
-                setattr(bias, attr, heads)
+        m.split_size = heads * block.head_dim
     return heads
 
 
-def prune_neurons(model, block: FeedForward, ratio: float, criterion: str) -> int:
-    """Remove `ratio` of the feed-forward block's hidden neurons; returns the neurons kept."""
+def _cut_per_head(model, block: Attention, q_heads: list) -> None:
+    """Keep the kept heads' entries of the attention's other per-head weights: a parameter of the model's own
+    classes with one axis as long as the head count (Swin's relative-position bias table, Swin V2's logit scale),
+    and a Linear that produces one value per head (Swin V2's continuous position bias MLP); head counts kept in
+    its submodules follow. A guess by shape, which the check against the silenced model confirms."""
+    import torch
+
+    projections = {id(x) for x in (block.q, block.k, block.v, block.o, *(m for m, _ in block.alongside))}
+    index = torch.tensor(q_heads)
+    for sub in list(block.module.modules()):
+        if isinstance(sub, torch.nn.Linear) and id(sub) not in projections and sub.out_features == block.heads:
+            _replace(model, sub, _keep_out(sub, index))
+            continue
+        if not type(sub).__module__.startswith("torch."):
+            for name, p in list(sub.named_parameters(recurse=False)):
+                axes = [i for i, n in enumerate(p.shape) if n == block.heads]
+                if len(axes) == 1:
+                    setattr(sub, name, torch.nn.Parameter(p.detach().index_select(axes[0], index.to(p.device))
+                                                          .clone(), requires_grad=p.requires_grad))
+        for attr in HEAD_COUNTS:
+            if isinstance(getattr(sub, attr, None), int) and getattr(sub, attr) == block.heads:
+                setattr(sub, attr, len(q_heads))
+
+
+def plan_neurons(block: FeedForward, ratio: float, criterion: str):
+    """The hidden neurons to keep (sorted) when `ratio` of them go, by importance; None when none would go."""
     import torch
 
     width = in_features(block.down)
     keep = max(1, width - int(round(ratio * width)))
     if keep == width:
-        return width
-    score = sum(_score(_taylor_rows(u), criterion) for u in block.ups) + _score(_taylor_rows(block.down).t(),
-                                                                             criterion)
-    index = torch.sort(torch.argsort(score, descending=True)[:keep]).values
+        return None
+    score = sum(_score(_map(_rows(u), lambda w: w.reshape(block.parts, width, -1).transpose(0, 1).reshape(
+        width, -1)), criterion) for u in block.ups) + _score(_map(_rows(block.down), lambda w: w.t()), criterion)
+    return torch.sort(torch.argsort(score, descending=True)[:keep]).values
+
+
+def silence_neurons(block: FeedForward, index) -> None:
+    """Zero the down projection's columns of the neurons that `cut_neurons` removes (see `silence_heads`)."""
+    import torch
+
+    drop = torch.ones(in_features(block.down), dtype=torch.bool)
+    drop[index] = False
+    with torch.no_grad():
+        if type(block.down).__name__ == "Conv1D":
+            block.down.weight[drop, :] = 0
+        else:
+            block.down.weight[:, drop] = 0
+
+
+def cut_neurons(model, block: FeedForward, index) -> int:
+    """Keep only the hidden neurons `index`; returns how many."""
+    import torch
+
+    width = in_features(block.down)
+    rows = torch.cat([index + part * width for part in range(block.parts)])
     for up in block.ups:
-        _replace(model, up, _keep_out(up, index))
+        _replace(model, up, _keep_out(up, rows))
     for conv in block.between:
         _replace(model, conv, _keep_channels(conv, index))
     _replace(model, block.down, _keep_in(block.down, index))
-    return keep
+    return len(index)
 
 
-def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_ratios: dict | None = None) -> dict:
+def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_ratios: dict | None = None,
+                      before_cut=None) -> dict:
     """Remove `ratio` of the heads (by key/value group) and of the FFN neurons in every recognised block not in
-    `ignored` (names); returns {'heads': (before, after), 'neurons': (before, after), 'blocks': n}."""
+    `ignored` (names); returns {'heads': (before, after), 'neurons': (before, after), 'blocks': n, 'ffn': n}.
+
+    The heads and neurons that go are first silenced (their output columns zeroed) and `before_cut()` called, so
+    that the caller can check that the cut model computes what the silenced one does: it must, exactly, unless the
+    model uses the head count elsewhere (a per-head bias the table does not know)."""
     names = {id(m): n for n, m in model.named_modules()}
     attention, ffn = attention_blocks(model), feed_forward_blocks(model)
-    heads_before = sum(b.heads for b in attention)
-    neurons_before = sum(in_features(b.down) for b in ffn)
-    heads_after = neurons_after = 0
 
     def left_alone(*layers) -> bool:
         return any(any(names.get(id(m), "") == i or names.get(id(m), "").startswith(i + ".") for i in ignored)
@@ -191,11 +282,21 @@ def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_r
     def ratio_of(layer) -> float:
         return (layer_ratios or {}).get(names.get(id(layer), ""), ratio)
 
-    for block in attention:
-        heads_after += block.heads if left_alone(block.q, block.k, block.v, block.o) else \
-            prune_heads(model, block, ratio_of(block.q), criterion)
-    for block in ffn:
-        neurons_after += in_features(block.down) if left_alone(*block.ups, *block.between, block.down) else \
-            prune_neurons(model, block, ratio_of(block.ups[0]), criterion)
-    return {"heads": (heads_before, heads_after), "neurons": (neurons_before, neurons_after),
+    heads = [(b, None if left_alone(b.q, b.k, b.v, b.o) else plan_heads(b, ratio_of(b.q), criterion))
+             for b in attention]
+    neurons = [(b, None if left_alone(*b.ups, *b.between, b.down) else plan_neurons(b, ratio_of(b.ups[0]),
+                                                                                      criterion)) for b in ffn]
+    for block, kept in heads:
+        if kept is not None:
+            silence_heads(block, kept)
+    for block, kept in neurons:
+        if kept is not None:
+            silence_neurons(block, kept)
+    if before_cut is not None:
+        before_cut()
+    heads_after = sum(block.heads if kept is None else cut_heads(model, block, kept) for block, kept in heads)
+    neurons_after = sum(in_features(block.down) if kept is None else cut_neurons(model, block, kept)
+                        for block, kept in neurons)
+    return {"heads": (sum(b.heads for b in attention), heads_after),
+            "neurons": (sum(in_features(b.down) for b in ffn), neurons_after),
             "blocks": len(attention), "ffn": len(ffn)}

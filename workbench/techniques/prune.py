@@ -292,7 +292,9 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         if step.criterion == "taylor":
             _taylor_grads(model, ctx)
         share = target if previous is None else 1 - (1 - target) / (1 - previous)  # of what is left
-        counts = heads.prune_transformer(model, share, step.criterion, set(ignored), layer_ratios)
+        silenced = []
+        counts = heads.prune_transformer(model, share, step.criterion, set(ignored), layer_ratios,
+                                         before_cut=lambda: silenced.extend(_outputs(model, example)))
         before = before or counts
         previous = target
         model.zero_grad(set_to_none=True)
@@ -300,8 +302,9 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         _check_outputs(model, example, expected,
                        f"removing attention heads from {', '.join(kinds)} and FFN neurons" if cut_heads else
                        "removing FFN neurons",
-                       ("if the attention rebuilds its output at a width of its own, " if cut_heads else "") +
-                       "leave its layers out with Prune(ignore=...), or use structured=False")
+                       ("if the attention rebuilds its output at a width of its own or keeps per-head weights "
+                        "the pruner does not know, " if cut_heads else "") +
+                       "leave its layers out with Prune(ignore=...), or use structured=False", silenced=silenced)
         _recover_between_rounds(model, ctx, i, len(ratios))
     kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
     heads = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups) and " \
@@ -369,34 +372,51 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
     return model
 
 
-def _check_outputs(model, example, expected: list, what: str, broken: str, reshaped: str | None = None) -> None:
-    """Refuse in one line a pruned model whose forward fails (`broken`: the way out) or whose outputs changed shape
-    (`reshaped`: the way out; default `broken`)."""
+def _check_outputs(model, example, expected: list, what: str, broken: str, reshaped: str | None = None,
+                   silenced: list | None = None) -> None:
+    """Refuse in one line a pruned model whose forward fails (`broken`: the way out), whose outputs changed shape
+    (`reshaped`: the way out; default `broken`) or, given `silenced` (the outputs of the model before the cut with
+    what it removes zeroed), that does not compute what that model computed."""
+    import torch
+
     try:
-        shapes = _output_shapes(model, example)
+        outputs = _outputs(model, example)
     except Exception as e:
         raise ModelError(f"Prune(structured=True): after {what}, the forward fails ({first_line(e, named=True)}); "
                          f"{broken}") from e
+    shapes = [t.shape for t in outputs]
     if shapes != expected:
         i = next((i for i, (a, b) in enumerate(zip(shapes, expected)) if a != b), min(len(shapes), len(expected)))
         was, now = (tuple(s[i]) if i < len(s) else "nothing" for s in (expected, shapes))
         raise ModelError(f"Prune(structured=True): after {what}, the model's output shape would change from {was} "
                          f"to {now}; {reshaped or broken}")
+    for got, want in zip(outputs, silenced or []):
+        if got.is_floating_point():
+            tolerance = (1e-2 if got.dtype.itemsize < 4 else 1e-4) * max(1.0, float(want.abs().max()))
+            got, want = got.float(), want.float()
+            if not torch.allclose(got, want, rtol=1e-3, atol=tolerance):
+                raise ModelError(f"Prune(structured=True): after {what}, the model no longer computes what it "
+                                 "did with the removed heads and neurons silenced (outputs differ by up to "
+                                 f"{float((got - want).abs().max()):.3g}); {broken}")
 
 
 PER_HEAD = ("attentions", "cross_attentions", "encoder_attentions", "decoder_attentions", "past_key_values")
 
 
 def _output_shapes(model, example) -> list:
-    """The shapes of the tensors in the model's output, in order (what structured pruning must keep): not those
-    whose shape follows the head count (attention maps, a key/value cache returned as tensors)."""
+    return [t.shape for t in _outputs(model, example)]
+
+
+def _outputs(model, example) -> list:
+    """The tensors in the model's output, in order (what structured pruning must keep): not those whose shape
+    follows the head count (attention maps, a key/value cache returned as tensors)."""
     import torch
 
-    shapes: list = []
+    found: list = []
 
     def walk(value):
         if isinstance(value, torch.Tensor):
-            shapes.append(value.shape)
+            found.append(value.detach().clone())
         elif isinstance(value, dict):  # Hugging Face's ModelOutput is one
             for k, v in value.items():
                 if not (k in PER_HEAD or str(k).startswith("present")):
@@ -407,7 +427,7 @@ def _output_shapes(model, example) -> list:
 
     with torch.no_grad():
         walk(call_model(model.eval(), example))
-    return shapes
+    return found
 
 
 def preflight(steps: list, facts) -> list[str]:
