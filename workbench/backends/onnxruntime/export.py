@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from ...contract import flat_module, to_trace, values_of
@@ -49,12 +50,34 @@ def export_onnx(model, example_inputs: Any, cache: bool = False) -> tuple[bytes,
     return _traced(flat_module(model, layout), values, names, output_names, dynamic), layout
 
 
+@contextmanager
+def _no_graph_dump():
+    """torch's TorchScript exporter turns its ONNX log on for every export (it tests a function for truth, not
+    its result) and never off, so that a failed export prints the whole TorchScript graph (thousands of lines) to
+    the notebook: here the log stays off."""
+    import torch
+
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils
+    except ImportError:
+        utils = None
+    original = getattr(utils, "setup_onnx_logging", None)
+    if original is not None:
+        utils.setup_onnx_logging = lambda verbose: nullcontext()
+    torch._C._jit_set_onnx_log_enabled(False)
+    try:
+        yield
+    finally:
+        if original is not None:
+            utils.setup_onnx_logging = original
+
+
 def _traced(module, values, names, output_names, dynamic) -> bytes:
     import torch
 
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_graph_dump():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, tuple(values), buf, dynamo=False, input_names=names,
                               output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET,
