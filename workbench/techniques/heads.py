@@ -4,12 +4,14 @@ so the model becomes a smaller dense model with its hidden size, and so its outp
 
 The blocks are found by the names the common families give their layers (`architectures.ATTENTION` and
 `FEED_FORWARD`), which covers BERT, RoBERTa, ALBERT, DistilBERT, DeBERTa-v2 (its relative-position projections cut
-with the heads), ViT, Swin, CLIP, OPT, Phi, MobileViT, GPT-2 (fused `Conv1D` QKV) and LLaMA-style decoders with
-grouped-query attention, where a key/value head is removed together with the query heads that share it, so every
-group keeps its size; a depthwise convolution between an FFN's two layers (SegFormer's Mix-FFN) keeps the neurons'
-channels. Attention forwards in transformers 5 mostly reshape by head size (`view(..., -1, head_dim)`) or read the
-head counts the modules keep, which are updated too; some rebuild the output at `embed_dim`, which is not: their
-forward then fails after pruning, and `prune.structured` refuses the step in one line.
+with the heads), ViT, Swin and Swin V2 (their per-head biases), CLIP, OPT, Phi, MobileViT, GPT-2 (fused `Conv1D`
+QKV), fused QKV and gate/up projections in both layouts (Phi-3, ModernBERT, GPT-NeoX, Falcon) and LLaMA-style
+decoders with grouped-query attention, where a key/value head is removed together with the query heads that share
+it, so every group keeps its size; a depthwise convolution between an FFN's two layers (SegFormer's Mix-FFN) keeps
+the neurons' channels. Attention forwards in transformers 5 mostly reshape by head size (`view(..., -1, head_dim)`)
+or read the head counts the modules keep, which are updated too; some rebuild the output at `embed_dim` or keep
+per-head weights elsewhere (BLOOM's ALiBi slopes): `prune.structured` checks each cut against the model with the
+removed heads silenced and refuses the step in one line where they differ.
 """
 from __future__ import annotations
 
@@ -144,15 +146,20 @@ def _query_columns(block: Attention, kept_groups):
 def silence_heads(block: Attention, kept_groups) -> None:
     """Zero the output projection's columns of the heads that `cut_heads` removes: the same function as the cut
     model computes, in the uncut one (what `prune_transformer` checks the cut against)."""
+    _zero_inputs(block.o, _query_columns(block, kept_groups))
+
+
+def _zero_inputs(layer, keep) -> None:
+    """Zero the layer's weights that read any input feature but `keep`."""
     import torch
 
-    drop = torch.ones(in_features(block.o), dtype=torch.bool)
-    drop[_query_columns(block, kept_groups)] = False
+    drop = torch.ones(in_features(layer), dtype=torch.bool)
+    drop[keep] = False
     with torch.no_grad():
-        if type(block.o).__name__ == "Conv1D":
-            block.o.weight[drop, :] = 0
+        if type(layer).__name__ == "Conv1D":  # weight (in, out)
+            layer.weight[drop, :] = 0
         else:
-            block.o.weight[:, drop] = 0
+            layer.weight[:, drop] = 0
 
 
 def cut_heads(model, block: Attention, kept_groups) -> int:
@@ -239,15 +246,7 @@ def plan_neurons(block: FeedForward, ratio: float, criterion: str):
 
 def silence_neurons(block: FeedForward, index) -> None:
     """Zero the down projection's columns of the neurons that `cut_neurons` removes (see `silence_heads`)."""
-    import torch
-
-    drop = torch.ones(in_features(block.down), dtype=torch.bool)
-    drop[index] = False
-    with torch.no_grad():
-        if type(block.down).__name__ == "Conv1D":
-            block.down.weight[drop, :] = 0
-        else:
-            block.down.weight[:, drop] = 0
+    _zero_inputs(block.down, index)
 
 
 def cut_neurons(model, block: FeedForward, index) -> int:

@@ -40,8 +40,9 @@ def export_onnx(model, example_inputs: Any, cache: bool = False) -> tuple[bytes,
         raise ExportError("the model returns no tensor, so there is nothing to export")
     if cache:
         return export_decoder(model, example_inputs, layout)
-    dynamic = {n: {0: "batch", **({axis: "sequence"} if axis else {})}
-               for n, axis in zip(names, layout["sequence_axes"])}
+    lengths: dict = {}  # inputs of one length share its name (ids and mask); a waveform beside them has its own
+    dynamic = {n: {0: "batch", **({axis: lengths.setdefault(v.shape[axis], f"sequence{len(lengths) or ''}")}
+                                  if axis else {})} for n, v, axis in zip(names, values, layout["sequence_axes"])}
     with torch.inference_mode():
         outputs = flat_module(model, layout)(*values)
     output_names = [f"output_{i}" for i in range(len(outputs))]
