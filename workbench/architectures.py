@@ -116,6 +116,16 @@ def in_features(m) -> int:
     return m.nx if type(m).__name__ == "Conv1D" else m.in_features
 
 
+def _fused_layout(module, q: str) -> str:
+    """The layout of a fused QKV projection's rows (`FUSED`): the table's, unless the module says otherwise.
+    Falcon's new decoder groups them; Falcon and GPT-BigCode with multi-query attention put the one key and value
+    head after the queries, and without it store each head's q, k and v together."""
+    if getattr(module, "new_decoder_architecture", False):
+        return "grouped"
+    multi_query = getattr(module, "multi_query", None)
+    return "blocks" if multi_query is True else "grouped" if multi_query is False else FUSED.get(q, "blocks")
+
+
 def attention_blocks(model) -> list[Attention]:
     """The attention modules of `model` that the table above recognises, with their head counts."""
     found, taken = [], set()
@@ -129,8 +139,7 @@ def attention_blocks(model) -> list[Attention]:
             heads, size, kv = (next((getattr(m, a) for m in owners for a in attrs
                                      if isinstance(getattr(m, a, None), int)), None)
                                for attrs in (HEAD_COUNTS, HEAD_SIZES, KV_COUNTS))
-            fused = None if k is not None else "blocks" if getattr(module, "multi_query", False) and not getattr(
-                module, "new_decoder_architecture", False) else FUSED.get(q, "blocks")  # Falcon's first layout
+            fused = None if k is not None else _fused_layout(module, q)
             rows = _out_features(layers[0]) if k is None else None  # a fused projection: (heads + 2 kv) x size
             if size is None and heads:
                 size = _out_features(layers[3]) // heads if k is None else _out_features(layers[0]) // heads

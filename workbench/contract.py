@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .tensors import call_model, flatten_output, map_tensors, unflatten_output
+from .tensors import _rebuild_mapping, call_model, flatten_output, map_tensors, unflatten_output
 
 
 def input_layout(example_inputs: Any) -> tuple[str, list[str]]:
@@ -65,20 +65,25 @@ def sequence_axes(model, example_inputs: Any) -> list:
     ids and masks (2-D integers); for float inputs, the axis at which the model takes another length, tried in
     one forward each: a waveform's samples ([rows, samples]: a 2-D float, like a table's features, which cannot
     vary), a sequence of vectors' steps ([rows, steps, features]) or a 1-D convolution's ([rows, channels, steps]).
-    Inputs whose axis 1 has the tried axis's size grow with it (an attention mask beside a waveform)."""
+    Token inputs and undecided float inputs whose axis 1 has the tried axis's size grow with it (an attention mask
+    beside a waveform, two sequences added together)."""
     import torch
 
     values = values_of(example_inputs)
     axes = [1 if _tokens(v) else None for v in values]
     for i, v in enumerate(values):
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() not in (2, 3):
+        if axes[i] is not None or not isinstance(v, torch.Tensor) or not v.is_floating_point() \
+                or v.dim() not in (2, 3):
             continue
         for axis in range(1, v.dim()):
             size = v.shape[axis]
-            grown = [_grow(w, axis) if j == i else _grow(w, 1) if axes[j] == 1 and w.shape[1] == size else w
-                     for j, w in enumerate(values)]
+            beside = [j for j, w in enumerate(values) if j != i and isinstance(w, torch.Tensor) and w.dim() >= 2
+                      and w.shape[1] == size and (axes[j] == 1 or (axes[j] is None and w.is_floating_point()))]
+            grown = [_grow(w, axis) if j == i else _grow(w, 1) if j in beside else w for j, w in enumerate(values)]
             if _runs(model, example_inputs, grown):
                 axes[i] = axis
+                for j in beside:  # a float mask or a second sequence of the same length
+                    axes[j] = 1
                 break
     return axes
 
@@ -117,7 +122,9 @@ def _like(example_inputs: Any, values: list):
     if isinstance(example_inputs, torch.Tensor):
         return values[0]
     if isinstance(example_inputs, dict):
-        return dict(zip(example_inputs, values))
+        return _rebuild_mapping(type(example_inputs), dict(zip(example_inputs, values)))
+    if hasattr(example_inputs, "_fields"):  # a namedtuple
+        return type(example_inputs)(*values)
     return type(example_inputs)(values) if isinstance(example_inputs, tuple) else list(values)
 
 
@@ -223,9 +230,10 @@ def other_shape(example_inputs: Any, layout: dict, rows: int | None = None):
     def batch(v):
         return v[:rows] if rows else torch.cat([v, v[:1]])
 
-    axes = layout.get("sequence_axes") or [None] * len(values_of(example_inputs))
+    values = values_of(example_inputs)
+    axes = layout.get("sequence_axes") or [1 if _tokens(v) else None for v in values]  # a layout saved before
     grown = [_grow(batch(v), axis) if axis is not None else batch(v) if isinstance(v, torch.Tensor) and v.dim()
-             else v for v, axis in zip(values_of(example_inputs), axes)]
+             else v for v, axis in zip(values, axes)]
     return _like(example_inputs, grown)
 
 

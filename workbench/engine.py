@@ -139,8 +139,8 @@ def _apply(tech, model, step, ctx):
         raise
     except Exception as e:
         raise StepError(f"{step.describe()} failed on this model: {first_line(e, named=True)}. The model itself "
-                        "ran on the validation batches, so this is the step's limit here (or the train batches differ "
-                        "from them); leave the step out or use another technique") from e
+                        "ran on the example inputs, so this is likely the step's limit here (or the train batches "
+                        "differ from them); leave the step out or use another technique") from e
 
 
 def _still_runs(model, step, ctx) -> None:

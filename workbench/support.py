@@ -42,7 +42,7 @@ TECHNIQUES = {
 @dataclass
 class Arch:
     name: str
-    family: str  # 'text', 'causal', 'vision', 'sequence', 'tabular'
+    family: str  # 'text', 'causal', 'vision', 'audio', 'sequence', 'tabular'
     build: Callable[[], Any]
     source: str  # 'transformers' or 'torch'
     blocks: bool = False  # a list of repeated blocks, which Distill(student='depth=...') halves
@@ -164,6 +164,10 @@ ARCHITECTURES = {a.name: a for a in [
                                        kernel_sizes=[3, 5, 3], in_channels=[32, 16, 24], out_channels=[16, 24, 40],
                                        strides=[1, 2, 2], num_block_repeats=[1, 2, 1], expand_ratios=[1, 6, 6]),
          "transformers"),
+    Arch("wav2vec2", "audio", _hf("Wav2Vec2Model", "Wav2Vec2Config", hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, conv_dim=[16, 16, 16],
+                                  conv_stride=[5, 2, 2], conv_kernel=[10, 3, 3], num_conv_pos_embeddings=16,
+                                  num_conv_pos_embedding_groups=4), "transformers", True),
     Arch("mlp", "tabular", _plain("mlp"), "torch"),
     Arch("cnn", "vision", _plain("cnn"), "torch"),
     Arch("lstm", "sequence", _plain("lstm"), "torch"),
@@ -189,6 +193,8 @@ def _batches(family: str, sizes, lengths, generator):
             out.append((torch.randn(rows, 3, 32, 32, generator=generator), None))
         elif family == "sequence":
             out.append((torch.randn(rows, length, 16, generator=generator), None))
+        elif family == "audio":  # a waveform: 64 samples a step
+            out.append((torch.randn(rows, length * 64, generator=generator), None))
         else:
             out.append((torch.randn(rows, 20, generator=generator), None))
     return out

@@ -11,9 +11,11 @@ it, so every group keeps its size; a depthwise convolution between an FFN's two 
 the neurons' channels. Attention forwards in transformers 5 mostly reshape by head size (`view(..., -1, head_dim)`)
 or read the head counts the modules keep, which are updated too; some rebuild the output at `embed_dim` or keep
 per-head weights elsewhere (BLOOM's ALiBi slopes): `prune.structured` checks each cut against the model with the
-removed heads silenced and refuses the step in one line where they differ.
+removed heads silenced and, where they differ, puts the round back (`undo`) and cuts the FFN neurons alone.
 """
 from __future__ import annotations
+
+from contextvars import ContextVar
 
 from ..architectures import (HEAD_COUNTS, KV_COUNTS, Attention, FeedForward, attention_blocks,
                              feed_forward_blocks, in_features)
@@ -67,11 +69,24 @@ def _keep_channels(conv, index):
     return new.to(conv.weight.device, conv.weight.dtype)
 
 
+# what a cut changed, as functions that put it back (`prune_transformer(undo=...)`): per thread and task
+_UNDO: ContextVar[list | None] = ContextVar("workbench_prune_undo", default=None)
+
+
+def _set(obj, name: str, value) -> None:
+    """setattr, remembered for undoing."""
+    undo = _UNDO.get()
+    if undo is not None:
+        old = getattr(obj, name)
+        undo.append(lambda: setattr(obj, name, old))
+    setattr(obj, name, value)
+
+
 def _replace(model, old, new) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if child is old:
-                setattr(parent, child_name, new)
+                _set(parent, child_name, new)
 
 
 def _rows(layer) -> tuple:
@@ -155,6 +170,10 @@ def _zero_inputs(layer, keep) -> None:
 
     drop = torch.ones(in_features(layer), dtype=torch.bool)
     drop[keep] = False
+    undo = _UNDO.get()
+    if undo is not None:
+        weight, saved = layer.weight, layer.weight.detach().clone()
+        undo.append(lambda: weight.data.copy_(saved))
     with torch.no_grad():
         if type(layer).__name__ == "Conv1D":  # weight (in, out)
             layer.weight[drop, :] = 0
@@ -186,49 +205,54 @@ def cut_heads(model, block: Attention, kept_groups) -> int:
     for owner in [m, *m.children()]:  # the counts live in the attention module or (BERT) its `self` child
         for attr in HEAD_COUNTS:
             if isinstance(getattr(owner, attr, None), int):
-                setattr(owner, attr, heads)
+                _set(owner, attr, heads)
         if isinstance(getattr(owner, "all_head_size", None), int):
-            owner.all_head_size = heads * block.head_dim
+            _set(owner, "all_head_size", heads * block.head_dim)
     for attr in KV_COUNTS:
         if isinstance(getattr(m, attr, None), int):
-            setattr(m, attr, len(kept_groups))
+            _set(m, attr, len(kept_groups))
     config = getattr(m, "config", None)  # Phi-3 reads the counts from the model's config: this layer gets its own
     try:
         source = inspect.getsource(type(m).forward)
     except (OSError, TypeError):
         source = ""
     if isinstance(getattr(config, "num_attention_heads", None), int) and "config.num_" in source:
-        m.config = copy.copy(config)
-        m.config.num_attention_heads = heads
+        own = copy.copy(config)  # shallow: a later change to the model's config (its attention implementation)
+        own.num_attention_heads = heads  # does not reach this layer
         if isinstance(getattr(config, "num_key_value_heads", None), int):
-            m.config.num_key_value_heads = len(kept_groups)
+            own.num_key_value_heads = len(kept_groups)
+        _set(m, "config", own)
     if isinstance(getattr(m, "split_size", None), int):  # GPT-2 splits the fused output in three
-        m.split_size = heads * block.head_dim
+        _set(m, "split_size", heads * block.head_dim)
     return heads
 
 
 def _cut_per_head(model, block: Attention, q_heads: list) -> None:
     """Keep the kept heads' entries of the attention's other per-head weights: a parameter of the model's own
-    classes with one axis as long as the head count (Swin's relative-position bias table, Swin V2's logit scale),
-    and a Linear that produces one value per head (Swin V2's continuous position bias MLP); head counts kept in
-    its submodules follow. A guess by shape, which the check against the silenced model confirms."""
+    classes (not a norm's) with one axis as long as the head count (Swin's relative-position bias table, Swin V2's
+    logit scale), and a position-bias network's last Linear, which gives one value per head (Swin V2's); head counts
+    kept in its submodules follow. A guess by shape, which the check against the silenced model confirms."""
     import torch
 
     projections = {id(x) for x in (block.q, block.k, block.v, block.o, *(m for m, _ in block.alongside))}
+    inside = {id(x) for p in (block.q, block.k, block.v, block.o) if p is not None for x in p.modules()}
     index = torch.tensor(q_heads)
-    for sub in list(block.module.modules()):
-        if isinstance(sub, torch.nn.Linear) and id(sub) not in projections and sub.out_features == block.heads:
-            _replace(model, sub, _keep_out(sub, index))
+    for name, sub in list(block.module.named_modules()):
+        if id(sub) in projections or id(sub) in inside:
             continue
-        if not type(sub).__module__.startswith("torch."):
-            for name, p in list(sub.named_parameters(recurse=False)):
+        if isinstance(sub, torch.nn.Linear):
+            if sub.out_features == block.heads and "position" in name:
+                _replace(model, sub, _keep_out(sub, index))
+            continue
+        if not type(sub).__module__.startswith("torch.") and "norm" not in type(sub).__name__.lower():
+            for attr, p in list(sub.named_parameters(recurse=False)):
                 axes = [i for i, n in enumerate(p.shape) if n == block.heads]
                 if len(axes) == 1:
-                    setattr(sub, name, torch.nn.Parameter(p.detach().index_select(axes[0], index.to(p.device))
-                                                          .clone(), requires_grad=p.requires_grad))
+                    _set(sub, attr, torch.nn.Parameter(p.detach().index_select(axes[0], index.to(p.device)).clone(),
+                                                       requires_grad=p.requires_grad))
         for attr in HEAD_COUNTS:
             if isinstance(getattr(sub, attr, None), int) and getattr(sub, attr) == block.heads:
-                setattr(sub, attr, len(q_heads))
+                _set(sub, attr, len(q_heads))
 
 
 def plan_neurons(block: FeedForward, ratio: float, criterion: str):
@@ -264,13 +288,23 @@ def cut_neurons(model, block: FeedForward, index) -> int:
 
 
 def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_ratios: dict | None = None,
-                      before_cut=None) -> dict:
+                      before_cut=None, undo: list | None = None, attention: bool = True) -> dict:
     """Remove `ratio` of the heads (by key/value group) and of the FFN neurons in every recognised block not in
     `ignored` (names); returns {'heads': (before, after), 'neurons': (before, after), 'blocks': n, 'ffn': n}.
 
     The heads and neurons that go are first silenced (their output columns zeroed) and `before_cut()` called, so
     that the caller can check that the cut model computes what the silenced one does: it must, exactly, unless the
-    model uses the head count elsewhere (a per-head bias the table does not know)."""
+    model uses the head count elsewhere (a per-head bias the table does not know). undo: a list that receives, in
+    order, functions that put back what this call changed (call them in reverse). attention=False: the FFN
+    neurons alone."""
+    token = _UNDO.set(undo)
+    try:
+        return _prune_transformer(model, ratio, criterion, ignored, layer_ratios, before_cut, attention)
+    finally:
+        _UNDO.reset(token)
+
+
+def _prune_transformer(model, ratio, criterion, ignored, layer_ratios, before_cut, attention_too) -> dict:
     names = {id(m): n for n, m in model.named_modules()}
     attention, ffn = attention_blocks(model), feed_forward_blocks(model)
 
@@ -281,8 +315,8 @@ def prune_transformer(model, ratio: float, criterion: str, ignored: set, layer_r
     def ratio_of(layer) -> float:
         return (layer_ratios or {}).get(names.get(id(layer), ""), ratio)
 
-    heads = [(b, None if left_alone(b.q, b.k, b.v, b.o) else plan_heads(b, ratio_of(b.q), criterion))
-             for b in attention]
+    heads = [(b, None if not attention_too or left_alone(b.q, b.k, b.v, b.o) else
+              plan_heads(b, ratio_of(b.q), criterion)) for b in attention]
     neurons = [(b, None if left_alone(*b.ups, *b.between, b.down) else plan_neurons(b, ratio_of(b.ups[0]),
                                                                                       criterion)) for b in ffn]
     for block, kept in heads:
