@@ -381,6 +381,42 @@ def test_taylor_importance_ranks_heads_and_neurons_by_their_gradients():
     assert plan_neurons(ffn, 0.5, "taylor")[-1] == ffn.down.in_features - 1
 
 
+def test_a_deadline_stops_a_python_loop_that_never_ends_and_nothing_after_a_block_that_ends():
+    import time
+
+    from workbench.scoped import deadline
+
+    with pytest.raises(TimeoutError, match="still running after 0.2 s"):
+        with deadline(0.2):
+            while True:
+                try:  # a library's own `except Exception` does not swallow it
+                    time.sleep(0.01)
+                except Exception:
+                    pass
+    for _ in range(20):  # blocks that end just before their deadline: nothing is raised after them
+        with deadline(0.005):
+            time.sleep(0.004)
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_torch_prunings_graph_that_never_finishes_is_refused_in_one_line(monkeypatch):
+    """Torch-Pruning's grouping loops forever on FocalNet's focal modulation (seen: 45 minutes on a tiny model)."""
+    transformers = pytest.importorskip("transformers")
+    from workbench.errors import ModelError
+    from workbench.techniques import prune
+
+    monkeypatch.setattr(prune, "TP_GRAPH_SECONDS", 3.0)
+    torch.manual_seed(0)
+    model = transformers.FocalNetForImageClassification(transformers.FocalNetConfig(
+        image_size=32, num_labels=5, patch_size=4, embed_dim=16, depths=[1, 1], focal_levels=[2, 2],
+        focal_windows=[3, 3])).eval()
+    data = wb.Data(val=[(torch.randn(4, 3, 32, 32), None)], metric="fidelity")
+    with pytest.raises(ModelError, match="dependency graph of this model was still being built after 3 s") as e:
+        wb.optimize(model, "prune=0.25:structured=true", data=data, **FAST)
+    assert len(str(e.value).splitlines()) == 1
+
+
 class _EncoderWithPooledHead(nn.Module):
     """Returns (hidden states, logits), as an encoder with a pooler does: the last prunable layer (the head) is
     not the one that writes the first output."""

@@ -131,4 +131,38 @@ def environ(**values: str):
                 os.environ[k] = v
 
 
-__all__ = ["quiet", "logger_level", "environ"]
+class _Expired(BaseException):  # a BaseException, so that an `except Exception` in the block cannot swallow it
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise TimeoutError in this thread when the block is still running after `seconds`: checked between Python
+    bytecodes, so a loop in Python code (a third-party library's that never ends) stops; a long call into C stops
+    when it returns. A deadline that fires as the block ends raises nothing after it."""
+    import ctypes
+
+    ident, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(_Expired))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except _Expired:
+        raise TimeoutError(f"still running after {seconds:g} s") from None
+    finally:
+        timer.cancel()
+        with lock:
+            state["done"] = True
+            if state["fired"]:  # fired but not yet raised: clear it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+
+
+__all__ = ["quiet", "logger_level", "environ", "deadline"]

@@ -12,10 +12,12 @@ from ..architectures import attention_blocks, feed_forward_blocks, head_layer, p
 from ..errors import ModelError, RecipeError, first_line
 from ..recipe import Step, option
 from ..registry import technique
+from ..scoped import deadline
 from ..tensors import call_model
 
 TAYLOR_BATCHES = 4
 MAX_LAYER_RATIO = 0.9  # never remove a whole layer
+TP_GRAPH_SECONDS = 180.0  # Torch-Pruning's grouping loops forever on some graphs (FocalNet): refused after this
 
 
 @dataclass
@@ -360,15 +362,20 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
         ratio_dict = {modules[n]: r for n, r in layer_ratios.items() if n in modules}
     example = ctx.target.move(ctx.data.example_inputs)
     expected = _output_shapes(model, example)
+    looping = (f"Prune(structured=True): Torch-Pruning's dependency graph of this model was still being built "
+               f"after {TP_GRAPH_SECONDS:g} s (its grouping can loop on some layouts, FocalNet's among them); leave "
+               "the blocks it loops on out with Prune(ignore=...), or use structured=False")
     try:
-        with warnings.catch_warnings():  # what it says of one-element gates, which it rightly passes over
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        with warnings.catch_warnings(), deadline(TP_GRAPH_SECONDS):  # warnings: what it says of one-element
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # gates, rightly passed over
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=importance, pruning_ratio=step.sparsity, pruning_ratio_dict=ratio_dict,
                 global_pruning=step.scope == "global" and not layer_ratios, ignored_layers=ignored_modules,
                 iterative_steps=len(ratios), iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + [
                     r / step.sparsity * ratio if step.sparsity else 0.0 for r in ratios],
                 max_pruning_ratio=MAX_LAYER_RATIO, unwrapped_parameters=unwrapped or None)
+    except TimeoutError as e:
+        raise ModelError(looping) from e
     except Exception as e:
         raise ModelError(f"Prune(structured=True): Torch-Pruning could not trace the model's dependency graph "
                          f"({type(e).__name__}: {e}); ignore the layer it names with Prune(ignore=...)") from e
@@ -376,7 +383,11 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
         ctx.progress(f"pruning round {i + 1}/{len(ratios)}: {target:.0%} of channels", None)
         if step.criterion == "taylor":
             _taylor_grads(model, ctx)
-        pruner.step()
+        try:
+            with deadline(TP_GRAPH_SECONDS):  # each step groups the graph again
+                pruner.step()
+        except TimeoutError as e:
+            raise ModelError(looping) from e
         model.zero_grad(set_to_none=True)
         _check_outputs(model, example, expected, "Torch-Pruning",
                        "leave the layer it names out with Prune(ignore=...)",
