@@ -131,38 +131,65 @@ def environ(**values: str):
                 os.environ[k] = v
 
 
+class DeadlineExceeded(TimeoutError):
+    """A `deadline` block ran past its time."""
+
+
 class _Expired(BaseException):  # a BaseException, so that an `except Exception` in the block cannot swallow it
     pass
 
 
 @contextlib.contextmanager
-def deadline(seconds: float):
-    """Raise TimeoutError in this thread when the block is still running after `seconds`: checked between Python
-    bytecodes, so a loop in Python code (a third-party library's that never ends) stops; a long call into C stops
-    when it returns. A deadline that fires as the block ends raises nothing after it."""
+def deadline(seconds: float, again_every: float = 1.0):
+    """Raise DeadlineExceeded in this thread when the block is still running after `seconds`: checked between
+    Python bytecodes, so a loop in Python code (a third-party library's that never ends) stops; a long call into C
+    stops when it returns. Raised again every `again_every` seconds until the block ends (a bare `except:` in the
+    block may swallow one). Nothing is raised after the block ends, and an exception the block raises itself wins.
+    Not for nesting; and an interrupted library may be left in whatever state it was in (as with Ctrl-C)."""
     import ctypes
 
+    expired = type("Expired", (_Expired,), {})  # this block's own: another's cannot be mistaken for it
     ident, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
 
     def fire():
         with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(_Expired))
+            if state["done"]:
+                return
+            state["fired"] = True
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(expired))
+            arm(again_every)
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    except _Expired:
-        raise TimeoutError(f"still running after {seconds:g} s") from None
-    finally:
-        timer.cancel()
+    def arm(after: float):
+        state["timer"] = threading.Timer(after, fire)
+        state["timer"].daemon = True
+        state["timer"].start()
+
+    def stop():
         with lock:
             state["done"] = True
-            if state["fired"]:  # fired but not yet raised: clear it
+            state["timer"].cancel()
+            if state["fired"]:  # one fired but not yet raised: cleared
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
 
+    arm(seconds)
+    outcome = None
+    try:
+        try:
+            yield
+        except BaseException as e:  # every way out of the block passes through stop()
+            outcome = e
+    except expired:  # fired as the block ended
+        pass
+    while True:
+        try:
+            stop()
+            break
+        except expired:  # raised while stopping: stop again (nothing fires once done)
+            continue
+    if isinstance(outcome, expired):
+        raise DeadlineExceeded(f"still running after {seconds:g} s") from None
+    if outcome is not None:
+        raise outcome
 
-__all__ = ["quiet", "logger_level", "environ", "deadline"]
+
+__all__ = ["quiet", "logger_level", "environ", "deadline", "DeadlineExceeded"]

@@ -170,15 +170,14 @@ def _zero_inputs(layer, keep) -> None:
 
     drop = torch.ones(in_features(layer), dtype=torch.bool)
     drop[keep] = False
+    index = (drop, slice(None)) if type(layer).__name__ == "Conv1D" else (slice(None), drop)  # Conv1D: (in, out)
+    weight = layer.weight
     undo = _UNDO.get()
-    if undo is not None:
-        weight, saved = layer.weight, layer.weight.detach().clone()
-        undo.append(lambda: weight.data.copy_(saved))
+    if undo is not None:  # only what is zeroed is kept to put back
+        saved = weight.detach()[index].clone()
+        undo.append(lambda: weight.data.__setitem__(index, saved))
     with torch.no_grad():
-        if type(layer).__name__ == "Conv1D":  # weight (in, out)
-            layer.weight[drop, :] = 0
-        else:
-            layer.weight[:, drop] = 0
+        weight[index] = 0
 
 
 def cut_heads(model, block: Attention, kept_groups) -> int:

@@ -12,7 +12,7 @@ from ..architectures import attention_blocks, feed_forward_blocks, head_layer, p
 from ..errors import ModelError, RecipeError, first_line
 from ..recipe import Step, option
 from ..registry import technique
-from ..scoped import deadline
+from ..scoped import DeadlineExceeded, deadline
 from ..tensors import call_model
 
 TAYLOR_BATCHES = 4
@@ -295,9 +295,14 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         neurons alone (for this round and the rest: BLOOM's ALiBi slopes, an attention rebuilt at its own width)."""
         nonlocal whole
         silenced, undo = [], []
-        counts = heads.prune_transformer(model, share, step.criterion, set(ignored), layer_ratios,
-                                         before_cut=lambda: silenced.extend(_outputs(model, example)), undo=undo,
-                                         attention=attention)
+        try:
+            counts = heads.prune_transformer(model, share, step.criterion, set(ignored), layer_ratios,
+                                             before_cut=lambda: silenced.extend(_outputs(model, example)),
+                                             undo=undo, attention=attention)
+        except BaseException:  # the model as it was, not half cut
+            for put_back in reversed(undo):
+                put_back()
+            raise
         cut_heads = counts["heads"][0] != counts["heads"][1]
         try:
             _check_outputs(model, example, expected,
@@ -327,12 +332,11 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
     said = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups)" \
         if counts["blocks"] else "attention left whole (its layout is not one whose heads the pruner knows how " \
                                  "to remove)"
-    if whole:
-        said += (f"; {'more ' if counts['heads'][1] < before['heads'][0] else ''}heads were not removed: after "
-                  f"{whole}, so FFN neurons were cut alone")
+    why = (f"; {'no more' if counts['heads'][1] < before['heads'][0] else 'no'} heads were removed, because "
+           f"after {whole}; FFN neurons were cut alone from then on") if whole else ""
     ctx.note(f"structured: {said} and FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in "
              f"{counts['ffn'] or counts['blocks']} blocks, by {step.criterion} importance per block; hidden size "
-             f"and outputs kept{kept}")
+             f"and outputs kept{kept}{why}")
     ctx.details["structured"] = {"heads": (before["heads"][0], counts["heads"][1]),
                                  "neurons": (before["neurons"][0], counts["neurons"][1]),
                                  **({"attention_left_whole": whole} if whole else {})}
@@ -374,7 +378,7 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
                 iterative_steps=len(ratios), iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + [
                     r / step.sparsity * ratio if step.sparsity else 0.0 for r in ratios],
                 max_pruning_ratio=MAX_LAYER_RATIO, unwrapped_parameters=unwrapped or None)
-    except TimeoutError as e:
+    except DeadlineExceeded as e:
         raise ModelError(looping) from e
     except Exception as e:
         raise ModelError(f"Prune(structured=True): Torch-Pruning could not trace the model's dependency graph "
@@ -386,7 +390,7 @@ def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
         try:
             with deadline(TP_GRAPH_SECONDS):  # each step groups the graph again
                 pruner.step()
-        except TimeoutError as e:
+        except DeadlineExceeded as e:
             raise ModelError(looping) from e
         model.zero_grad(set_to_none=True)
         _check_outputs(model, example, expected, "Torch-Pruning",
