@@ -70,13 +70,10 @@ def minilm():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set; the slow set runs
-    first, so that with parallel workers the last tests to finish are short ones (a 60 s test collected near the
-    end had kept one worker busy while the other sat idle)."""
+    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set."""
     for item in items:
         if "minilm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the order within each set
 
 
 @pytest.fixture(scope="session")
