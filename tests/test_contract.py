@@ -1,5 +1,8 @@
 """The call contract exporters keep: which axis of each input may vary, found from what the model takes, so that
 saves and graphs of waveform, sequence and 1-D convolution models run at lengths they were not traced at."""
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +102,77 @@ def test_a_failed_onnx_export_is_one_line_and_prints_no_graph(capfd):
             export_onnx(_Histogram(), torch.randn(2, 5))
     printed = capfd.readouterr()
     assert "graph(" not in printed.err + printed.out and "Torch IR" not in printed.err + printed.out
+
+
+class _Branches(nn.Module):
+    """Takes up to 16 steps, and computes differently below 10: a trace at 12 steps keeps the long branch, which a
+    check three steps longer (15) cannot tell from the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+
+    def forward(self, ids):
+        if ids.shape[1] > 16:
+            raise ValueError("at most 16 steps")
+        h = self.embed(ids).sum(1)
+        return h * 2 if ids.shape[1] >= 10 else h * 3
+
+
+def test_exports_are_checked_shorter_too_and_only_at_shapes_the_model_takes():
+    from workbench.backends.onnxruntime.session import OrtModel
+    from workbench.backends.torch_eager.storage import export_program, trace_program
+    from workbench.contract import other_shapes
+    from workbench.errors import ExportError
+
+    model, ids = _Branches().eval(), torch.randint(0, 20, (4, 12))
+    shapes = [tuple(s.shape) for s in other_shapes(ids, layout_of(model, ids))]
+    assert shapes == [(5, 15), (1, 15), (4, 8)]
+    at_most = torch.randint(0, 20, (4, 16))  # at the model's longest: three steps more is not a shape it takes
+    assert [tuple(s.shape) for s in other_shapes(at_most, layout_of(model, at_most), model)] == [(4, 11)]
+    with pytest.raises(ExportError, match="runs only at the batch size or sequence length it was traced with"):
+        OrtModel.from_torch(model, ids)  # the graph kept the long branch: wrong below 10 steps
+    with pytest.raises(NotImplementedError):
+        trace_program(model, ids, Path(tempfile.mkdtemp()) / "model.ts")
+    # torch.export keeps the branch as a condition on the length, and the program refuses shorter inputs
+    with pytest.raises(NotImplementedError, match="fixed the batch size or sequence length"):
+        export_program(model, ids, Path(tempfile.mkdtemp()) / "model.pt2")
+    OrtModel.from_torch(_Longest().eval(), at_most)  # its longest length exported: checked below it, not above
+
+
+class _Longest(nn.Module):
+    """Position embeddings for 16 steps, as a BERT has for 512: inputs padded to the longest are common."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(20, 8), nn.Embedding(16, 8)
+
+    def forward(self, ids):
+        return (self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))).mean(1)
+
+
+def test_quiet_silences_stderr_and_the_loggers_that_keep_their_own_handlers(capsys):
+    """torch's loggers do not pass records to the root, and a failed torch.export prints its partial graph to
+    stderr: both reached the notebook through `quiet()`."""
+    import io
+    import logging
+    import sys
+
+    from workbench.scoped import quiet
+
+    logger, stream = logging.getLogger("workbench-test-apart"), io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        with quiet():
+            print("partial graph", file=sys.stderr)
+            logger.warning("chatter")
+            logger.error("kept")
+        print("after", file=sys.stderr)
+        logger.warning("heard again")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "partial graph" not in err and "after" in err
+    assert stream.getvalue().splitlines() == ["kept", "heard again"]

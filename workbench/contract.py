@@ -221,23 +221,37 @@ def to_trace(model, example_inputs: Any) -> tuple:
     return model, example_inputs, layout_of(model, example_inputs)
 
 
-def other_shape(example_inputs: Any, layout: dict, rows: int | None = None):
-    """The example inputs at a batch size and sequence length they do not have (one row more, or `rows` rows, and
-    three steps more along each input's sequence axis, copied from the first), to check that an exported graph is
-    general rather than traced to one shape."""
+def other_shape(example_inputs: Any, layout: dict, rows: int | None = None, shorter: bool = False):
+    """The example inputs at a batch size and sequence length they do not have, to check that an exported graph is
+    general rather than traced to one shape: one row more (or `rows` rows) and three steps more along each input's
+    sequence axis, copied from the first; shorter: a third fewer steps (the first ones kept) instead."""
     import torch
 
     def batch(v):
         return v[:rows] if rows else torch.cat([v, v[:1]])
 
+    def length(v, axis):
+        return v.narrow(axis, 0, max(1, v.shape[axis] - max(1, v.shape[axis] // 3))) if shorter else _grow(v, axis)
+
     values = values_of(example_inputs)
-    axes = layout.get("sequence_axes") or [1 if _tokens(v) else None for v in values]  # a layout saved before
-    grown = [_grow(batch(v), axis) if axis is not None else batch(v) if isinstance(v, torch.Tensor) and v.dim()
-             else v for v, axis in zip(values, axes)]
+    grown = [length(batch(v), axis) if axis is not None else batch(v) if isinstance(v, torch.Tensor) and v.dim()
+             else v for v, axis in zip(values, _axes(values, layout))]
     return _like(example_inputs, grown)
 
 
-def other_shapes(example_inputs: Any, layout: dict) -> list:
-    """`other_shape` one row more and at one row (where a program traced at several rows may assume more than one:
-    torch.export was seen to)."""
-    return [other_shape(example_inputs, layout), other_shape(example_inputs, layout, rows=1)]
+def _axes(values: list, layout: dict) -> list:
+    return layout.get("sequence_axes") or [1 if _tokens(v) else None for v in values]  # or a layout saved before
+
+
+def other_shapes(example_inputs: Any, layout: dict, model=None) -> list:
+    """`other_shape`s that an exported graph must run at, as the model does: one row more; one row (a program
+    traced at several rows may assume more than one: torch.export was seen to); and, where inputs have a sequence
+    axis, a third shorter at the example's rows (three steps more can land where the traced length's own
+    conditions still hold: a convolutional front end's frame count, a length padded to a window's multiple).
+    With `model`, only the shapes it runs at itself (three steps more may pass its longest)."""
+    from .tensors import batch_size_of
+
+    shapes = [other_shape(example_inputs, layout), other_shape(example_inputs, layout, rows=1)]
+    if any(axis is not None for axis in _axes(values_of(example_inputs), layout)):
+        shapes.append(other_shape(example_inputs, layout, rows=batch_size_of(example_inputs), shorter=True))
+    return [s for s in shapes if model is None or _runs(model, example_inputs, values_of(s))]

@@ -29,7 +29,7 @@ class _ThisThread(logging.Filter):
 
 
 class _Dispatch:
-    """Stands in for sys.stdout while any thread is quiet: writes of quiet threads are dropped, every other
+    """Stands in for sys.stdout (or stderr) while any thread is quiet: writes of quiet threads are dropped, every other
     thread's go to the stream that was there before (all its attributes too)."""
 
     def __init__(self, real):
@@ -46,7 +46,8 @@ class _Dispatch:
 
 
 _quiet_threads: dict[int, int] = {}  # thread id -> how many quiet() blocks it is in
-_installed: dict = {}  # what was replaced while any thread is quiet: "stdout", "showwarning"
+_installed: dict = {}  # what was replaced while any thread is quiet: the streams, "showwarning"
+STREAMS = ("stdout", "stderr")
 _shown_before = [warnings.showwarning]  # what showed warnings before the first quiet(); kept by the dispatcher
 
 
@@ -59,15 +60,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 @contextlib.contextmanager
 def quiet(level: int = logging.ERROR):
-    """Silence log records below `level`, warnings and prints of the calling thread (libraries' chatter)."""
+    """Silence log records below `level`, warnings and prints (to stdout and stderr) of the calling thread:
+    libraries' chatter (a failed torch.export prints its whole partial graph to stderr)."""
     me = threading.get_ident()
     drop = _ThisThread(level)
     root = logging.getLogger()
-    handlers = [root, *root.handlers, *([logging.lastResort] if logging.lastResort else [])]
+    # loggers that do not pass records up to the root have handlers of their own (torch's write to stderr: a failed
+    # torch.export warned with the whole traced graph, thousands of lines)
+    apart = [lg for lg in list(logging.Logger.manager.loggerDict.values())
+             if isinstance(lg, logging.Logger) and not lg.propagate]
+    handlers = [root, *root.handlers, *(h for lg in apart for h in lg.handlers),
+                *([logging.lastResort] if logging.lastResort else [])]
     with _lock:
         if not _quiet_threads:  # the first quiet thread installs the dispatchers
-            _installed["stdout"] = _Dispatch(sys.stdout)
-            sys.stdout = _installed["stdout"]
+            for name in STREAMS:
+                _installed[name] = _Dispatch(getattr(sys, name))
+                setattr(sys, name, _installed[name])
             if warnings.showwarning is not _show_warning:
                 _shown_before[0] = warnings.showwarning
             warnings.showwarning = _show_warning
@@ -84,8 +92,9 @@ def quiet(level: int = logging.ERROR):
             if not _quiet_threads[me]:
                 del _quiet_threads[me]
             if not _quiet_threads:  # the last one out restores what it can (a later replacement is left alone)
-                if sys.stdout is _installed.get("stdout"):
-                    sys.stdout = _installed["stdout"].real
+                for name in STREAMS:
+                    if getattr(sys, name) is _installed.get(name):
+                        setattr(sys, name, _installed[name].real)
                 if warnings.showwarning is _show_warning:
                     warnings.showwarning = _shown_before[0]
                 _installed.clear()

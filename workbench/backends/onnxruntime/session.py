@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ...architectures import is_causal_lm, packs_tokens
 from ...errors import DeviceError, ExportError, first_line
-from ...contract import bind, other_shape, rebuild
+from ...contract import bind, other_shapes, rebuild
 from .export import export_onnx
 from .fusion import fuse_bert
 
@@ -96,7 +96,8 @@ class OrtModel:
             try:
                 decoder = cls(*export_onnx(model, example_inputs, cache=True), device=device, threads=threads)
                 decoder.check_parity(model, example_inputs)
-                decoder.check_parity(model, other_shape(example_inputs, decoder.layout))
+                for other in other_shapes(example_inputs, decoder.layout, model):
+                    decoder.check_parity(model, other)
                 return decoder
             except Exception as e:
                 lost = first_line(e, 200)
@@ -107,7 +108,8 @@ class OrtModel:
         if check:
             ort_model.check_parity(model, example_inputs)
             try:
-                ort_model.check_parity(model, other_shape(example_inputs, ort_model.layout))
+                for other in other_shapes(example_inputs, ort_model.layout, model):
+                    ort_model.check_parity(model, other)
             except Exception as e:
                 import re
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ...contract import bind, other_shape, rebuild
+from ...contract import bind, other_shapes, rebuild
 from ...errors import DeviceError, ExportError, WorkbenchError, first_line
 from ...registry import register_backend
 from ...tensors import call_model
@@ -190,14 +190,16 @@ class OpenVinoBackend(Backend):
                 lowered = OvModel.from_torch(model, example, threads=ctx.target.threads)
                 lowered.check_parity(model, example)
                 # a trace must not keep the example's shapes
-                lowered.check_parity(model, other_shape(example, lowered.layout))
+                for other in other_shapes(example, lowered.layout, model):
+                    lowered.check_parity(model, other)
             except Exception as e:
                 logging.getLogger(__name__).info("OpenVINO's PyTorch frontend did not take the model: %s", e)
                 lowered = OvModel.from_onnx(*export_onnx(model, example), threads=ctx.target.threads)
                 lowered.check_parity(model, example)
             if precision == "int8-static":
                 lowered = self._nncf_int8(lowered, model, ctx, calibration_batches)
-            call_model(lowered, other_shape(example, lowered.layout))  # runs at another batch size and length too
+            for other in other_shapes(example, lowered.layout, model):  # runs at other batch sizes and lengths too
+                call_model(lowered, other)
         except WorkbenchError:
             raise
         except Exception as e:  # conversion, NNCF or inference failures: the model is not one OpenVINO takes

@@ -24,6 +24,7 @@ from ...errors import WorkbenchError, first_line
 from ...contract import (bind, flat_module, layout_of, other_shapes, rebuild, values_of,
                          without_cache)
 from ...paths import write_atomic
+from ...scoped import quiet
 from ...tensors import map_tensors
 
 
@@ -70,12 +71,14 @@ def export_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
     layout = layout_of(model, example_inputs)
     values = values_of(example_inputs)
     shapes = tuple({0: batch, **({axis: torch.export.Dim.AUTO} if axis else {})} for axis in layout["sequence_axes"])
-    program = torch.export.export(flat_module(model, layout), tuple(values), dynamic_shapes=(shapes,),  # *values
-                                  strict=False)
+    with quiet():  # where it cannot keep a shape general, torch.export logs the whole traced graph
+        program = torch.export.export(flat_module(model, layout), tuple(values), dynamic_shapes=(shapes,),
+                                      strict=False)  # (shapes,): the flat module takes *values
     try:
         with torch.inference_mode():
-            for inputs in other_shapes(example_inputs, layout):
-                program.module()(*values_of(inputs))
+            general = program.module()
+            for inputs in other_shapes(example_inputs, layout, model):
+                general(*values_of(inputs))
     except Exception as e:
         raise NotImplementedError("torch.export fixed the batch size or sequence length at the traced one, or "
                                   "assumed more than one row "
@@ -103,7 +106,7 @@ def trace_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notices
         traced = torch.jit.trace(flat, tuple(values_of(example_inputs)), check_trace=False)
-        pairs = [(traced(*other), flat(*other)) for other in map(values_of, other_shapes(example_inputs, layout))]
+        pairs = [(traced(*other), flat(*other)) for other in map(values_of, other_shapes(example_inputs, layout, model))]
     same = all(len(got) == len(expected) and all(
         g.shape == e.shape and torch.allclose(g.float(), e.float(), rtol=1e-3,
                                               atol=1e-4 * max(1.0, float(e.abs().max())))
