@@ -62,6 +62,23 @@ def test_smoothing_is_exact_in_float_on_a_bert_and_its_packed_form():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_smoothing_folds_into_values_only_where_the_output_projection_reads_nothing_else():
+    """ConvBERT's attention output projection reads its convolution heads' features after the values': the scale
+    cannot fold into the value rows (it raised a shape error), so that layer is smoothed in front; still exact."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    model = transformers.ConvBertModel(transformers.ConvBertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        embedding_size=32, head_ratio=2, conv_kernel_size=3)).eval()
+    inputs = [{"input_ids": torch.randint(3, 96, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}]
+    smoothed, plan = smoothing.prepare(copy.deepcopy(model), inputs, 0.85, False, 0)
+    assert "encoder.layer.0.attention.output.dense" in plan.smoothed and not plan.folded
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(**inputs[0]).last_hidden_state, model(**inputs[0]).last_hidden_state,
+                                   atol=2e-5, rtol=1e-4)
+
+
 def test_smoothing_recovers_the_fidelity_outlier_channels_cost():
     model, data = outlier_mlp()
     plain = wb.optimize(model, "quant=int8:smooth=none:keep=0", data=data, study=False, batch_sizes=(1,))

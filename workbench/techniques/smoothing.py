@@ -129,9 +129,10 @@ def _folds(model) -> tuple[dict, set]:
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         attention = getattr(module, "attention", None)
-        if attention is not None and hasattr(attention, "self") and hasattr(attention, "output") and \
-                hasattr(attention.self, "value") and hasattr(attention.output, "dense"):
-            value = attention.self.value
+        value, out = getattr(getattr(attention, "self", None), "value", None), \
+            getattr(getattr(attention, "output", None), "dense", None)
+        if isinstance(value, nn.Linear) and isinstance(out, nn.Linear) and value.out_features == out.in_features:
+            # (ConvBERT's output projection also reads its convolution heads' features, after the values')
             folds[f"{prefix}attention.output.dense"] = (value, slice(0, value.out_features))
             never.update(f"{prefix}attention.self.{p}" for p in ("query", "key", "value"))
         elif isinstance(module, PackedLayer) and hasattr(module.qkv, "weight"):
