@@ -207,3 +207,33 @@ def test_a_pool_wider_than_its_map_runs_on_openvino_and_keeps_int8_fidelity_on_o
             continue
         r = wb.optimize(model, "quant=int8-static", data, backend=backend, timing=support._plan(), **QUICK)
         assert r.measurement.metric > least, (backend, r.measurement.metric)
+
+
+def test_tensors_cached_by_earlier_forwards_are_dropped_for_half_precision_and_for_training():
+    """LeViT keeps its attention biases per device, not per dtype: an fp16 copy found the float32 ones of the
+    user's earlier forwards ('expected scalar type Float but found Half'). BEiT caches its relative-position index
+    process-wide: made under inference_mode, autograd could not save it for backward, so distillation failed."""
+    transformers = pytest.importorskip("transformers")
+    from workbench.backends.torch_eager.lowering import to_dtype
+    from workbench.tensors import drop_cached_tensors
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    levit = transformers.LevitForImageClassification(transformers.LevitConfig(
+        image_size=32, num_labels=5, hidden_sizes=[32, 48], num_attention_heads=[2, 3], depths=[1, 1],
+        key_dim=[8, 8], mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 8, 2, 4, 2, 2]])).eval()
+    with torch.inference_mode():
+        expected = levit(x).logits  # fills the cache in float32
+        got = to_dtype(levit, "fp16")(x).logits
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    beit = transformers.BeitModel(transformers.BeitConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, use_relative_position_bias=True)).eval()
+    with torch.inference_mode():
+        beit(x)
+    drop_cached_tensors(beit)
+    assert not beit.training  # modes are kept
+    beit.train()
+    beit(x).last_hidden_state.sum().backward()
+    tables = [p for n, p in beit.named_parameters() if n.endswith("relative_position_bias_table")]
+    assert tables and all(p.grad is not None for p in tables)

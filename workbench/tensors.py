@@ -160,6 +160,33 @@ def copy_model(model):
     return copy.deepcopy(model, memo)
 
 
+def drop_cached_tensors(model) -> None:
+    """Forget tensors the model kept from earlier forwards, which a copy in another dtype or training cannot use:
+    caches its modules clear when they enter training (LeViT keeps its attention biases per device, not per dtype:
+    a half-precision copy found float32 ones), and functools caches on its classes' methods (BEiT's
+    relative-position index, made under `inference_mode`, which autograd then cannot save for backward). Every
+    module keeps its train/eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    for m, training in modes:
+        m.training = training
+    for cls in {type(m) for m in model.modules()}:
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch.") or klass is object:
+                continue
+            for value in vars(klass).values():
+                fn = getattr(value, "__func__", value)
+                cells = []
+                for cell in getattr(fn, "__closure__", None) or ():
+                    try:
+                        cells.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        pass
+                for cached in (fn, *cells):  # an lru_cache, or a wrapper that calls one (transformers' for compile)
+                    if callable(getattr(cached, "cache_clear", None)):
+                        cached.cache_clear()
+
+
 @contextlib.contextmanager
 def rng_preserved():
     """torch's random state restored after the block: iterating a DataLoader (even unshuffled) draws from it, so

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from .data import Data
 from .errors import DataError, RecipeError
-from .tensors import call_model, first_tensor, seeded
+from .tensors import call_model, drop_cached_tensors, first_tensor, seeded
 
 SEED = 0
 
@@ -98,6 +98,7 @@ def _fit(model, data, epochs, lr, loss, progress, keep_best, reference, label, m
     stale = 0
     for epoch in range(1, epochs + 1):
         model.train()
+        drop_cached_tensors(model)  # what forwards under inference_mode left (evaluations) cannot be trained through
         total, count = 0.0, 0
         for inputs, targets in data.train_batches(limit=max_batches):
             inputs = target.move(inputs)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ...architectures import within
 from ...errors import first_line
-from ...tensors import map_tensors
+from ...tensors import drop_cached_tensors, map_tensors
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,7 +32,9 @@ class CastInputs(nn.Module):
 def to_dtype(model: nn.Module, dtype_name: str) -> nn.Module:
     """A half-precision copy (`fp16` or `bf16`) wrapped to accept and return float32 tensors."""
     dtype = DTYPES[dtype_name]
-    return CastInputs(copy.deepcopy(model).to(dtype), dtype).eval()
+    converted = copy.deepcopy(model).to(dtype)
+    drop_cached_tensors(converted)
+    return CastInputs(converted, dtype).eval()
 
 
 def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True) -> nn.Module:
