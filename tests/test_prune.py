@@ -617,3 +617,38 @@ def test_a_wrapped_transformer_and_one_returning_attention_maps_prune_by_heads_a
         output_attentions=True, attn_implementation="eager")).eval()
     r = wb.optimize(bert, "prune=0.5:structured=true", data=data, **FAST)
     assert "attention heads 8 -> 4" in r.notes[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mpt", "pvt-v2"])
+def test_ffn_layouts_of_mpt_and_pvt_v2_are_pruned_by_neurons(family):
+    """MPT (up/down projections, a fused Wqkv beside out_proj) went to Torch-Pruning and failed with an IndexError;
+    its heads cannot go (ALiBi slopes are built per head at the model level), so its FFN neurons are cut alone.
+    PVT-v2's FFN (dense1, a depthwise convolution, dense2) broke Torch-Pruning's reshapes: its neurons are cut with
+    the convolution's channels."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    if family == "mpt":
+        model = transformers.MptForCausalLM(transformers.MptConfig(
+            vocab_size=96, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64)).eval()
+        x, other = torch.randint(3, 96, (4, 12)), torch.randint(3, 96, (2, 7))
+    else:
+        model = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(
+            num_labels=5, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+            patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2])).eval()
+        x, other = torch.randn(4, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    before = state_bytes(model)
+    r = wb.optimize(model, "prune=0.5:structured=true", data=wb.Data(val=[(x, None)], metric="fidelity"), **FAST)
+    structured = r.details["structured"]
+    assert structured["neurons"][1] == structured["neurons"][0] // 2
+    assert structured["heads"][0] == structured["heads"][1]
+    if family == "mpt":
+        assert "MptAttention" in structured["attention_left_whole"]
+        assert all(b.ffn.up_proj.out_features == 64 for b in r.model.transformer.blocks)
+    else:
+        convs = [m for n, m in r.model.named_modules() if n.endswith("dwconv.dwconv")]
+        assert convs and all(c.in_channels == c.out_channels == c.groups == 16 * (i + 1) for i, c in enumerate(convs))
+    with torch.no_grad():
+        assert r.model(other)[0].shape == model(other)[0].shape
+    assert r.measurement.metric > 0.9 and state_bytes(model) == before

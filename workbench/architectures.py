@@ -42,6 +42,7 @@ ATTENTION = (
     ("c_attn", None, None, "c_proj"),  # GPT-2
     ("qkv_proj", None, None, "o_proj"),  # Phi-3
     ("Wqkv", None, None, "Wo"),  # ModernBERT
+    ("Wqkv", None, None, "out_proj"),  # MPT
     ("query_key_value", None, None, "dense"),  # GPT-NeoX (Pythia), Falcon, BLOOM
 )
 # how a fused QKV projection lays out its rows: 'blocks' [all query heads | key heads | value heads], 'grouped'
@@ -56,12 +57,14 @@ FEED_FORWARD = (
     (("ffn",), "ffn_output"),  # ALBERT (the layer)
     (("lin1",), "lin2"),  # DistilBERT
     (("gate_proj", "up_proj"), "down_proj"),  # LLaMA
+    (("up_proj",), "down_proj"),  # MPT
     (("fc1",), "fc2"),  # ViT, Swin
     (("c_fc",), "c_proj"),  # GPT-2
     (("gate_up_proj",), "down_proj"),  # Phi-3 (gate and up fused)
     (("Wi",), "Wo"),  # ModernBERT (input and gate fused)
     (("dense_h_to_4h",), "dense_4h_to_h"),  # GPT-NeoX, Falcon, BLOOM
     (("fc_in",), "fc_out"),  # GPT-J
+    (("dense1",), "dense2"),  # PVT-v2 (a depthwise convolution between, as in SegFormer's Mix-FFN)
 )
 # up projections that compute several parts side by side (a gated unit's gate and up), each as wide as the down
 # projection's input
