@@ -104,8 +104,10 @@ def check_parity(runtime, model, example_inputs, what: str, instead: str, rtol: 
         raise ExportError(f"{what} returns shape {tuple(got.shape)}, torch returns {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
     if diff > rtol * max(1.0, expected.abs().max().item()):
-        raise ExportError(f"{what} disagrees with the torch model (max abs diff {diff:.3g} on the example "
-                          f"inputs); use {instead} for this model")
+        shapes: list = []
+        map_tensors(example_inputs, lambda t: shapes.append(tuple(t.shape)))
+        raise ExportError(f"{what} disagrees with the torch model (max abs diff {diff:.3g} on inputs shaped "
+                          f"{shapes[0] if shapes else '()'}); use {instead} for this model")
     return diff
 
 

@@ -125,8 +125,7 @@ def _groups_rows(block: Attention):
     if block.fused == "grouped":  # per group: its query heads, then its key head and its value head
         start = g * (per + 2) * d
         return start + torch.arange(per * d), start + per * d + torch.arange(d), start + (per + 1) * d + torch.arange(d)
-    q = g * per * d + torch.arange(per * d)
-    kv = g * d + torch.arange(d)
+    q, kv = _query_rows(block), g * d + torch.arange(d)
     if block.k is None:  # 'blocks': every query head, then every key head, then every value head
         return q, block.heads * d + kv, (block.heads + groups) * d + kv
     return q, kv, kv
@@ -150,12 +149,18 @@ def plan_heads(block: Attention, ratio: float, criterion: str):
     return sorted(torch.argsort(score, descending=True)[:groups - drop].tolist())
 
 
-def _query_columns(block: Attention, kept_groups):
-    """The output projection's input columns (the query heads' features) of the kept groups."""
+def _query_rows(block: Attention):
+    """[groups, n]: each key/value group's query heads' features, as an unfused query projection's rows and the
+    output projection's input columns lay them out."""
     import torch
 
     per, d = block.heads // block.kv_heads, block.head_dim
-    return torch.tensor([(g * per + j) * d + i for g in kept_groups for j in range(per) for i in range(d)])
+    return torch.arange(block.kv_heads)[:, None] * per * d + torch.arange(per * d)
+
+
+def _query_columns(block: Attention, kept_groups):
+    """The output projection's input columns of the kept groups' query heads."""
+    return _query_rows(block)[kept_groups].flatten()
 
 
 def silence_heads(block: Attention, kept_groups) -> None:
@@ -188,8 +193,8 @@ def cut_heads(model, block: Attention, kept_groups) -> int:
     import torch
 
     q_rows, k_rows, v_rows = (r[kept_groups].flatten() for r in _groups_rows(block))
-    q_index = _query_columns(block, kept_groups)
-    _cut_per_head(model, block, (q_index[::block.head_dim] // block.head_dim).tolist())  # before q/k/v/o change
+    q_index, per = _query_columns(block, kept_groups), block.heads // block.kv_heads
+    _cut_per_head(model, block, [g * per + j for g in kept_groups for j in range(per)])  # before q/k/v/o change
     if block.k is None:
         _replace(model, block.q, _keep_out(block.q, torch.sort(torch.cat([q_rows, k_rows, v_rows])).values))
     else:
