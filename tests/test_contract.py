@@ -129,7 +129,9 @@ def test_exports_are_checked_shorter_too_and_only_at_shapes_the_model_takes():
     shapes = [tuple(s.shape) for s in other_shapes(ids, layout_of(model, ids))]
     assert shapes == [(5, 15), (1, 15), (4, 8)]
     at_most = torch.randint(0, 20, (4, 16))  # at the model's longest: three steps more is not a shape it takes
-    assert [tuple(s.shape) for s in other_shapes(at_most, layout_of(model, at_most), model)] == [(4, 11)]
+    assert [tuple(s.shape) for s in other_shapes(at_most, layout_of(model, at_most), model)] == \
+        [(5, 16), (1, 16), (4, 11)]  # the rows change alone where three steps more pass the model's longest
+    assert [tuple(s.shape) for s in other_shapes(ids[:, :2], layout_of(model, ids[:, :2]))] == [(5, 5), (1, 5)]
     with pytest.raises(ExportError, match="runs only at the batch size or sequence length it was traced with"):
         OrtModel.from_torch(model, ids)  # the graph kept the long branch: wrong below 10 steps
     with pytest.raises(NotImplementedError):

@@ -124,3 +124,22 @@ def test_preflight_names_openvino_for_a_bert_where_it_is_missing(monkeypatch):
     assert any("workbench[openvino]" in line for line in wb.preflight(model, "quant=int8", data, device="cpu"))
     assert not any("workbench[openvino]" in line for line in wb.preflight(model, "quant=int8-dynamic", data,
                                                                           device="cpu"))
+
+
+@pytest.mark.parametrize("route", ["pytorch frontend", "onnx"])
+def test_a_graph_that_computes_otherwise_at_a_shorter_length_is_refused_on_both_routes(route, monkeypatch):
+    """A model that branches on its length, traced at 12 steps: the graph keeps the long branch, which the check
+    three steps longer cannot tell apart; the ONNX route was checked only for running at other shapes."""
+    from tests.test_contract import _Branches
+    from workbench.backends.openvino import OvModel
+    from workbench.errors import WorkbenchError
+
+    if route == "onnx":
+        def refuse(*args, **kwargs):
+            raise RuntimeError("frontend cannot take this model")
+
+        monkeypatch.setattr(OvModel, "from_torch", staticmethod(refuse))
+    torch.manual_seed(0)
+    data = wb.Data(val=[(torch.randint(0, 20, (4, 12)), None)], metric="fidelity")
+    with pytest.raises(WorkbenchError, match="disagrees with the torch model"):
+        wb.optimize(_Branches().eval(), [], data=data, backend="openvino", study=False, batch_sizes=(1,))

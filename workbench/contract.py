@@ -102,13 +102,12 @@ def _grow(t, axis: int):
 
 
 def _runs(model, example_inputs: Any, values: list) -> bool:
-    import warnings
-
     import torch
 
+    from .scoped import quiet
+
     try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.inference_mode(), quiet():
             call_model(model, _like(example_inputs, values))
         return True
     except Exception:
@@ -221,20 +220,23 @@ def to_trace(model, example_inputs: Any) -> tuple:
     return model, example_inputs, layout_of(model, example_inputs)
 
 
-def other_shape(example_inputs: Any, layout: dict, rows: int | None = None, shorter: bool = False):
+def other_shape(example_inputs: Any, layout: dict, rows: int | None = None, length: str = "longer"):
     """The example inputs at a batch size and sequence length they do not have, to check that an exported graph is
-    general rather than traced to one shape: one row more (or `rows` rows) and three steps more along each input's
-    sequence axis, copied from the first; shorter: a third fewer steps (the first ones kept) instead."""
+    general rather than traced to one shape: one row more (or `rows` rows), and along each input's sequence axis
+    three steps more, copied from the first (length 'longer'), the same steps ('same') or a third fewer, at least
+    two, the first ones kept ('shorter')."""
     import torch
 
     def batch(v):
         return v[:rows] if rows else torch.cat([v, v[:1]])
 
-    def length(v, axis):
-        return v.narrow(axis, 0, max(1, v.shape[axis] - max(1, v.shape[axis] // 3))) if shorter else _grow(v, axis)
+    def steps(v, axis):
+        n = v.shape[axis]
+        return _grow(v, axis) if length == "longer" else v if length == "same" else \
+            v.narrow(axis, 0, max(2, n - max(1, n // 3)))
 
     values = values_of(example_inputs)
-    grown = [length(batch(v), axis) if axis is not None else batch(v) if isinstance(v, torch.Tensor) and v.dim()
+    grown = [steps(batch(v), axis) if axis is not None else batch(v) if isinstance(v, torch.Tensor) and v.dim()
              else v for v, axis in zip(values, _axes(values, layout))]
     return _like(example_inputs, grown)
 
@@ -245,13 +247,28 @@ def _axes(values: list, layout: dict) -> list:
 
 def other_shapes(example_inputs: Any, layout: dict, model=None) -> list:
     """`other_shape`s that an exported graph must run at, as the model does: one row more; one row (a program
-    traced at several rows may assume more than one: torch.export was seen to); and, where inputs have a sequence
-    axis, a third shorter at the example's rows (three steps more can land where the traced length's own
-    conditions still hold: a convolutional front end's frame count, a length padded to a window's multiple).
-    With `model`, only the shapes it runs at itself (three steps more may pass its longest)."""
+    traced at several rows may assume more than one: torch.export was seen to), each three steps longer where
+    inputs have a sequence axis; and a third shorter at the example's rows (three steps more can land where the
+    traced length's own conditions still hold: a convolutional front end's frame count, a length padded to a
+    window's multiple). With `model`, the shapes it runs at itself: at its longest length (inputs padded to it) the
+    rows change alone. Where it runs at none of them, all of them, so that a check fails as the model does rather
+    than pass unchecked."""
     from .tensors import batch_size_of
 
-    shapes = [other_shape(example_inputs, layout), other_shape(example_inputs, layout, rows=1)]
-    if any(axis is not None for axis in _axes(values_of(example_inputs), layout)):
-        shapes.append(other_shape(example_inputs, layout, rows=batch_size_of(example_inputs), shorter=True))
-    return [s for s in shapes if model is None or _runs(model, example_inputs, values_of(s))]
+    values = values_of(example_inputs)
+    lengths = [v.shape[axis] for v, axis in zip(values, _axes(values, layout)) if axis is not None]
+
+    def runs(inputs) -> bool:
+        return model is None or _runs(model, example_inputs, values_of(inputs))
+
+    taken, refused = [], []
+    for rows in (None, 1):
+        tried = [other_shape(example_inputs, layout, rows)]
+        if lengths:
+            tried.append(other_shape(example_inputs, layout, rows, length="same"))
+        fits = next((inputs for inputs in tried if runs(inputs)), None)
+        (taken.append(fits) if fits is not None else refused.append(tried[0]))
+    if lengths and min(lengths) >= 3:
+        shorter = other_shape(example_inputs, layout, batch_size_of(example_inputs), length="shorter")
+        (taken if runs(shorter) else refused).append(shorter)
+    return taken or refused

@@ -38,6 +38,10 @@ class _Dispatch:
     def write(self, text):
         return len(text) if threading.get_ident() in _quiet_threads else self.real.write(text)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def flush(self):
         self.real.flush()
 

@@ -168,8 +168,10 @@ def drop_cached_tensors(model) -> None:
     module keeps its train/eval mode."""
     modes = [(m, m.training) for m in model.modules()]
     model.train()
+    model.train(modes[0][1])  # back through the modules' own train(), then any flag the root's mode did not set
     for m, training in modes:
-        m.training = training
+        if m.training != training:
+            m.training = training
     for cls in {type(m) for m in model.modules()}:
         for klass in cls.__mro__:
             if klass.__module__.startswith("torch.") or klass is object:

@@ -100,11 +100,13 @@ def _resolve_ignored(model, step: Prune) -> tuple[dict, list[str]]:
 
 def _taylor_grads(model, ctx) -> None:
     """Accumulate first-order gradients on a few train batches (Taylor importance = |w * dL/dw|)."""
+    from ..tensors import drop_cached_tensors
     from ..train import task_loss
 
     loss = task_loss(ctx.data, reference=ctx.original)
     model.zero_grad()
     model.train()
+    drop_cached_tensors(model)  # (what evaluations under inference_mode cached cannot be differentiated through)
     for inputs, targets in ctx.data.train_batches(limit=TAYLOR_BATCHES):
         loss(model, ctx.target.move(inputs), ctx.target.move(targets) if targets is not None else None).backward()
     model.eval()

@@ -185,21 +185,21 @@ class OpenVinoBackend(Backend):
             raise ValueError(f"OpenVINO does not lower to {precision}")
         example = ctx.data.example_inputs
         try:
-            lowered = None
+            def checked(lowered):  # at the example, and at other shapes: a trace must not keep the example's
+                shapes = other_shapes(example, lowered.layout, model)
+                for inputs in [example, *shapes]:
+                    lowered.check_parity(model, inputs)
+                return lowered, shapes
+
             try:  # OpenVINO's PyTorch frontend first; the ONNX graph where it cannot take the model
-                lowered = OvModel.from_torch(model, example, threads=ctx.target.threads)
-                lowered.check_parity(model, example)
-                # a trace must not keep the example's shapes
-                for other in other_shapes(example, lowered.layout, model):
-                    lowered.check_parity(model, other)
+                lowered, shapes = checked(OvModel.from_torch(model, example, threads=ctx.target.threads))
             except Exception as e:
                 logging.getLogger(__name__).info("OpenVINO's PyTorch frontend did not take the model: %s", e)
-                lowered = OvModel.from_onnx(*export_onnx(model, example), threads=ctx.target.threads)
-                lowered.check_parity(model, example)
+                lowered, shapes = checked(OvModel.from_onnx(*export_onnx(model, example), threads=ctx.target.threads))
             if precision == "int8-static":
                 lowered = self._nncf_int8(lowered, model, ctx, calibration_batches)
-            for other in other_shapes(example, lowered.layout, model):  # runs at other batch sizes and lengths too
-                call_model(lowered, other)
+                for inputs in shapes:  # runs at other batch sizes and lengths too
+                    call_model(lowered, inputs)
         except WorkbenchError:
             raise
         except Exception as e:  # conversion, NNCF or inference failures: the model is not one OpenVINO takes

@@ -93,6 +93,7 @@ def torchao_quantize(model: nn.Module, precision: str, exclude: tuple = ()) -> n
         model = copy.deepcopy(model)
         if precision == "fp8":  # torchao's per-row fp8 takes bf16 weights; float32 inputs are cast on the way in
             model = CastInputs(model.to(torch.bfloat16), torch.bfloat16)
+            drop_cached_tensors(model)
             kept = tuple(f"module.{e}" for e in exclude)
         else:
             kept = tuple(exclude)
