@@ -237,3 +237,25 @@ def test_tensors_cached_by_earlier_forwards_are_dropped_for_half_precision_and_f
     beit(x).last_hidden_state.sum().backward()
     tables = [p for n, p in beit.named_parameters() if n.endswith("relative_position_bias_table")]
     assert tables and all(p.grad is not None for p in tables)
+
+
+@pytest.mark.slow
+def test_a_language_model_fed_bare_input_ids_exports_to_onnx_and_the_exporter_is_left_as_it_was():
+    """transformers 5 finds packed sequences with torch.diff and a boolean cumsum when a decoder gets no attention
+    mask (a language model evaluated on equal-length chunks): torch's exporter has no diff, and its cumsum gives ONNX
+    Runtime a graph it refuses. int8 fell back to torch.ao, and int8-static and int4 were refused."""
+    transformers = pytest.importorskip("transformers")
+    from torch.onnx._internal.torchscript_exporter.registration import registry
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64)).eval()
+    ids = [torch.randint(3, 96, (4, n), generator=torch.Generator().manual_seed(n)) for n in (12, 16)]
+    data = wb.Data(train=[(x, None) for x in ids], val=[(x, None) for x in ids], metric="fidelity")
+    for recipe, backend in (("quant=int8", "onnxruntime-int8-dynamic"), ("quant=int4", "onnxruntime-int4-weight")):
+        r = wb.optimize(model, recipe, data=data, backend="onnxruntime", study=False, batch_sizes=(1,))
+        assert r.backend == backend and r.measurement.metric > 0.98
+    for name in ("aten::diff", "aten::cumsum"):  # the exporter's own symbolics are back (diff: none)
+        group = registry.get_function_group(name)
+        assert group is None or not group._functions.overridden(17)

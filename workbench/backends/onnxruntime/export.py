@@ -73,12 +73,65 @@ def _no_graph_dump():
             utils.setup_onnx_logging = original
 
 
+def _diff(g, x, n, dim, prepend, append):
+    """aten::diff (first order) as ONNX: Concat(prepend, x, append), then its tail minus its head along `dim`.
+    transformers 5 calls it to find packed sequences in decoders run without an attention mask (a language model
+    fed bare input_ids), so that no ONNX graph of them could be written."""
+    import torch
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+    if symbolic_helper._get_const(n, "i", "n") != 1:
+        return symbolic_helper._unimplemented("diff", "n > 1")
+    dim = symbolic_helper._get_const(dim, "i", "dim")
+    parts = [t for t in (prepend, x, append) if not symbolic_helper._is_none(t)]
+    x = g.op("Concat", *parts, axis_i=dim) if len(parts) > 1 else x
+
+    def ints(*v):
+        return g.op("Constant", value_t=torch.tensor(v, dtype=torch.long))
+
+    return g.op("Sub", g.op("Slice", x, ints(1), ints(1 << 62), ints(dim)), g.op("Slice", x, ints(0), ints(-1), ints(dim)))
+
+
+def _cumsum(g, x, dim, dtype):
+    """aten::cumsum that casts booleans to int64 first, as torch does: the exporter's own gives ONNX's CumSum a
+    bool input, which ONNX Runtime refuses as an invalid graph (transformers counts packed sequences that way)."""
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset11
+
+    if symbolic_helper._is_bool(x):
+        x = g.op("Cast", x, to_i=7)  # INT64
+    return symbolic_opset11.cumsum(g, x, dim, dtype)
+
+
+# operators the TorchScript exporter cannot translate (diff), or translates into graphs ONNX Runtime refuses
+SYMBOLICS = {"aten::diff": _diff, "aten::cumsum": _cumsum}
+
+
+@contextmanager
+def _symbolics():
+    """`SYMBOLICS` registered with the exporter for the block; a name the user registered a symbolic for is left
+    alone."""
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+    from torch.onnx._internal.torchscript_exporter.registration import registry
+
+    added = []
+    for name, symbolic in SYMBOLICS.items():
+        group = registry.get_function_group(name)
+        if group is None or not group._functions.overridden(OPSET):
+            register_custom_op_symbolic(name, symbolic, OPSET)
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            unregister_custom_op_symbolic(name, OPSET)
+
+
 def _traced(module, values, names, output_names, dynamic) -> bytes:
     import torch
 
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), _no_graph_dump():
+        with warnings.catch_warnings(), _no_graph_dump(), _symbolics():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, tuple(values), buf, dynamo=False, input_names=names,
                               output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET,

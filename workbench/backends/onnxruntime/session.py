@@ -106,7 +106,13 @@ class OrtModel:
         if lost:  # said again where it matters: when asked to generate
             ort_model.layout["cache_lost"] = lost
         if check:
-            ort_model.check_parity(model, example_inputs)
+            try:
+                ort_model.check_parity(model, example_inputs)
+            except ExportError:
+                raise
+            except Exception as e:  # an invalid graph, an operator ONNX Runtime lacks: a graph it cannot run
+                raise ExportError(f"ONNX Runtime cannot run the exported graph ({first_line(e, 200, named=True)}); "
+                                  "use backend='torch' for this model") from e
             try:
                 for other in other_shapes(example_inputs, ort_model.layout, model):
                     ort_model.check_parity(model, other)
