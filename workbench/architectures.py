@@ -65,6 +65,8 @@ FEED_FORWARD = (
     (("dense_h_to_4h",), "dense_4h_to_h"),  # GPT-NeoX, Falcon, BLOOM
     (("fc_in",), "fc_out"),  # GPT-J
     (("dense1",), "dense2"),  # PVT-v2 (a depthwise convolution between, as in SegFormer's Mix-FFN)
+    (("wi_0", "wi_1"), "wo"),  # T5 v1.1, Flan-T5 (gated)
+    (("wi",), "wo"),  # T5
 )
 # up projections that compute several parts side by side (a gated unit's gate and up), each as wide as the down
 # projection's input
