@@ -259,3 +259,25 @@ def test_a_language_model_fed_bare_input_ids_exports_to_onnx_and_the_exporter_is
     for name in ("aten::diff", "aten::cumsum"):  # the exporter's own symbolics are back (diff: none)
         group = registry.get_function_group(name)
         assert group is None or not group._functions.overridden(17)
+
+
+class _DiffAndCumsum(torch.nn.Module):
+    def forward(self, x, b):
+        return (torch.diff(x, dim=-1, prepend=x[:, :1] - 1), torch.diff(b, dim=1), b.cumsum(-1),
+                x.int().cumsum(0))
+
+
+def test_diff_and_cumsum_export_to_onnx_as_torch_computes_them_at_other_shapes():
+    """The translations the export adds: diff with a prepend and of booleans (xor), cumsum of booleans and int32
+    (summed in int64, as torch does)."""
+    import onnxruntime
+
+    from workbench.backends.onnxruntime.export import _traced
+
+    x, b = torch.randint(0, 5, (3, 6)), torch.rand(3, 6) > 0.5
+    axes = {0: "rows", 1: "steps"}
+    graph = _traced(_DiffAndCumsum(), [x, b], ["x", "b"], ["a", "c", "d", "e"], {"x": axes, "b": axes})
+    x, b = torch.randint(0, 5, (2, 9)), torch.rand(2, 9) > 0.5
+    got = onnxruntime.InferenceSession(graph).run(None, {"x": x.numpy(), "b": b.numpy()})
+    for g, e in zip(got, _DiffAndCumsum()(x, b)):
+        assert g.dtype == e.numpy().dtype and (g == e.numpy()).all()

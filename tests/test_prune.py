@@ -666,4 +666,4 @@ def test_ffn_layouts_of_mpt_pvt_v2_and_t5_are_pruned_by_neurons(family):
     call = (lambda m: m(**other)) if isinstance(other, dict) else (lambda m: m(other))
     with torch.no_grad():
         assert call(r.model)[0].shape == call(model)[0].shape
-    assert r.measurement.metric > 0.85 and state_bytes(model) == before
+    assert r.measurement.metric > (0.85 if family == "flan-t5" else 0.9) and state_bytes(model) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -89,15 +90,18 @@ def _diff(g, x, n, dim, prepend, append):
     def ints(*v):
         return g.op("Constant", value_t=torch.tensor(v, dtype=torch.long))
 
-    return g.op("Sub", g.op("Slice", x, ints(1), ints(1 << 62), ints(dim)), g.op("Slice", x, ints(0), ints(-1), ints(dim)))
+    tail, head = g.op("Slice", x, ints(1), ints(1 << 62), ints(dim)), g.op("Slice", x, ints(0), ints(-1), ints(dim))
+    return g.op("Xor" if symbolic_helper._is_bool(x) else "Sub", tail, head)  # torch: xor of booleans
 
 
 def _cumsum(g, x, dim, dtype):
-    """aten::cumsum that casts booleans to int64 first, as torch does: the exporter's own gives ONNX's CumSum a
-    bool input, which ONNX Runtime refuses as an invalid graph (transformers counts packed sequences that way)."""
+    """aten::cumsum that sums booleans and narrow integers in int64, as torch does: the exporter's own gives ONNX's
+    CumSum a bool input, which ONNX Runtime refuses as an invalid graph (transformers counts packed sequences that
+    way)."""
     from torch.onnx._internal.torchscript_exporter import symbolic_helper, symbolic_opset11
 
-    if symbolic_helper._is_bool(x):
+    kind = symbolic_helper._try_get_scalar_type(x)
+    if kind is not None and kind.name in ("BOOL", "UINT8", "INT8", "INT16", "INT"):  # INT: int32
         x = g.op("Cast", x, to_i=7)  # INT64
     return symbolic_opset11.cumsum(g, x, dim, dtype)
 
@@ -106,17 +110,23 @@ def _cumsum(g, x, dim, dtype):
 SYMBOLICS = {"aten::diff": _diff, "aten::cumsum": _cumsum}
 
 
+_EXPORTING = threading.Lock()  # one export at a time: the exporter's registry and log are process-wide
+
+
 @contextmanager
 def _symbolics():
-    """`SYMBOLICS` registered with the exporter for the block; a name the user registered a symbolic for is left
-    alone."""
-    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
-    from torch.onnx._internal.torchscript_exporter.registration import registry
-
+    """`SYMBOLICS` registered with the exporter for the block (the caller holds `_EXPORTING`); a name the user
+    registered a symbolic for, at any opset, is left alone; nothing on a torch whose exporter is laid out otherwise."""
+    try:
+        from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:
+        yield
+        return
     added = []
     for name, symbolic in SYMBOLICS.items():
         group = registry.get_function_group(name)
-        if group is None or not group._functions.overridden(OPSET):
+        if group is None or not any(group._functions.overridden(v) for v in range(1, OPSET + 1)):
             register_custom_op_symbolic(name, symbolic, OPSET)
             added.append(name)
     try:
@@ -131,7 +141,7 @@ def _traced(module, values, names, output_names, dynamic) -> bytes:
 
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), _no_graph_dump(), _symbolics():
+        with _EXPORTING, warnings.catch_warnings(), _no_graph_dump(), _symbolics():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, tuple(values), buf, dynamo=False, input_names=names,
                               output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET,

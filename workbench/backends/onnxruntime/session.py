@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from ...architectures import is_causal_lm, packs_tokens
-from ...errors import DeviceError, ExportError, first_line
+from ...errors import DeviceError, ExportError, WorkbenchError, first_line
 from ...contract import bind, other_shapes, rebuild
 from .export import export_onnx
 from .fusion import fuse_bert
@@ -107,12 +107,13 @@ class OrtModel:
             ort_model.layout["cache_lost"] = lost
         if check:
             try:
-                ort_model.check_parity(model, example_inputs)
-            except ExportError:
+                ort_model.session  # an invalid graph, an operator ONNX Runtime lacks: a graph it cannot load
+            except WorkbenchError:  # (no provider for the device)
                 raise
-            except Exception as e:  # an invalid graph, an operator ONNX Runtime lacks: a graph it cannot run
-                raise ExportError(f"ONNX Runtime cannot run the exported graph ({first_line(e, 200, named=True)}); "
+            except Exception as e:
+                raise ExportError(f"ONNX Runtime cannot load the exported graph ({first_line(e, 200, named=True)}); "
                                   "use backend='torch' for this model") from e
+            ort_model.check_parity(model, example_inputs)
             try:
                 for other in other_shapes(example_inputs, ort_model.layout, model):
                     ort_model.check_parity(model, other)
