@@ -106,7 +106,8 @@ def trace_program(model: nn.Module, example_inputs: Any, path: Path) -> dict:
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notices
         traced = torch.jit.trace(flat, tuple(values_of(example_inputs)), check_trace=False)
-        pairs = [(traced(*other), flat(*other)) for other in map(values_of, other_shapes(example_inputs, layout, model))]
+        pairs = [(traced(*other), flat(*other))
+                 for other in map(values_of, other_shapes(example_inputs, layout, model))]
     same = all(len(got) == len(expected) and all(
         g.shape == e.shape and torch.allclose(g.float(), e.float(), rtol=1e-3,
                                               atol=1e-4 * max(1.0, float(e.abs().max())))
