@@ -281,3 +281,79 @@ def test_diff_and_cumsum_export_to_onnx_as_torch_computes_them_at_other_shapes()
     got = onnxruntime.InferenceSession(graph).run(None, {"x": x.numpy(), "b": b.numpy()})
     for g, e in zip(got, _DiffAndCumsum()(x, b)):
         assert g.dtype == e.numpy().dtype and (g == e.numpy()).all()
+
+
+class _TorchTransformer(torch.nn.Module):
+    """What a model built from torch's own transformer layers calls: an encoder with a causal mask and padding, a
+    decoder reading it, and a bare MultiheadAttention with separate key/value widths that returns its weights; its
+    layers batch-first or sequence-first (fed batch-first inputs, as the workbench's data are)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        nn = torch.nn
+        self.batch_first = batch_first
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first), 1, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0,
+                                                                        batch_first=batch_first), 1)
+        self.attention = nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=batch_first)
+
+    def forward(self, x, padding):
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        x = x if self.batch_first else x.transpose(0, 1)
+        memory = self.encoder(x, mask=causal, src_key_padding_mask=padding)
+        y = self.decoder(x, memory, tgt_mask=causal, memory_key_padding_mask=padding)
+        out, weights = self.attention(y, memory[..., :16], memory[..., :16], key_padding_mask=padding)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_layers_export_to_onnx_that_runs_at_other_lengths(batch_first):
+    """torch's MultiheadAttention reshapes by the lengths it read as numbers, which the ONNX exporter wrote into
+    the graph (pytorch/pytorch#122321): any nn.Transformer* model's graph failed at another length, so int4 was
+    refused and int8 left them to torch.ao. The exported copy computes attention with general views."""
+    import onnxruntime
+
+    from workbench.backends.onnxruntime.export import export_onnx
+
+    def inputs(rows, steps):
+        padding = torch.zeros(rows, steps, dtype=torch.bool)
+        padding[0, -2:] = True
+        return torch.randn(rows, steps, 32, generator=torch.Generator().manual_seed(steps)), padding
+
+    torch.manual_seed(0)
+    model = _TorchTransformer(batch_first).eval()
+    graph, layout = export_onnx(model, inputs(2, 7))
+    assert type(model.attention) is torch.nn.MultiheadAttention  # the user's layers are left as they were
+    session = onnxruntime.InferenceSession(graph)
+    for rows, steps in ((3, 10), (1, 4)):
+        x, padding = inputs(rows, steps)
+        got = session.run(None, dict(zip(layout["input_names"], (x.numpy(), padding.numpy()))))
+        with torch.inference_mode():
+            expected = model(x, padding)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and torch.allclose(torch.from_numpy(g), e, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_the_traceable_attention_computes_what_torchs_does(batch_first):
+    """Per-head float masks with per-head weights, no weights, a padding mask beside a boolean one; with and
+    without biases, sequence- and batch-first: the same outputs and weights."""
+    import copy
+
+    from workbench.wrappers import traceable_attention
+
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(16, 4, bias=batch_first, batch_first=batch_first).eval()
+    traced = traceable_attention(copy.deepcopy(attention))
+    assert type(traced).__name__ == "TraceableAttention" and type(attention) is torch.nn.MultiheadAttention
+    q, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)  # (batch, length, width)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    for call in (dict(attn_mask=torch.randn(3 * 4, 5, 7), average_attn_weights=False), dict(need_weights=False),
+                 dict(key_padding_mask=torch.rand(3, 7) > 0.8, attn_mask=torch.rand(5, 7) > 0.8)):
+        with torch.inference_mode():
+            expected, got = attention(q, kv, kv, **call), traced(q, kv, kv, **call)
+        assert (got[1] is None) == (expected[1] is None)
+        for g, e in zip(got, expected):
+            assert e is None or torch.allclose(g, e, atol=1e-5, equal_nan=True)

@@ -210,12 +210,13 @@ def on_cpu(example_inputs: Any):
 def to_trace(model, example_inputs: Any) -> tuple:
     """(a copy of `model` in eval mode on the CPU without its key/value cache, the inputs on the CPU, its layout):
     what a graph exporter traces. A copy, because tracing a Hugging Face model was seen to change the eager
-    model's later outputs; its whole-map average pools as global ones (`wrappers.whole_map_pools`)."""
+    model's later outputs; its whole-map average pools as global ones (`wrappers.whole_map_pools`), its multi-head
+    attention with general lengths (`wrappers.traceable_attention`)."""
     import copy
 
-    from .wrappers import whole_map_pools
+    from .wrappers import traceable_attention, whole_map_pools
 
-    model = whole_map_pools(without_cache(copy.deepcopy(model).eval().cpu()))
+    model = traceable_attention(whole_map_pools(without_cache(copy.deepcopy(model).eval().cpu())))
     example_inputs = on_cpu(example_inputs)
     return model, example_inputs, layout_of(model, example_inputs)
 

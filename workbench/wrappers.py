@@ -1,5 +1,6 @@
 """Modules the workbench wraps a model in: a compiled forward, and a model that follows its caller's device; and
-one it wraps a layer in for graph exporters, an average pool over a whole feature map.
+two it puts in a copy that graph exporters trace: an average pool over a whole feature map, and torch's multi-head
+attention computed so that a trace keeps its lengths general.
 
 They live at module level so that copies and saves of a wrapped model pickle and reload; each gives back the
 module it wraps through `saved_form()`, which is what storage writes and exports.
@@ -194,4 +195,48 @@ def whole_map_pools(model: nn.Module) -> nn.Module:
 
     for name in [n for n, m in model.named_modules() if n and type(m) is nn.AvgPool2d]:
         set_submodule(model, name, WholeMapAvgPool(model.get_submodule(name)))
+    return model
+
+
+class TraceableAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention computed with views that keep the batch size and lengths general, for graph exporters:
+    torch's own forward reshapes by lengths it read as numbers (`q.view(tgt_len, bsz * num_heads, head_dim)`),
+    which a trace writes into the graph as constants (pytorch/pytorch#122321), so the ONNX graph or TorchScript
+    trace of any nn.Transformer* model ran only at the traced length. The same arithmetic in eval mode; training,
+    bias_k/bias_v, add_zero_attn, unbatched inputs and a causal hint without its mask go to torch's own forward."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.training or self.bias_k is not None or self.add_zero_attn or query.dim() != 3 or (
+                is_causal and attn_mask is None):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        weights = (self.in_proj_weight.chunk(3) if self._qkv_same_embed_dim
+                   else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        q, k, v = (nn.functional.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for x, w, b in zip((query, key, value), weights, biases))  # (batch, heads, length, head_dim)
+        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, target length, source length)
+            attn_mask = attn_mask.unflatten(0, (-1, self.num_heads))
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[:, None, None, :]
+        for mask in (attn_mask, key_padding_mask):
+            if mask is not None:  # a boolean mask marks what is not attended to; a float one is added
+                scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        attention = scores.softmax(-1)
+        out = self.out_proj((attention @ v).transpose(1, 2).flatten(2))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, ((attention.mean(1) if average_attn_weights else attention) if need_weights else None)
+
+
+def traceable_attention(model: nn.Module) -> nn.Module:
+    """`model` (a copy the caller owns, which graph exporters trace) with its nn.MultiheadAttention layers as
+    `TraceableAttention` (the same layer and weights; only its forward differs)."""
+    for module in model.modules():
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = TraceableAttention
     return model
