@@ -67,6 +67,7 @@ FEED_FORWARD = (
     (("dense1",), "dense2"),  # PVT-v2 (a depthwise convolution between, as in SegFormer's Mix-FFN)
     (("wi_0", "wi_1"), "wo"),  # T5 v1.1, Flan-T5 (gated)
     (("wi",), "wo"),  # T5
+    (("linear1",), "linear2"),  # torch's nn.TransformerEncoderLayer and nn.TransformerDecoderLayer
 )
 # up projections that compute several parts side by side (a gated unit's gate and up), each as wide as the down
 # projection's input

@@ -128,6 +128,31 @@ def logger_level(name: str, level: int):
                 del _levels[name]
 
 
+_layer_by_layer = [0, True]  # scopes open, the fast-path setting the first found
+
+
+@contextlib.contextmanager
+def layer_by_layer():
+    """torch's fused transformer fast path off (`torch.backends.mha`) inside the block, for passes whose hooks
+    read a layer's inputs: with a padding mask, nn.TransformerEncoder hands its layers nested tensors (its rows
+    without their padding), which have no shape to read. The user's setting is back when the last scope of any
+    thread ends."""
+    from torch.backends import mha
+
+    with _lock:
+        if not _layer_by_layer[0]:
+            _layer_by_layer[1] = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+        _layer_by_layer[0] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _layer_by_layer[0] -= 1
+            if not _layer_by_layer[0]:
+                mha.set_fastpath_enabled(_layer_by_layer[1])
+
+
 @contextlib.contextmanager
 def environ(**values: str):
     """Environment variables set inside the block, restored (or removed) after (for one thread at a time: the

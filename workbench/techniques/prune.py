@@ -274,8 +274,13 @@ def _check_supported(model, ignored: dict) -> None:
 
 def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
     """Remove whole output channels / neurons / attention heads; the model becomes a smaller dense model."""
-    transformer = any(getattr(getattr(m, "config", None), "num_attention_heads", None)  # a Hugging Face one,
-                      for m in model.modules())  # perhaps inside the user's wrapper, whose attention may be unknown
+    from torch import nn
+
+    # a Hugging Face transformer (perhaps inside the user's wrapper, whose attention may be unknown), or one built
+    # from torch's own layers: FFN neurons are cut and the width kept, which a positional table, a class token or
+    # nn.Transformer's own checks read (Torch-Pruning narrowed it, and those failed)
+    transformer = any(getattr(getattr(m, "config", None), "num_attention_heads", None)
+                      or isinstance(m, nn.MultiheadAttention) for m in model.modules())
     if attention_blocks(model) or (transformer and feed_forward_blocks(model)):
         return _structured_transformer(model, step, ctx, layer_ratios)
     return _structured_graph(model, step, ctx, layer_ratios)
@@ -283,6 +288,8 @@ def structured(model, step: Prune, ctx, layer_ratios: dict | None = None):
 
 def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
     """Transformers: heads (whole key/value groups) and FFN neurons, per block (see `heads`)."""
+    from torch import nn
+
     from . import heads
 
     ignored, _ = _resolve_ignored(model, step)
@@ -332,8 +339,9 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         _recover_between_rounds(model, ctx, i, len(ratios))
     kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
     said = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups)" \
-        if counts["blocks"] else "attention left whole (its layout is not one whose heads the pruner knows how " \
-                                 "to remove)"
+        if counts["blocks"] else "attention left whole (torch's nn.MultiheadAttention works at the model's width, " \
+                                 "which stays)" if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()) \
+        else "attention left whole (its layout is not one whose heads the pruner knows how to remove)"
     why = (f"; {'no more' if counts['heads'][1] < before['heads'][0] else 'no'} heads were removed, because "
            f"after {whole}; FFN neurons were cut alone from then on") if whole else ""
     ctx.note(f"structured: {said} and FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in "
@@ -346,7 +354,7 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
 
 
 def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
-    """Other models (conv nets, MLPs, torch's own attention): Torch-Pruning's dependency graph keeps coupled layers
+    """Other models (conv nets, MLPs, torch's own attention without FFNs it knows): Torch-Pruning's dependency graph keeps coupled layers
     (residual additions, norms, concatenations) consistent; the output layer keeps its width."""
     import warnings
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import set_submodule
+from ..scoped import layer_by_layer
 from ..tensors import batch_size_of, call_model, first_tensor, map_tensors
 
 
@@ -111,7 +112,7 @@ def collect(model, batches, names) -> dict:
     for name in names:
         hooks.append(modules[name].register_forward_hook(hook(name)))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), layer_by_layer():
             for inputs in batches:
                 call_model(model, inputs)
     finally:
@@ -197,7 +198,7 @@ def sensitivities(model, batches, names, weight_bits: int = 8) -> dict:
     modules = linears(model)
 
     def outputs():
-        with torch.inference_mode():
+        with torch.inference_mode(), layer_by_layer():
             return [first_tensor(call_model(model, b)).float().flatten(1) for b in batches]
 
     def drop(got, want):  # batches may differ in width (token outputs of varying length): cosine per row

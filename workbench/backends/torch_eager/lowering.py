@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -35,6 +36,35 @@ def to_dtype(model: nn.Module, dtype_name: str) -> nn.Module:
     converted = copy.deepcopy(model).to(dtype)
     drop_cached_tensors(converted)
     return CastInputs(converted, dtype).eval()
+
+
+def _cast_floats(dtype, module, args, kwargs):
+    def cast(t):
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    return map_tensors(args, cast), map_tensors(kwargs, cast)
+
+
+def mixes_dtypes(model: nn.Module, example_inputs) -> bool:
+    """Whether a half-precision `model` fails on `example_inputs` because its forward makes float32 tensors of its
+    own (a mean pool's `mask.float()`, then a classifier) that its half-precision layers refuse."""
+    from ...tensors import call_model
+
+    try:
+        with torch.inference_mode():
+            call_model(model, example_inputs)
+    except RuntimeError as e:
+        return any(w in str(e) for w in ("dtype", "scalar type", "Half", "BFloat16"))
+    return False
+
+
+def cast_layer_inputs(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every layer with floating weights casts its floating inputs to `dtype` (a forward pre-hook, which saves,
+    pickles and exports with the layer); returns how many layers."""
+    layers = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))]
+    for m in layers:
+        m.register_forward_pre_hook(functools.partial(_cast_floats, dtype), with_kwargs=True)
+    return len(layers)
 
 
 def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True) -> nn.Module:
