@@ -70,10 +70,18 @@ def minilm():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set."""
+    """Tests on the real MiniLM (seconds per forward pass on 2 cores) belong to the slow set. And the support
+    matrix's rows (20-70 s each) run first, dealt in turn to the front of each half of the order: pytest-xdist's
+    work stealing hands each of the two workers a half and lets one that runs out take the other's last tests, so
+    a minute-long row left near the end kept one core idle while the other finished it. The other tests keep their
+    order (module fixtures are made once)."""
     for item in items:
         if "minilm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    rows = [item for item in items if "test_support_matrix.py::" in item.nodeid]
+    rest = [item for item in items if "test_support_matrix.py::" not in item.nodeid]
+    half = (len(rows) + len(rest)) // 2 - len(rows[::2])
+    items[:] = rows[::2] + rest[:half] + rows[1::2] + rest[half:]
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,27 @@ def test_a_degenerate_reference_is_refused_in_one_line():
         _optimize(constant, "quant=int8", wb.Data(val=[(torch.randn(8, 4), None)], metric="fidelity"))
 
 
+def test_the_card_says_when_a_constant_output_would_score_a_high_fidelity():
+    """A sigmoid output near 0.5 for every input (an autoencoder's pixels, untrained): any model, even one that
+    ignores its input, scores ~1.0 cosine fidelity. The card says so and what to use instead; outputs that vary
+    get no such line. The floor is computed the same from the batches' own targets."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(8, 6) for _ in range(2)]
+    squashed = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Sigmoid())
+    with torch.no_grad():
+        squashed[0].weight.mul_(0.05)
+    result = _optimize(squashed, "quant=fp16", wb.Data(val=[(x, None) for x in inputs], metric="fidelity"))
+    floor = result.details["fidelity_floor"]
+    assert floor > 0.99 and any(f"scores {floor:.3f}" in n and "metric='accuracy'" in n for n in result.notes)
+    with torch.no_grad():
+        targets = [squashed(x) for x in inputs]
+    given = wb.Data(val=list(zip(inputs, targets)), metric="fidelity")
+    assert given.fidelity_floor() == pytest.approx(floor, abs=1e-6)
+    varied = torch.nn.Sequential(torch.nn.Linear(6, 20))
+    result = _optimize(varied, "quant=fp16", wb.Data(val=[(x, None) for x in inputs], metric="fidelity"))
+    assert result.details["fidelity_floor"] < 0.9 and not any("fidelity says little" in n for n in result.notes)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", pytest.param("distilbert", marks=pytest.mark.slow),
                                   pytest.param("vit", marks=pytest.mark.slow)])
 def test_structured_pruning_removes_heads_consistently(name):

@@ -29,12 +29,15 @@ def block(cells, seconds: float | None = None) -> str:
             f"before any work with the reason below, {s['fails']} fail; {s['architectures']} architectures. "
             f"Numbers are fidelity (cosine to the original's outputs, real tokens only) of tiny random-weight "
             f"models, measured by `python tools/support_matrix.py --write` on {cpu}{took}. \"(pickle)\": saved as a "
-            f"pickle (data-dependent shapes), which reloads with `trust_pickle=True`.")
+            f"pickle (data-dependent shapes), which reloads with `trust_pickle=True`. \"floor\": the fidelity of a "
+            f"model that returns the same output (the original's mean) for every input; where it is high, the "
+            f"outputs vary little between inputs and a row's numbers say little (the card says so too).")
     return f"{START}\n{head}\n\n{support.markdown(cells)}\n{END}"
 
 
 def readme_cells(text: str) -> dict:
-    """{(architecture, technique): 'works 0.998' | 'refused' | 'n/a' | 'FAILS'} from the README's table."""
+    """{(architecture, technique): 'works 0.998' | 'refused' | 'n/a' | 'FAILS'} from the README's table, and
+    {(architecture, 'floor'): '0.650'}."""
     inside = text[text.index(START):text.index(END)]
     rows = [line for line in inside.splitlines() if line.startswith("| ") and not line.startswith("| architecture")]
     header = next(line for line in inside.splitlines() if line.startswith("| architecture"))

@@ -104,15 +104,31 @@ def fidelity(outputs, targets) -> float:
     return _cosines(outputs, targets).mean().item()
 
 
+def _vectors(t, mask=None):
+    """An output's rows as vectors; for token outputs (rows x tokens x features) with the batch's attention mask,
+    each real token's vector (padding positions say nothing about the model)."""
+    if mask is not None and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.bool()].float().flatten(1)
+    return t.float().flatten(1)
+
+
 def _cosines(outputs, targets, mask=None):
-    """Cosine of each output row to its reference row; for token outputs (rows x tokens x features) with the batch's
-    attention mask, of each real token's vector (padding positions say nothing about the model)."""
+    """Cosine of each output row (or real token) to its reference's."""
     import torch.nn.functional as F
 
-    if mask is not None and outputs.dim() >= 3 and tuple(outputs.shape[:2]) == tuple(mask.shape):
-        keep = mask.bool()
-        return F.cosine_similarity(outputs[keep].float().flatten(1), targets[keep].float().flatten(1), dim=1)
-    return F.cosine_similarity(outputs.float().flatten(1), targets.float().flatten(1), dim=1)
+    return F.cosine_similarity(_vectors(outputs, mask), _vectors(targets, mask), dim=1)
+
+
+def _floor(references: list, masks: list) -> float:
+    """The fidelity of a model that returns the same output for every input, the references' mean (over the split
+    where its batches agree in width, else per batch): what fidelity is worth where outputs vary little."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = [_vectors(r, m) for r, m in zip(references, masks)]
+    means = [torch.cat(rows).mean(0)] * len(rows) if len({v.shape[1] for v in rows}) == 1 else \
+        [v.mean(0) for v in rows]
+    return torch.cat([F.cosine_similarity(v, m.expand_as(v), dim=1) for v, m in zip(rows, means)]).mean().item()
 
 
 def token_mask(inputs):
@@ -183,6 +199,7 @@ class Data:
         self.train, self.val, self.metric, self.eval_fn = train, val, metric, eval_fn
         self._example_inputs, self.name, self.loss, self.task = example_inputs, name, loss, task
         self._references: dict[int, list] = {}
+        self._floors: dict[int, float] = {}
 
     def __repr__(self) -> str:
         return f"Data(name={self.name!r}, metric={self.metric_name!r})"
@@ -346,6 +363,26 @@ class Data:
                 nll, count = nll + a, count + b
             out["perplexity"] = math.exp(nll / count) if count else None
         return out
+
+    def fidelity_floor(self, reference=None) -> float | None:
+        """The fidelity that a model returning the same output for every input (the mean of the targets: the
+        batches' own, or `reference`'s outputs once fidelity to them was scored) gets on the validation split;
+        None for other metrics."""
+        import torch
+
+        if self.metric != "fidelity" or self.eval_fn is not None:
+            return None
+        key = id(reference)
+        if key not in self._floors:
+            batches = list(self.val_batches())
+            targets = [t for _, t in batches]
+            if any(t is None for t in targets):
+                targets = self._references.get(key)
+                if targets is None:
+                    return None
+            self._floors = {key: _floor([torch.as_tensor(t) for t in targets],
+                                        [token_mask(inputs) for inputs, _ in batches])}
+        return self._floors[key]
 
     def _call_eval_fn(self, model):
         try:

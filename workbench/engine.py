@@ -21,6 +21,10 @@ from .errors import DataError, DeviceError, ModelError, RecipeError, StepError, 
 from .recipe import Recipe
 from .tensors import batch_size_of, call_model, copy_model, rng_preserved
 
+# where a constant output's fidelity reaches this, the card says that fidelity says little (random-weight vision
+# classifiers reach 0.91-0.998; trained models' outputs vary more)
+FLOOR_NOTED = 0.9
+
 
 @dataclass
 class Context:
@@ -305,6 +309,13 @@ class Baseline:
             runs = generation({"baseline": self.model, "candidate": work}, self.data, target,
                               repeats=self.timing.generations, reference="baseline", progress=ctx.progress)
             baseline.generation, candidate.generation = runs["baseline"], runs["candidate"]
+        floor = self.data.fidelity_floor(self.model)
+        if floor is not None:
+            ctx.details["fidelity_floor"] = floor
+            if floor >= FLOOR_NOTED:
+                ctx.note(f"fidelity says little here: a model returning the same output for every input (the "
+                         f"original's mean) scores {floor:.3f} on these batches, because the outputs vary little "
+                         "between inputs; judge by labels: wb.Data(val=..., metric='accuracy') or an eval_fn")
         slower = [s for s in candidate.speedups.values() if s.slower]
         if slower:
             fewer = candidate.macs and baseline.macs and candidate.macs < 0.95 * baseline.macs

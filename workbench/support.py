@@ -237,6 +237,7 @@ class Cell:
     fidelity: float | None = None
     reason: str = ""
     pickle: bool = False  # saved as a pickle (data-dependent shapes): reloads with trust_pickle=True
+    floor: float | None = None  # the row's: the fidelity a model returning the same output for every input gets
 
     def text(self) -> str:
         if self.status == "works":
@@ -502,6 +503,10 @@ def _row(architecture: str, columns: list[str]) -> list[Cell]:
             except Exception:  # each cell then says why, in its own line
                 measured = None
         cells.append(run_cell(architecture, t, measured, runs))
+    if measured is not None:
+        _, data, base = measured
+        for c in cells:
+            c.floor = data.fidelity_floor(base.model)
     return cells
 
 
@@ -521,8 +526,9 @@ def markdown(cells: list[Cell]) -> str:
     rows = list(dict.fromkeys(c.architecture for c in cells))
     by = {(c.architecture, c.technique): c for c in cells}
     reasons: list[str] = []
-    lines = ["| architecture | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| architecture | " + " | ".join(columns) + " | floor |", "|---" * (len(columns) + 2) + "|"]
     for a in rows:
+        floor = by[(a, columns[0])].floor
         shown = []
         for t in columns:
             c = by[(a, t)]
@@ -535,7 +541,7 @@ def markdown(cells: list[Cell]) -> str:
                     reasons.append(c.reason)
                 shown.append(f"{'refused' if c.status == 'refused' else 'FAILS'} [{reasons.index(c.reason) + 1}]")
         source = ARCHITECTURES[a].source if a in ARCHITECTURES else ""
-        lines.append(f"| {a} ({source}) | " + " | ".join(shown) + " |")
+        lines.append(f"| {a} ({source}) | " + " | ".join(shown) + f" | {'–' if floor is None else f'{floor:.3f}'} |")
     lines.append("")
     lines += [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
     return "\n".join(lines)
