@@ -74,13 +74,15 @@ def pytest_collection_modifyitems(config, items):
     matrix's rows (20-70 s each) run first, dealt in turn to the front of each half of the order: pytest-xdist's
     work stealing hands each of the two workers a half and lets one that runs out take the other's last tests, so
     a minute-long row left near the end kept one core idle while the other finished it. The other tests keep their
-    order (module fixtures are made once)."""
+    order, each module's together (its module fixtures are made once)."""
     for item in items:
         if "minilm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
     rows = [item for item in items if "test_support_matrix.py::" in item.nodeid]
     rest = [item for item in items if "test_support_matrix.py::" not in item.nodeid]
-    half = (len(rows) + len(rest)) // 2 - len(rows[::2])
+    half = max(0, (len(rows) + len(rest)) // 2 - len(rows[::2]))
+    while 0 < half < len(rest) and rest[half].module is rest[half - 1].module:  # a module's tests stay together
+        half += 1
     items[:] = rows[::2] + rest[:half] + rows[1::2] + rest[half:]
 
 

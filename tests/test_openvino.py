@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import workbench as wb
+from workbench.errors import RecipeError
 from workbench.registry import backend_named
 from workbench.target import resolve
 
@@ -27,6 +28,21 @@ def test_openvino_fp32_and_int8_run_save_and_reload(digits_cnn, tmp_path):
     torch.testing.assert_close(back(x), int8.model(x))
     assert data.evaluate(back) == pytest.approx(int8.measurement.metric)
     assert any("openvino" in line for line in int8.deploy)
+
+
+@pytest.mark.slow  # NNCF calibration
+def test_int8_on_openvino_means_its_static_int8_for_a_linear_model_too(digits_mlp):
+    """quant=int8 picks dynamic int8 for a model of Linear layers, which OpenVINO does not run: with
+    backend='openvino' it said "int8-dynamic does not run on backend 'openvino'". It is OpenVINO's static int8
+    now, or, without train batches to calibrate on, one line that says so."""
+    pytest.importorskip("nncf")
+    model, data = digits_mlp
+    r = wb.optimize(model, "quant=int8", data=data, backend="openvino", study=False, batch_sizes=(1,))
+    assert r.backend == "openvino-int8-static" and r.measurement.metric > data.evaluate(model) - 0.02
+    assert any("OpenVINO runs int8 with static ranges only" in n for n in r.notes)
+    with pytest.raises(RecipeError, match="no train split; give wb.Data"):
+        wb.optimize(model, "quant=int8", data=wb.Data(val=data.val), backend="openvino",
+                    study=False, batch_sizes=(1,))
 
 
 @pytest.mark.slow

@@ -146,11 +146,13 @@ class _TorchTransformer(torch.nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_torch_transformer_layers_export_to_onnx_that_runs_at_other_lengths(batch_first):
+@pytest.mark.parametrize("batch_first, frozen", [(True, False), (False, False), (True, True)])
+def test_torch_transformer_layers_export_to_onnx_that_runs_at_other_lengths(batch_first, frozen):
     """torch's MultiheadAttention reshapes by the lengths it read as numbers, which the ONNX exporter wrote into
     the graph (pytorch/pytorch#122321): any nn.Transformer* model's graph failed at another length, so int4 was
-    refused and int8 left them to torch.ao. The exported copy computes attention with general views."""
+    refused and int8 left them to torch.ao. The exported copy computes attention with general views. A frozen
+    model (no weight requires grad) took torch's fused layers, which have no ONNX translation: the export runs
+    them layer by layer."""
     import onnxruntime
 
     from workbench.backends.onnxruntime.export import export_onnx
@@ -161,7 +163,7 @@ def test_torch_transformer_layers_export_to_onnx_that_runs_at_other_lengths(batc
         return torch.randn(rows, steps, 32, generator=torch.Generator().manual_seed(steps)), padding
 
     torch.manual_seed(0)
-    model = _TorchTransformer(batch_first).eval()
+    model = _TorchTransformer(batch_first).eval().requires_grad_(not frozen)
     graph, layout = export_onnx(model, inputs(2, 7))
     assert type(model.attention) is torch.nn.MultiheadAttention  # the user's layers are left as they were
     session = onnxruntime.InferenceSession(graph)
@@ -176,8 +178,9 @@ def test_torch_transformer_layers_export_to_onnx_that_runs_at_other_lengths(batc
 
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_the_traceable_attention_computes_what_torchs_does(batch_first):
-    """Per-head float masks with per-head weights, no weights, a padding mask beside a boolean one; with and
-    without biases, sequence- and batch-first: the same outputs and weights."""
+    """Per-head float masks with per-head weights, no weights, a padding mask beside a boolean one, queries that
+    see no key (zeros, as torch's fused attention gives, where a softmax gives NaN); with and without biases,
+    sequence- and batch-first: the same outputs and weights."""
     import copy
 
     from workbench.wrappers import traceable_attention
@@ -189,10 +192,32 @@ def test_the_traceable_attention_computes_what_torchs_does(batch_first):
     q, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)  # (batch, length, width)
     if not batch_first:
         q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    left_padded = torch.zeros(3, 7, dtype=torch.bool)
+    left_padded[1, :3] = True  # with a causal mask, its first queries see no key at all
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
     for call in (dict(attn_mask=torch.randn(3 * 4, 5, 7), average_attn_weights=False), dict(need_weights=False),
-                 dict(key_padding_mask=torch.rand(3, 7) > 0.8, attn_mask=torch.rand(5, 7) > 0.8)):
+                 dict(key_padding_mask=torch.rand(3, 7) > 0.8, attn_mask=torch.rand(5, 7) > 0.8),
+                 dict(key_padding_mask=left_padded, attn_mask=causal, need_weights=False)):
         with torch.inference_mode():
             expected, got = attention(q, kv, kv, **call), traced(q, kv, kv, **call)
-        assert (got[1] is None) == (expected[1] is None)
+        assert (got[1] is None) == (expected[1] is None) and not got[0].isnan().any()
         for g, e in zip(got, expected):
             assert e is None or torch.allclose(g, e, atol=1e-5, equal_nan=True)
+
+
+def test_linear1_and_linear2_mark_an_ffn_only_inside_torchs_transformer_layers():
+    """The names are common in users' own MLPs, whose last layer is the model's output: not an FFN to cut."""
+    from workbench.architectures import feed_forward_blocks
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.linear2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    class Layer(nn.TransformerEncoderLayer):  # a user's subclass is still torch's layer
+        pass
+
+    assert not feed_forward_blocks(Mlp())
+    layer = Layer(8, 2, 32)
+    blocks = feed_forward_blocks(layer)
+    assert len(blocks) == 1 and blocks[0].down is layer.linear2

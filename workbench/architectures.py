@@ -67,8 +67,10 @@ FEED_FORWARD = (
     (("dense1",), "dense2"),  # PVT-v2 (a depthwise convolution between, as in SegFormer's Mix-FFN)
     (("wi_0", "wi_1"), "wo"),  # T5 v1.1, Flan-T5 (gated)
     (("wi",), "wo"),  # T5
-    (("linear1",), "linear2"),  # torch's nn.TransformerEncoderLayer and nn.TransformerDecoderLayer
+    (("linear1",), "linear2"),  # torch's nn.TransformerEncoderLayer and nn.TransformerDecoderLayer (only: see OWNERS)
 )
+# names common enough in users' own MLPs that they mark an FFN only inside these classes
+OWNERS = {"linear2": ("TransformerEncoderLayer", "TransformerDecoderLayer")}
 # up projections that compute several parts side by side (a gated unit's gate and up), each as wide as the down
 # projection's input
 FUSED_UP = {"gate_up_proj": 2, "Wi": 2}
@@ -175,6 +177,8 @@ def feed_forward_blocks(model) -> list[FeedForward]:
         for ups, down in FEED_FORWARD:
             layers = [_get(module, p) for p in ups]
             d = _get(module, down)
+            if down in OWNERS and not any(c.__name__ in OWNERS[down] for c in type(module).__mro__):
+                continue
             if d is None or not _is_projection(d) or not all(m is not None and _is_projection(m) for m in layers) \
                     or id(d) in taken:
                 continue

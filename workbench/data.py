@@ -119,16 +119,24 @@ def _cosines(outputs, targets, mask=None):
     return F.cosine_similarity(_vectors(outputs, mask), _vectors(targets, mask), dim=1)
 
 
-def _floor(references: list, masks: list) -> float:
-    """The fidelity of a model that returns the same output for every input, the references' mean (over the split
-    where its batches agree in width, else per batch): what fidelity is worth where outputs vary little."""
+def _floor(references: list, masks: list) -> float | None:
+    """The fidelity of a model that returns the same output for every input, the mean of the other rows' (each
+    row left out of the mean it is compared with, which would flatter a small split): what fidelity is worth
+    where outputs vary little. None where rows differ in width (images of several sizes) or are fewer than two."""
+    import math
+
     import torch
     import torch.nn.functional as F
 
     rows = [_vectors(r, m) for r, m in zip(references, masks)]
-    means = [torch.cat(rows).mean(0)] * len(rows) if len({v.shape[1] for v in rows}) == 1 else \
-        [v.mean(0) for v in rows]
-    return torch.cat([F.cosine_similarity(v, m.expand_as(v), dim=1) for v, m in zip(rows, means)]).mean().item()
+    if len({v.shape[1] for v in rows}) != 1:
+        return None
+    rows = torch.cat(rows)
+    if rows.shape[0] < 2:
+        return None
+    others = (rows.sum(0, keepdim=True) - rows) / (rows.shape[0] - 1)
+    floor = F.cosine_similarity(rows, others, dim=1).mean().item()
+    return floor if math.isfinite(floor) else None
 
 
 def token_mask(inputs):
@@ -380,8 +388,11 @@ class Data:
                 targets = self._references.get(key)
                 if targets is None:
                     return None
-            self._floors = {key: _floor([torch.as_tensor(t) for t in targets],
-                                        [token_mask(inputs) for inputs, _ in batches])}
+            try:  # what fidelity is worth is a note on the card: never a reason for a run to fail
+                floor = _floor([torch.as_tensor(t) for t in targets], [token_mask(inputs) for inputs, _ in batches])
+            except (RuntimeError, ValueError, TypeError):
+                floor = None
+            self._floors = {key: floor}
         return self._floors[key]
 
     def _call_eval_fn(self, model):

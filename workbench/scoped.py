@@ -133,10 +133,11 @@ _layer_by_layer = [0, True]  # scopes open, the fast-path setting the first foun
 
 @contextlib.contextmanager
 def layer_by_layer():
-    """torch's fused transformer fast path off (`torch.backends.mha`) inside the block, for passes whose hooks
-    read a layer's inputs: with a padding mask, nn.TransformerEncoder hands its layers nested tensors (its rows
-    without their padding), which have no shape to read. The user's setting is back when the last scope of any
-    thread ends."""
+    """torch's fused transformer fast path off (`torch.backends.mha`) inside the block: for passes whose hooks
+    read a layer's inputs (with a padding mask, nn.TransformerEncoder hands its layers nested tensors, its rows
+    without their padding, which have no shape to read), and for graph exporters (the fused layers have no ONNX
+    translation). The setting is torch's, process-wide: the user's is back when the last scope of any thread
+    ends (one they set meanwhile is not kept), and other threads' models run unfused until then."""
     from torch.backends import mha
 
     with _lock:

@@ -202,13 +202,17 @@ class TraceableAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention computed with views that keep the batch size and lengths general, for graph exporters:
     torch's own forward reshapes by lengths it read as numbers (`q.view(tgt_len, bsz * num_heads, head_dim)`),
     which a trace writes into the graph as constants (pytorch/pytorch#122321), so the ONNX graph or TorchScript
-    trace of any nn.Transformer* model ran only at the traced length. The same arithmetic in eval mode; training,
-    bias_k/bias_v, add_zero_attn, unbatched inputs and a causal hint without its mask go to torch's own forward."""
+    trace of any nn.Transformer* model ran only at the traced length. The same arithmetic in eval mode (a query
+    that every key is masked from gets zeros without weights, as torch's fused attention gives, and NaN weights
+    with them, as its own do); training, bias_k/bias_v, add_zero_attn, unbatched inputs, masks neither boolean nor
+    float, and a causal hint without its mask go to torch's own forward."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        masks = [m for m in (attn_mask, key_padding_mask) if m is not None]
         if self.training or self.bias_k is not None or self.add_zero_attn or query.dim() != 3 or (
-                is_causal and attn_mask is None):
+                is_causal and attn_mask is None) or any(m.dtype != torch.bool and not m.is_floating_point()
+                                                        for m in masks):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         if not self.batch_first:
@@ -227,6 +231,8 @@ class TraceableAttention(nn.MultiheadAttention):
             if mask is not None:  # a boolean mask marks what is not attended to; a float one is added
                 scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         attention = scores.softmax(-1)
+        if not need_weights:
+            attention = attention.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
         out = self.out_proj((attention @ v).transpose(1, 2).flatten(2))
         if not self.batch_first:
             out = out.transpose(0, 1)

@@ -338,10 +338,12 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
         model.zero_grad(set_to_none=True)
         _recover_between_rounds(model, ctx, i, len(ratios))
     kept = (f"; left alone: {', '.join(list(ignored)[:3])}" + (" ..." if len(ignored) > 3 else "")) if ignored else ""
-    said = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups)" \
-        if counts["blocks"] else "attention left whole (torch's nn.MultiheadAttention works at the model's width, " \
-                                 "which stays)" if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()) \
-        else "attention left whole (its layout is not one whose heads the pruner knows how to remove)"
+    if counts["blocks"]:
+        said = f"attention heads {before['heads'][0]} -> {counts['heads'][1]} (whole key/value groups)"
+    elif any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        said = "attention left whole (torch's nn.MultiheadAttention works at the model's width, which stays)"
+    else:
+        said = "attention left whole (its layout is not one whose heads the pruner knows how to remove)"
     why = (f"; {'no more' if counts['heads'][1] < before['heads'][0] else 'no'} heads were removed, because "
            f"after {whole}; FFN neurons were cut alone from then on") if whole else ""
     ctx.note(f"structured: {said} and FFN neurons {before['neurons'][0]} -> {counts['neurons'][1]} in "
@@ -354,8 +356,9 @@ def _structured_transformer(model, step: Prune, ctx, layer_ratios: dict | None):
 
 
 def _structured_graph(model, step: Prune, ctx, layer_ratios: dict | None):
-    """Other models (conv nets, MLPs, torch's own attention without FFNs it knows): Torch-Pruning's dependency graph keeps coupled layers
-    (residual additions, norms, concatenations) consistent; the output layer keeps its width."""
+    """Other models (conv nets, MLPs, torch's attention outside its encoder and decoder layers): Torch-Pruning's
+    dependency graph keeps coupled layers (residual additions, norms, concatenations) consistent; the output layer
+    keeps its width."""
     import warnings
 
     import torch_pruning as tp

@@ -123,11 +123,20 @@ def plan(step: Quantize, facts, ctx) -> tuple[str, list[str]]:
         steps = ctx.recipe.steps if ctx.recipe is not None else ()
         return _int8_on_gpu(step, target, why, compiled=any(s.kind == "compile" for s in steps))
     share = facts.conv_share
+    named = backend_named(target.backend) if target.backend != "auto" else None
+    static_only = named is not None and "int8-static" in named.precisions(target) \
+        and "int8-dynamic" not in named.precisions(target)  # OpenVINO: NNCF calibrates
+    if method == "auto" and static_only and not facts.has_train:
+        raise RecipeError(f"{step.describe()}: {named.title} runs int8 with static ranges only, calibrated on train "
+                          "batches, and the data has no train split; give wb.Data(train=...), or use "
+                          "backend='onnxruntime' or 'auto' for dynamic int8")
     if method == "auto":
-        if facts.conv_heavy and facts.has_train and runs_somewhere("int8-static", target):
+        if (facts.conv_heavy or static_only) and facts.has_train and runs_somewhere("int8-static", target):
             method = "static"
             why.append(f"static int8: convolutions carry {share:.0%} of the MACs and static int8 runs them as "
-                       f"integer convolutions end to end, calibrated on {step.calibration_batches} train batches")
+                       f"integer convolutions end to end, calibrated on {step.calibration_batches} train batches"
+                       if facts.conv_heavy else f"static int8: {named.title} runs int8 with static ranges only, "
+                       f"calibrated on {step.calibration_batches} train batches")
         else:
             method = "dynamic"
             if not facts.conv_heavy:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ...contract import flat_module, to_trace, values_of
 from ...errors import ExportError, first_line
+from ...scoped import layer_by_layer
 
 OPSET = 17
 
@@ -141,7 +142,9 @@ def _traced(module, values, names, output_names, dynamic) -> bytes:
 
     buf = io.BytesIO()
     try:
-        with _EXPORTING, warnings.catch_warnings(), _no_graph_dump(), _symbolics():
+        # layer by layer: a frozen model, or one traced without grad, takes torch's fused transformer layers,
+        # which have no ONNX translation and bypass the traceable attention (`contract.to_trace`)
+        with _EXPORTING, warnings.catch_warnings(), _no_graph_dump(), _symbolics(), layer_by_layer():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, tuple(values), buf, dynamo=False, input_names=names,
                               output_names=output_names, dynamic_axes=dynamic, opset_version=OPSET,

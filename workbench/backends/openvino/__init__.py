@@ -60,10 +60,11 @@ class OvModel:
         import torch
 
         from ...contract import flat_module, to_trace, values_of
+        from ...scoped import layer_by_layer
 
         ov = _ov()
         model, example_inputs, layout = to_trace(model, example_inputs)
-        with torch.inference_mode():
+        with torch.inference_mode(), layer_by_layer():  # torch's transformer layers as the traceable ones
             converted = ov.convert_model(flat_module(model, layout), example_input=tuple(values_of(example_inputs)))
         for port, name in zip(converted.inputs, layout["input_names"]):
             port.get_tensor().set_names({name})

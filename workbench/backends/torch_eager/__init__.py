@@ -55,7 +55,7 @@ class TorchBackend(Backend):
 
     def lower(self, model, precision: str, ctx, exclude: tuple = (), per_channel: bool = True, **options):
         from ...wrappers import to_device
-        from .lowering import DTYPES, cast_layer_inputs, dynamic_int8, mixes_dtypes, to_dtype
+        from .lowering import DTYPES, cast_layer_inputs, dynamic_int8, to_dtype
 
         target = ctx.target
         if precision == "fp32":
@@ -65,11 +65,11 @@ class TorchBackend(Backend):
                 ctx.note(f"{precision} on this CPU ({target.cpu.describe()}): no native {precision} matrix units, "
                          "so expect it to be slower than fp32; it halves the size")
             lowered = to_dtype(model, precision).to(target.device)
-            if mixes_dtypes(lowered, target.move(ctx.data.example_inputs)):
-                layers = cast_layer_inputs(lowered, DTYPES[precision])
-                ctx.note(f"{precision}: the model's forward makes float32 tensors of its own, which its "
-                         f"{precision} layers refuse; its {layers} layers with weights cast their inputs to "
-                         f"{precision}")
+            cast = cast_layer_inputs(lowered, target.move(ctx.data.example_inputs), DTYPES[precision])
+            if cast:
+                ctx.note(f"{precision}: the model's forward makes float32 tensors of its own, which {precision} "
+                         f"weights refuse; {len(cast)} layer{'s' if len(cast) > 1 else ''} ({', '.join(cast[:3])}"
+                         f"{' ...' if len(cast) > 3 else ''}) cast their inputs to {precision}")
             if target.is_cuda:  # 2:4-pruned Linear layers onto sparse tensor cores
                 from .lowering import sparse_two_four
 

@@ -15,6 +15,11 @@ from ...tensors import drop_cached_tensors, map_tensors
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _floats_to(value, dtype: torch.dtype):
+    """`value` (tensors, or tuples, lists and dicts of them) with its floating tensors in `dtype`."""
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
+
+
 class CastInputs(nn.Module):
     """Runs a half/bfloat16 model on float32 inputs and returns float32 outputs, so callers need not care."""
 
@@ -23,11 +28,8 @@ class CastInputs(nn.Module):
         self.module, self.dtype = module, dtype
 
     def forward(self, *args, **kwargs):
-        def cast(t):
-            return t.to(self.dtype) if t.is_floating_point() else t
-
-        out = self.module(*map_tensors(args, cast), **map_tensors(kwargs, cast))
-        return map_tensors(out, lambda t: t.float() if t.is_floating_point() else t)
+        return _floats_to(self.module(*_floats_to(args, self.dtype), **_floats_to(kwargs, self.dtype)),
+                          torch.float32)
 
 
 def to_dtype(model: nn.Module, dtype_name: str) -> nn.Module:
@@ -39,32 +41,40 @@ def to_dtype(model: nn.Module, dtype_name: str) -> nn.Module:
 
 
 def _cast_floats(dtype, module, args, kwargs):
-    def cast(t):
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-
-    return map_tensors(args, cast), map_tensors(kwargs, cast)
+    return _floats_to(args, dtype), _floats_to(kwargs, dtype)
 
 
-def mixes_dtypes(model: nn.Module, example_inputs) -> bool:
-    """Whether a half-precision `model` fails on `example_inputs` because its forward makes float32 tensors of its
-    own (a mean pool's `mask.float()`, then a classifier) that its half-precision layers refuse."""
+def cast_layer_inputs(model: nn.Module, example_inputs, dtype: torch.dtype) -> list[str]:
+    """The layers with weights that a forward on `example_inputs` hands floating inputs of another dtype than
+    `dtype` (a forward that makes float32 tensors of its own, a mean pool's `mask.float()` before a classifier,
+    which half-precision weights refuse) cast them from now on (forward pre-hooks, which save, pickle and export
+    with the layer); returns their names (none where the forward keeps to `dtype`)."""
     from ...tensors import call_model
 
+    layers = {n: m for n, m in model.named_modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))}
+    found = []
+
+    def probe(name):
+        def hook(module, args, kwargs):
+            seen = []
+            map_tensors((args, kwargs), lambda t: seen.append(t.is_floating_point() and t.dtype != dtype) or t)
+            if any(seen):
+                found.append(name)
+            return _cast_floats(dtype, module, args, kwargs)
+        return hook
+
+    probes = [m.register_forward_pre_hook(probe(n), with_kwargs=True) for n, m in layers.items()]
     try:
         with torch.inference_mode():
             call_model(model, example_inputs)
-    except RuntimeError as e:
-        return any(w in str(e) for w in ("dtype", "scalar type", "Half", "BFloat16"))
-    return False
-
-
-def cast_layer_inputs(model: nn.Module, dtype: torch.dtype) -> int:
-    """Every layer with floating weights casts its floating inputs to `dtype` (a forward pre-hook, which saves,
-    pickles and exports with the layer); returns how many layers."""
-    layers = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))]
-    for m in layers:
-        m.register_forward_pre_hook(functools.partial(_cast_floats, dtype), with_kwargs=True)
-    return len(layers)
+    except Exception:  # the step's own check says why it does not run
+        return []
+    finally:
+        for handle in probes:
+            handle.remove()
+    for name in dict.fromkeys(found):
+        layers[name].register_forward_pre_hook(functools.partial(_cast_floats, dtype), with_kwargs=True)
+    return list(dict.fromkeys(found))
 
 
 def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True) -> nn.Module:
