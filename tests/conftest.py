@@ -81,7 +81,8 @@ def pytest_collection_modifyitems(config, items):
     rows = [item for item in items if "test_support_matrix.py::" in item.nodeid]
     rest = [item for item in items if "test_support_matrix.py::" not in item.nodeid]
     half = max(0, (len(rows) + len(rest)) // 2 - len(rows[::2]))
-    while 0 < half < len(rest) and rest[half].module is rest[half - 1].module:  # a module's tests stay together
+    while 0 < half < len(rest) and rest[half].nodeid.split("::")[0] == rest[half - 1].nodeid.split("::")[0]:
+        half += 1  # a module's tests stay together
         half += 1
     items[:] = rows[::2] + rest[:half] + rows[1::2] + rest[half:]
 

@@ -131,7 +131,7 @@ def _floor(references: list, masks: list) -> float | None:
     rows = [_vectors(r, m) for r, m in zip(references, masks)]
     if len({v.shape[1] for v in rows}) != 1:
         return None
-    rows = torch.cat(rows)
+    rows = torch.cat(rows).double()
     if rows.shape[0] < 2:
         return None
     others = (rows.sum(0, keepdim=True) - rows) / (rows.shape[0] - 1)
@@ -390,7 +390,7 @@ class Data:
                     return None
             try:  # what fidelity is worth is a note on the card: never a reason for a run to fail
                 floor = _floor([torch.as_tensor(t) for t in targets], [token_mask(inputs) for inputs, _ in batches])
-            except (RuntimeError, ValueError, TypeError):
+            except Exception:
                 floor = None
             self._floors = {key: floor}
         return self._floors[key]

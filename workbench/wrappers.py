@@ -231,7 +231,7 @@ class TraceableAttention(nn.MultiheadAttention):
             if mask is not None:  # a boolean mask marks what is not attended to; a float one is added
                 scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         attention = scores.softmax(-1)
-        if not need_weights:
+        if masks and not need_weights:
             attention = attention.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
         out = self.out_proj((attention @ v).transpose(1, 2).flatten(2))
         if not self.batch_first:

@@ -68,7 +68,8 @@ class TorchBackend(Backend):
             cast = cast_layer_inputs(lowered, target.move(ctx.data.example_inputs), DTYPES[precision])
             if cast:
                 ctx.note(f"{precision}: the model's forward makes float32 tensors of its own, which {precision} "
-                         f"weights refuse; {len(cast)} layer{'s' if len(cast) > 1 else ''} ({', '.join(cast[:3])}"
+                         f"weights refuse; {len(cast)} layer{'s' if len(cast) > 1 else ''} "
+                         f"({', '.join(n.removeprefix('module.') for n in cast[:3])}"
                          f"{' ...' if len(cast) > 3 else ''}) cast their inputs to {precision}")
             if target.is_cuda:  # 2:4-pruned Linear layers onto sparse tensor cores
                 from .lowering import sparse_two_four

@@ -48,9 +48,19 @@ def cast_layer_inputs(model: nn.Module, example_inputs, dtype: torch.dtype) -> l
     """The layers with weights that a forward on `example_inputs` hands floating inputs of another dtype than
     `dtype` (a forward that makes float32 tensors of its own, a mean pool's `mask.float()` before a classifier,
     which half-precision weights refuse) cast them from now on (forward pre-hooks, which save, pickle and export
-    with the layer); returns their names (none where the forward keeps to `dtype`)."""
+    with the layer); returns their names. None where the forward runs as it is (a layer may take float32 on
+    purpose) or fails for another reason than a dtype."""
     from ...tensors import call_model
 
+    try:
+        with torch.inference_mode():
+            call_model(model, example_inputs)
+        return []
+    except RuntimeError as e:
+        if not any(w in str(e) for w in ("dtype", "scalar type", "Half", "BFloat16")):
+            return []
+    except Exception:  # the step's own check says why it does not run
+        return []
     layers = {n: m for n, m in model.named_modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))}
     found = []
 
