@@ -30,8 +30,9 @@ def block(cells, seconds: float | None = None) -> str:
             f"Numbers are fidelity (cosine to the original's outputs, real tokens only) of tiny random-weight "
             f"models, measured by `python tools/support_matrix.py --write` on {cpu}{took}. \"(pickle)\": saved as a "
             f"pickle (data-dependent shapes), which reloads with `trust_pickle=True`. \"floor\": the fidelity of a "
-            f"model that returns the same output (the original's mean) for every input; where it is high, the "
-            f"outputs vary little between inputs and a row's numbers say little (the card says so too).")
+            f"model that returns the same output for every input (the mean of the original's on the other inputs); "
+            f"where it is high, the outputs vary little between inputs and a row's numbers say little (the card says "
+            f"so too).")
     return f"{START}\n{head}\n\n{support.markdown(cells)}\n{END}"
 
 

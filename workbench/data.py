@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Iterable
 
 from .errors import DataError, WorkbenchError, first_line
-from .tensors import batch_size_of, call_model, concat_rows, first_tensor, map_tensors
+from .tensors import batch_size_of, call_model, concat_rows, first_tensor, map_tensors, tensors_in
 
 METRICS = ("accuracy", "fidelity")
 
@@ -57,9 +57,7 @@ def _alike(batches, split: str, finite: bool = False):
 def _finite(inputs) -> bool:
     import torch
 
-    found = []
-    map_tensors(inputs, lambda t: found.append(bool(torch.isfinite(t).all())) if t.is_floating_point() else None)
-    return all(found)
+    return all(bool(torch.isfinite(t).all()) for t in tensors_in(inputs) if t.is_floating_point())
 
 
 def _signature(inputs: Any):

@@ -314,8 +314,9 @@ class Baseline:
             ctx.details["fidelity_floor"] = floor
             if floor >= FLOOR_NOTED:
                 ctx.note(f"fidelity says little here: a model returning the same output for every input (the "
-                         f"original's mean) scores {floor:.3f} on these batches, because the outputs vary little "
-                         "between inputs; judge by labels: wb.Data(val=..., metric='accuracy') or an eval_fn")
+                         f"mean of the original's on the other inputs) scores {floor:.3f} on these batches, because "
+                         "the outputs vary little between inputs; judge by labels: wb.Data(val=..., "
+                         "metric='accuracy') or an eval_fn")
         slower = [s for s in candidate.speedups.values() if s.slower]
         if slower:
             fewer = candidate.macs and baseline.macs and candidate.macs < 0.95 * baseline.macs

@@ -505,8 +505,9 @@ def _row(architecture: str, columns: list[str]) -> list[Cell]:
         cells.append(run_cell(architecture, t, measured, runs))
     if measured is not None:
         _, data, base = measured
+        floor = data.fidelity_floor(base.model)
         for c in cells:
-            c.floor = data.fidelity_floor(base.model)
+            c.floor = floor
     return cells
 
 

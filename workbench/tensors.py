@@ -119,10 +119,16 @@ def first_tensor(output: Any):
     raise ModelError(f"the model returned {type(output).__name__}; expected a tensor (or a tuple/dict of tensors)")
 
 
+def tensors_in(inputs: Any) -> list:
+    """The tensors inside a batch's inputs (or a call's arguments), in order."""
+    found: list = []
+    map_tensors(inputs, found.append)
+    return found
+
+
 def batch_size_of(inputs: Any) -> int:
     """Rows in a batch: the first dimension of its first tensor."""
-    found: list[int] = []
-    map_tensors(inputs, lambda t: found.append(t.shape[0]) if t.dim() else None)
+    found = [t.shape[0] for t in tensors_in(inputs) if t.dim()]
     if not found:
         raise DataError("cannot tell the batch size: the inputs hold no tensor with a batch dimension")
     return found[0]

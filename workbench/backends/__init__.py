@@ -95,7 +95,7 @@ def check_parity(runtime, model, example_inputs, what: str, instead: str, rtol: 
 
     from ..contract import cache_free
     from ..errors import ExportError
-    from ..tensors import first_tensor, map_tensors
+    from ..tensors import first_tensor, map_tensors, tensors_in
 
     with torch.inference_mode():
         expected = first_tensor(call_model(cache_free(model), example_inputs)).float().cpu()
@@ -104,8 +104,7 @@ def check_parity(runtime, model, example_inputs, what: str, instead: str, rtol: 
         raise ExportError(f"{what} returns shape {tuple(got.shape)}, torch returns {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
     if diff > rtol * max(1.0, expected.abs().max().item()):
-        shapes: list = []
-        map_tensors(example_inputs, lambda t: shapes.append(tuple(t.shape)))
+        shapes = [tuple(t.shape) for t in tensors_in(example_inputs)]
         raise ExportError(f"{what} disagrees with the torch model (max abs diff {diff:.3g} on inputs shaped "
                           f"{shapes[0] if shapes else '()'}); use {instead} for this model")
     return diff

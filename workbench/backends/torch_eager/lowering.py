@@ -10,7 +10,7 @@ from torch import nn
 
 from ...architectures import within
 from ...errors import first_line
-from ...tensors import drop_cached_tensors, map_tensors
+from ...tensors import drop_cached_tensors, map_tensors, tensors_in
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -66,9 +66,7 @@ def cast_layer_inputs(model: nn.Module, example_inputs, dtype: torch.dtype) -> l
 
     def probe(name):
         def hook(module, args, kwargs):
-            seen = []
-            map_tensors((args, kwargs), lambda t: seen.append(t.is_floating_point() and t.dtype != dtype) or t)
-            if any(seen):
+            if any(t.is_floating_point() and t.dtype != dtype for t in tensors_in((args, kwargs))):
                 found.append(name)
             return _cast_floats(dtype, module, args, kwargs)
         return hook
@@ -82,9 +80,10 @@ def cast_layer_inputs(model: nn.Module, example_inputs, dtype: torch.dtype) -> l
     finally:
         for handle in probes:
             handle.remove()
-    for name in dict.fromkeys(found):
+    found = list(dict.fromkeys(found))  # a layer called several times is named once
+    for name in found:
         layers[name].register_forward_pre_hook(functools.partial(_cast_floats, dtype), with_kwargs=True)
-    return list(dict.fromkeys(found))
+    return found
 
 
 def dynamic_int8(model: nn.Module, exclude: tuple = (), per_channel: bool = True) -> nn.Module:
